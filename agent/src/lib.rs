@@ -1,0 +1,7 @@
+//! weft's overlay agent, flanneld's job in Rust: lease a pod subnet in etcd, program the kernel so
+//! every other node's subnet is reachable (vxlan or host-gw), write `subnet.env`, masquerade pod
+//! traffic leaving the pod network, and act as the `weft-cni` plugin on the node.
+//! It touches etcd (under its prefix), the kernel of the namespace it runs in, and its own files.
+
+pub mod config;
+pub mod lease;

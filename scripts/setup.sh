@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what weft's build, tests, lab and benchmarks need on a Debian 12 machine.
+# Idempotent and quiet: when everything is present it only checks and returns.
+set -euo pipefail
+
+# Every Debian package weft uses, and why.
+PACKAGES=(
+  etcd-server etcd-client            # the real etcd for tests and the lab
+  protobuf-compiler                  # protoc, for etcd-client's build script
+  iproute2 iptables nftables         # kernel networking inside namespaces
+  ethtool                            # to check checksum offload on flannel.1
+  containernetworking-plugins        # bridge + host-local, the delegates of weft-cni
+  iputils-ping curl socat iperf3     # test and benchmark clients
+  procps psmisc                      # ps/pkill for lab teardown checks
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's etcd-server package starts a system etcd on 127.0.0.1:2379; weft's tests and lab run
+# their own, so the system one is stopped to keep the default port free and the machine quiet.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+  systemctl stop etcd >/dev/null 2>&1 || true
+  systemctl disable etcd >/dev/null 2>&1 || true
+fi
+
+# Rust components the checks use.
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt >/dev/null 2>&1 || true
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy >/dev/null 2>&1 || true
+fi
+exit 0
