@@ -23,11 +23,7 @@ fn default_backend() -> String {
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig {
-            kind: default_backend(),
-            vni: None,
-            port: None,
-        }
+        BackendConfig { kind: default_backend(), vni: None, port: None }
     }
 }
 
@@ -88,74 +84,48 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        problem: problem.into(),
-    }
+    ConfigError::Invalid { key, problem: problem.into() }
 }
 
 impl NetworkConfig {
     /// Parses and validates the JSON stored under `<prefix>/config`.
     pub fn parse(json: &[u8]) -> Result<NetworkConfig, ConfigError> {
-        let raw: RawConfig =
-            serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let raw: RawConfig = serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
         NetworkConfig::from_raw(&raw)
     }
 
     pub fn from_raw(raw: &RawConfig) -> Result<NetworkConfig, ConfigError> {
-        let net_s = raw
-            .network
-            .as_deref()
-            .ok_or_else(|| invalid("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
-        let parsed: Ipv4Network = net_s
-            .parse()
-            .map_err(|e| invalid("Network", format!("{net_s:?} is not an IPv4 CIDR: {e}")))?;
+        let net_s = raw.network.as_deref().ok_or_else(|| invalid("Network", "missing (e.g. \"10.244.0.0/16\")"))?;
+        let parsed: Ipv4Network =
+            net_s.parse().map_err(|e| invalid("Network", format!("{net_s:?} is not an IPv4 CIDR: {e}")))?;
         // Normalise 10.244.1.7/16 to 10.244.0.0/16, as flannel does.
-        let network = Ipv4Network::new(parsed.network(), parsed.prefix())
-            .map_err(|e| invalid("Network", e.to_string()))?;
+        let network =
+            Ipv4Network::new(parsed.network(), parsed.prefix()).map_err(|e| invalid("Network", e.to_string()))?;
         if network.prefix() > 28 {
-            return Err(invalid(
-                "Network",
-                format!("{network} is too small (at most /28)"),
-            ));
+            return Err(invalid("Network", format!("{network} is too small (at most /28)")));
         }
         // flannel: /24 unless the network is smaller than /22, then two bits longer than it.
-        let default_len = if network.prefix() < 22 {
-            24
-        } else {
-            network.prefix() + 2
-        };
+        let default_len = if network.prefix() < 22 { 24 } else { network.prefix() + 2 };
         let subnet_len = raw.subnet_len.unwrap_or(default_len);
         if subnet_len <= network.prefix() || subnet_len > 30 {
             return Err(invalid(
                 "SubnetLen",
-                format!(
-                    "{subnet_len} must be longer than the network's /{} and at most 30",
-                    network.prefix()
-                ),
+                format!("{subnet_len} must be longer than the network's /{} and at most 30", network.prefix()),
             ));
         }
         let size = 1u32 << (32 - subnet_len);
         let first = u32::from(network.network());
         let last = u32::from(network.broadcast()) - size + 1;
-        let bound = |key: &'static str,
-                     v: &Option<String>,
-                     default: u32|
-         -> Result<Ipv4Addr, ConfigError> {
+        let bound = |key: &'static str, v: &Option<String>, default: u32| -> Result<Ipv4Addr, ConfigError> {
             let Some(s) = v else {
                 return Ok(Ipv4Addr::from(default));
             };
-            let a: Ipv4Addr = s
-                .parse()
-                .map_err(|_| invalid(key, format!("{s:?} is not an IPv4 address")))?;
+            let a: Ipv4Addr = s.parse().map_err(|_| invalid(key, format!("{s:?} is not an IPv4 address")))?;
             if !network.contains(a) {
                 return Err(invalid(key, format!("{a} is outside Network {network}")));
             }
             if u32::from(a) % size != 0 {
-                return Err(invalid(
-                    key,
-                    format!("{a} is not aligned to a /{subnet_len} subnet"),
-                ));
+                return Err(invalid(key, format!("{a} is not aligned to a /{subnet_len} subnet")));
             }
             Ok(a)
         };
@@ -163,10 +133,7 @@ impl NetworkConfig {
         let subnet_min = bound("SubnetMin", &raw.subnet_min, first + size)?;
         let subnet_max = bound("SubnetMax", &raw.subnet_max, last)?;
         if u32::from(subnet_min) > u32::from(subnet_max) {
-            return Err(invalid(
-                "SubnetMax",
-                format!("{subnet_max} is below SubnetMin {subnet_min}"),
-            ));
+            return Err(invalid("SubnetMax", format!("{subnet_max} is below SubnetMin {subnet_min}")));
         }
         let backend = match raw.backend.kind.as_str() {
             "vxlan" => Backend::Vxlan {
@@ -178,27 +145,15 @@ impl NetworkConfig {
             },
             "host-gw" => Backend::HostGw,
             other => {
-                return Err(invalid(
-                    "Backend.Type",
-                    format!("{other:?} is not supported (vxlan or host-gw)"),
-                ));
+                return Err(invalid("Backend.Type", format!("{other:?} is not supported (vxlan or host-gw)")));
             }
         };
         if let Backend::Vxlan { vni, .. } = backend {
             if vni >= 1 << 24 {
-                return Err(invalid(
-                    "Backend.VNI",
-                    format!("{vni} does not fit in 24 bits"),
-                ));
+                return Err(invalid("Backend.VNI", format!("{vni} does not fit in 24 bits")));
             }
         }
-        Ok(NetworkConfig {
-            network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
-            backend,
-        })
+        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend })
     }
 
     /// The JSON to store for this config (as `weft network config set` writes it).
@@ -212,11 +167,7 @@ impl NetworkConfig {
             subnet_len: Some(self.subnet_len),
             subnet_min: None,
             subnet_max: None,
-            backend: BackendConfig {
-                kind: self.backend.type_name().into(),
-                vni,
-                port,
-            },
+            backend: BackendConfig { kind: self.backend.type_name().into(), vni, port },
         }
     }
 }
@@ -227,8 +178,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_flannel() {
-        let c = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
-            .unwrap();
+        let c = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
@@ -243,22 +193,10 @@ mod tests {
             (r#"{"Backend":{"Type":"vxlan"}}"#, "Network"),
             (r#"{"Network":"10.244.0.0/33"}"#, "Network"),
             (r#"{"Network":"10.244.0.0/16","SubnetLen":16}"#, "SubnetLen"),
-            (
-                r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.0.0"}"#,
-                "SubnetMin",
-            ),
-            (
-                r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.3.7"}"#,
-                "SubnetMax",
-            ),
-            (
-                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#,
-                "Backend.Type",
-            ),
-            (
-                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#,
-                "Backend.VNI",
-            ),
+            (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.0.0"}"#, "SubnetMin"),
+            (r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.3.7"}"#, "SubnetMax"),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, "Backend.Type"),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI"),
         ];
         for (json, key) in cases {
             match NetworkConfig::parse(json.as_bytes()) {
@@ -266,18 +204,13 @@ mod tests {
                 other => panic!("{json}: expected an error about {key}, got {other:?}"),
             }
         }
-        assert!(matches!(
-            NetworkConfig::parse(b"{not json"),
-            Err(ConfigError::Json(_))
-        ));
+        assert!(matches!(NetworkConfig::parse(b"{not json"), Err(ConfigError::Json(_))));
     }
 
     #[test]
     fn round_trips_through_raw() {
-        let c = NetworkConfig::parse(
-            br#"{"Network":"10.244.0.0/16","SubnetLen":26,"Backend":{"Type":"host-gw"}}"#,
-        )
-        .unwrap();
+        let c = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","SubnetLen":26,"Backend":{"Type":"host-gw"}}"#)
+            .unwrap();
         let json = serde_json::to_vec(&c.to_raw()).unwrap();
         assert_eq!(NetworkConfig::parse(&json).unwrap(), c);
     }

@@ -16,11 +16,7 @@ pub struct Mac(pub [u8; 6]);
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
     }
 }
 
@@ -30,9 +26,7 @@ impl FromStr for Mac {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for b in out.iter_mut() {
-            let p = parts
-                .next()
-                .ok_or_else(|| format!("{s:?} is not a MAC address"))?;
+            let p = parts.next().ok_or_else(|| format!("{s:?} is not a MAC address"))?;
             *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
         }
         if parts.next().is_some() {
@@ -73,11 +67,7 @@ pub struct LeaseAttrs {
     pub public_ipv6: Option<String>,
     #[serde(rename = "BackendType", default)]
     pub backend_type: String,
-    #[serde(
-        rename = "BackendData",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
     pub backend_data: Option<serde_json::Value>,
 }
 
@@ -92,12 +82,7 @@ impl LeaseAttrs {
     }
 
     pub fn host_gw(public_ip: Ipv4Addr) -> LeaseAttrs {
-        LeaseAttrs {
-            public_ip,
-            public_ipv6: None,
-            backend_type: "host-gw".into(),
-            backend_data: None,
-        }
+        LeaseAttrs { public_ip, public_ipv6: None, backend_type: "host-gw".into(), backend_data: None }
     }
 
     /// The vxlan data, when this lease is a vxlan lease with well-formed data.
@@ -136,31 +121,19 @@ pub fn subnet_key_name(subnet: Ipv4Network) -> String {
 }
 
 pub fn parse_subnet_key_name(name: &str) -> Result<Ipv4Network, String> {
-    let (ip, len) = name
-        .split_once('-')
-        .ok_or_else(|| format!("{name:?} is not of the form 10.244.3.0-24"))?;
-    let ip: Ipv4Addr = ip
-        .parse()
-        .map_err(|_| format!("{name:?}: {ip:?} is not an IPv4 address"))?;
-    let len: u8 = len
-        .parse()
-        .map_err(|_| format!("{name:?}: {len:?} is not a prefix length"))?;
+    let (ip, len) = name.split_once('-').ok_or_else(|| format!("{name:?} is not of the form 10.244.3.0-24"))?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{name:?}: {ip:?} is not an IPv4 address"))?;
+    let len: u8 = len.parse().map_err(|_| format!("{name:?}: {len:?} is not a prefix length"))?;
     let net = Ipv4Network::new(ip, len).map_err(|e| format!("{name:?}: {e}"))?;
     if net.network() != ip {
-        return Err(format!(
-            "{name:?}: {ip} is not the network address of a /{len}"
-        ));
+        return Err(format!("{name:?}: {ip} is not the network address of a /{len}"));
     }
     Ok(net)
 }
 
 /// The etcd key of a subnet: `<prefix>/subnets/10.244.3.0-24`.
 pub fn subnet_key(prefix: &str, subnet: Ipv4Network) -> String {
-    format!(
-        "{}/subnets/{}",
-        prefix.trim_end_matches('/'),
-        subnet_key_name(subnet)
-    )
+    format!("{}/subnets/{}", prefix.trim_end_matches('/'), subnet_key_name(subnet))
 }
 
 pub fn subnets_prefix(prefix: &str) -> String {
@@ -187,52 +160,29 @@ mod tests {
         let flannel = r#"{"PublicIP":"192.168.56.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"82:1e:3a:4b:5c:6d"},"BackendV6Data":null}"#;
         let back: LeaseAttrs = serde_json::from_str(flannel).unwrap();
         assert_eq!(back, a);
-        assert_eq!(
-            back.vxlan_data(),
-            Some(VxlanData {
-                vni: 1,
-                vtep_mac: mac
-            })
-        );
+        assert_eq!(back.vxlan_data(), Some(VxlanData { vni: 1, vtep_mac: mac }));
     }
 
     #[test]
     fn host_gw_lease_has_no_backend_data() {
         let a = LeaseAttrs::host_gw(Ipv4Addr::new(192, 168, 56, 12));
-        assert_eq!(
-            a.to_json(),
-            r#"{"PublicIP":"192.168.56.12","PublicIPv6":null,"BackendType":"host-gw"}"#
-        );
+        assert_eq!(a.to_json(), r#"{"PublicIP":"192.168.56.12","PublicIPv6":null,"BackendType":"host-gw"}"#);
         assert_eq!(a.vxlan_data(), None);
     }
 
     #[test]
     fn subnet_key_names() {
         let n: Ipv4Network = "10.244.3.0/24".parse().unwrap();
-        assert_eq!(
-            subnet_key("/coreos.com/network/", n),
-            "/coreos.com/network/subnets/10.244.3.0-24"
-        );
+        assert_eq!(subnet_key("/coreos.com/network/", n), "/coreos.com/network/subnets/10.244.3.0-24");
         assert_eq!(parse_subnet_key_name("10.244.3.0-24"), Ok(n));
-        for bad in [
-            "10.244.3.0",
-            "10.244.3.1-24",
-            "10.244.3.0-33",
-            "x-24",
-            "10.244.3.0-x",
-        ] {
+        for bad in ["10.244.3.0", "10.244.3.1-24", "10.244.3.0-33", "x-24", "10.244.3.0-x"] {
             assert!(parse_subnet_key_name(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn mac_parse_rejects_garbage() {
-        for bad in [
-            "",
-            "82:1e:3a:4b:5c",
-            "82:1e:3a:4b:5c:6d:7e",
-            "zz:1e:3a:4b:5c:6d",
-        ] {
+        for bad in ["", "82:1e:3a:4b:5c", "82:1e:3a:4b:5c:6d:7e", "zz:1e:3a:4b:5c:6d"] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
     }

@@ -29,36 +29,22 @@ pub struct EtcdArgs {
 
 impl EtcdArgs {
     pub fn new(endpoints: Vec<String>) -> Self {
-        EtcdArgs {
-            endpoints,
-            cafile: None,
-            certfile: None,
-            keyfile: None,
-        }
+        EtcdArgs { endpoints, cafile: None, certfile: None, keyfile: None }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading {path}: {source}")]
-    ReadFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ReadFile { path: PathBuf, source: std::io::Error },
     #[error("connecting to etcd at {endpoints}: {source}")]
-    Connect {
-        endpoints: String,
-        source: etcd_client::Error,
-    },
+    Connect { endpoints: String, source: etcd_client::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::ReadFile {
-        path: path.clone(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| Error::ReadFile { path: path.clone(), source })
 }
 
 /// Connects to etcd with the given flags. The connection is lazy in etcd-client's sense only for
@@ -66,10 +52,7 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
 pub async fn connect(args: &EtcdArgs) -> Result<Client> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(std::time::Duration::from_secs(3))
-        .with_keep_alive(
-            std::time::Duration::from_secs(10),
-            std::time::Duration::from_secs(5),
-        );
+        .with_keep_alive(std::time::Duration::from_secs(10), std::time::Duration::from_secs(5));
     if args.cafile.is_some() || args.certfile.is_some() {
         let mut tls = TlsOptions::new();
         if let Some(ca) = &args.cafile {
@@ -82,8 +65,5 @@ pub async fn connect(args: &EtcdArgs) -> Result<Client> {
     }
     Client::connect(&args.endpoints, Some(opts))
         .await
-        .map_err(|source| Error::Connect {
-            endpoints: args.endpoints.join(","),
-            source,
-        })
+        .map_err(|source| Error::Connect { endpoints: args.endpoints.join(","), source })
 }

@@ -62,12 +62,7 @@ impl EtcdFixture {
             .stderr(log)
             .spawn()
             .context("starting /usr/bin/etcd (is etcd-server installed? run scripts/setup.sh)")?;
-        let mut f = EtcdFixture {
-            child,
-            endpoint: format!("http://{client}"),
-            peer,
-            _dir: dir,
-        };
+        let mut f = EtcdFixture { child, endpoint: format!("http://{client}"), peer, _dir: dir };
         f.wait_healthy(&client, Duration::from_secs(20))?;
         Ok(f)
     }
@@ -76,12 +71,8 @@ impl EtcdFixture {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
-                let log =
-                    std::fs::read_to_string(self._dir.path().join("etcd.log")).unwrap_or_default();
-                bail!(
-                    "etcd exited ({status}): {}",
-                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
-                );
+                let log = std::fs::read_to_string(self._dir.path().join("etcd.log")).unwrap_or_default();
+                bail!("etcd exited ({status}): {}", log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
             }
             if health(client) {
                 return Ok(());
@@ -117,13 +108,9 @@ impl EtcdFixture {
         self.stop()?;
         let client = self.endpoint.trim_start_matches("http://").to_string();
         let peer = self.peer.clone();
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self._dir.path().join("etcd.log"))?;
-        self.child = etcd_command(&self.data_dir(), "fixture", &client, &peer)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let log = std::fs::OpenOptions::new().append(true).open(self._dir.path().join("etcd.log"))?;
+        self.child =
+            etcd_command(&self.data_dir(), "fixture", &client, &peer).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.wait_healthy(&client, Duration::from_secs(20))
     }
 }

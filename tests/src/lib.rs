@@ -17,10 +17,6 @@ pub fn weft_bin() -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let bin = target.join("debug/weft");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build` first (make test does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build` first (make test does)", bin.display());
     bin
 }

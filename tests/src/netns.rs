@@ -48,20 +48,14 @@ impl Netns {
     /// Creates a namespace with exactly this name (the lab chooses names carrying its own id).
     pub fn create_named(name: &str) -> Result<Netns> {
         run(Command::new("ip").args(["netns", "add", name]))?;
-        let ns = Netns {
-            name: name.to_string(),
-            keep: false,
-        };
+        let ns = Netns { name: name.to_string(), keep: false };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
     /// Takes charge of an existing namespace (e.g. to tear down a lab made by an earlier process).
     pub fn adopt(name: &str) -> Netns {
-        Netns {
-            name: name.to_string(),
-            keep: false,
-        }
+        Netns { name: name.to_string(), keep: false }
     }
 
     pub fn name(&self) -> &str {
@@ -103,8 +97,7 @@ impl Netns {
 
     /// Sets a per-namespace sysctl, e.g. `net.ipv4.ip_forward`.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")])
-            .map(|_| ())
+        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")]).map(|_| ())
     }
 
     /// Pids of the processes whose network namespace this is.
@@ -112,12 +105,7 @@ impl Netns {
         Command::new("ip")
             .args(["netns", "pids", &self.name])
             .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
             .unwrap_or_default()
     }
 
@@ -131,9 +119,7 @@ impl Netns {
         let path = self.path();
         std::thread::spawn(move || -> Result<Fut::Output> {
             enter(&path)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             Ok(rt.block_on(f()))
         })
         .join()
@@ -166,9 +152,7 @@ impl Netns {
     /// Kills everything inside and deletes the namespace; safe to call on one already gone.
     pub fn delete(&self) {
         self.kill_all();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -200,11 +184,9 @@ impl NsRuntime {
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = match enter(&path).and_then(|_| {
-                Ok(tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?)
-            }) {
+            let rt = match enter(&path)
+                .and_then(|_| Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?))
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -217,11 +199,7 @@ impl NsRuntime {
             });
         });
         let handle = rx.recv().context("namespace runtime thread died")??;
-        Ok(NsRuntime {
-            handle,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        Ok(NsRuntime { handle, stop: Some(stop), thread: Some(thread) })
     }
 
     /// Runs the future on the namespace's thread and waits for its output.

@@ -8,20 +8,13 @@ fn etcd_fixture_serves_and_restarts_with_its_data() {
     let ep = etcd.endpoint().to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut c = etcd_client::Client::connect([ep.as_str()], None)
-            .await
-            .unwrap();
+        let mut c = etcd_client::Client::connect([ep.as_str()], None).await.unwrap();
         c.put("/k", "v", None).await.unwrap();
     });
     etcd.restart().expect("etcd restarts");
     let v = rt.block_on(async {
-        let mut c = etcd_client::Client::connect([ep.as_str()], None)
-            .await
-            .unwrap();
-        c.get("/k", None).await.unwrap().kvs()[0]
-            .value_str()
-            .unwrap()
-            .to_string()
+        let mut c = etcd_client::Client::connect([ep.as_str()], None).await.unwrap();
+        c.get("/k", None).await.unwrap().kvs()[0].value_str().unwrap().to_string()
     });
     assert_eq!(v, "v");
 }
@@ -35,25 +28,14 @@ fn netns_is_isolated_and_removed_on_drop() {
         ns.ip(&["addr", "add", "10.9.9.9/32", "dev", "lo"]).unwrap();
         assert!(ns.ip(&["addr", "show", "lo"]).unwrap().contains("10.9.9.9"));
         // A socket opened by code running in the namespace binds the namespace's address.
-        let bound = ns
-            .block_on(|| async { std::net::TcpListener::bind("10.9.9.9:0").is_ok() })
-            .unwrap();
+        let bound = ns.block_on(|| async { std::net::TcpListener::bind("10.9.9.9:0").is_ok() }).unwrap();
         assert!(bound, "bind inside the namespace");
-        assert!(
-            std::net::TcpListener::bind("10.9.9.9:0").is_err(),
-            "the host namespace must not have it"
-        );
+        assert!(std::net::TcpListener::bind("10.9.9.9:0").is_err(), "the host namespace must not have it");
         let mut child = ns.command("sleep").arg("60").spawn().unwrap();
         assert!(!ns.pids().is_empty());
         drop(ns);
         let _ = child.wait();
     }
-    let list = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&list.stdout).contains(&name),
-        "{name} still listed"
-    );
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&list.stdout).contains(&name), "{name} still listed");
 }
