@@ -1,1 +1,68 @@
-fn main() {}
+//! The `weft` binary: parses flags and hands over to the libraries. No logic lives here.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "A Kubernetes node data plane: overlay agent, lab and inspection tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the overlay agent on this node (flanneld's job)
+    Agent(weft_agent::cli::AgentArgs),
+    /// The pod network's config in etcd
+    #[command(subcommand)]
+    Network(weft_agent::cli::NetworkCommand),
+    /// List every node's subnet lease from etcd
+    Leases(weft_agent::cli::Common),
+    /// Show this node's subnet and, for every other node, whether its route, neighbour and FDB entry are programmed
+    Routes(weft_agent::cli::RoutesArgs),
+    /// A multi-node lab of network namespaces on this machine
+    #[command(subcommand)]
+    Lab(weft_lab::cli::LabCommand),
+}
+
+fn invoked_as_cni() -> bool {
+    std::env::args_os()
+        .next()
+        .map(|a| std::path::Path::new(&a).file_name() == Some(std::ffi::OsStr::new("weft-cni")))
+        .unwrap_or(false)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn main() {
+    // Called by a container runtime as a CNI plugin (through a `weft-cni` symlink).
+    if invoked_as_cni() {
+        std::process::exit(weft_agent::cni::main());
+    }
+    let cli = Cli::parse();
+    init_logging();
+    let result: anyhow::Result<i32> = match cli.command {
+        Command::Agent(args) => {
+            args.options().and_then(|o| Ok(runtime()?.block_on(weft_agent::run::run(o)).map(|_| 0)?))
+        }
+        Command::Network(cmd) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::network(cmd))).map(|_| 0),
+        Command::Leases(c) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::leases(c))).map(|_| 0),
+        Command::Routes(a) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::routes(a))).map(|_| 0),
+        Command::Lab(cmd) => weft_lab::cli::run(cmd),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("weft: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

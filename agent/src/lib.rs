@@ -5,3 +5,7 @@
 
 pub mod config;
 pub mod lease;
+pub mod ipmasq;
+pub mod healthz;
+pub mod run;
+pub mod cli;

@@ -1,0 +1,35 @@
+# weft: `make demo` shows the overlay in a 3-node lab; `make test` runs every check and test.
+# Both install what is missing first (scripts/setup.sh, idempotent). Run as root.
+
+CARGO ?= cargo
+WEFT := target/debug/weft
+WEFT_RELEASE := target/release/weft
+
+.PHONY: setup build demo test lint unit e2e bench clean-lab
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --all-targets
+
+demo: setup
+	$(CARGO) build
+	@bash scripts/demo.sh $(WEFT)
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# Tests that need root and namespaces run with everything else; each owns its namespaces and etcd.
+test: setup lint
+	$(CARGO) build
+	$(CARGO) test --workspace -- --test-threads=2
+
+bench: setup
+	$(CARGO) build --release
+	@bash scripts/bench.sh $(WEFT_RELEASE)
+
+# Removes every lab left by an interrupted `weft lab up` or test run.
+clean-lab:
+	@for d in /run/weft/lab/*/; do [ -d "$$d" ] && $(WEFT) lab down --name "$$(basename $$d)"; done; true
