@@ -3,5 +3,7 @@
 //! traffic leaving the pod network, and act as the `weft-cni` plugin on the node.
 //! It touches etcd (under its prefix), the kernel of the namespace it runs in, and its own files.
 
+pub mod alloc;
 pub mod config;
 pub mod lease;
+pub mod subnet_env;
