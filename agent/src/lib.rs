@@ -6,4 +6,5 @@
 pub mod alloc;
 pub mod config;
 pub mod lease;
+pub mod subnet;
 pub mod subnet_env;
