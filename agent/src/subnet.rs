@@ -516,8 +516,9 @@ mod tests {
             create: i64,
         }
         let put = |name, value: String, create| Put { name, value, create };
-        // (entries, expected valid subnets, expected skipped (name, reason fragment))
-        let cases: Vec<(&str, Vec<Put>, Vec<&str>, Vec<(&str, &str)>)> = vec![
+        /// (case name, entries, expected valid subnets, expected skipped (key name, reason fragment))
+        type Case = (&'static str, Vec<Put>, Vec<&'static str>, Vec<(&'static str, &'static str)>);
+        let cases: Vec<Case> = vec![
             (
                 "good leases are kept in subnet order",
                 vec![put("10.244.9.0-24", attrs("192.168.56.12"), 2), put("10.244.3.0-24", attrs("192.168.56.11"), 1)],
