@@ -121,6 +121,14 @@ impl LeaseTable {
         self.entries.is_empty()
     }
 
+    /// Every well-formed lease, fitting the config or not.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.entries.values().filter_map(|e| match e {
+            Entry::Lease(l) => Some(l),
+            Entry::Bad { .. } => None,
+        })
+    }
+
     /// Every subnet that has a key, usable or not: a node must never create over someone's key,
     /// even one we cannot read.
     pub fn taken(&self) -> Vec<Ipv4Network> {
@@ -261,6 +269,11 @@ pub struct SubnetManager {
     prefix: String,
 }
 
+/// flannel's compatibility test for an existing lease: inside the network, of the configured length.
+fn fits(cfg: &NetworkConfig, subnet: Ipv4Network) -> bool {
+    subnet.prefix() == cfg.subnet_len && cfg.network.contains(subnet.network())
+}
+
 fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1)
 }
@@ -332,6 +345,14 @@ impl SubnetManager {
                         debug!(subnet = %mine.subnet, attempt, "our lease changed while reusing it, relisting");
                         continue;
                     }
+                }
+            }
+            // flannel: a lease of ours that no longer fits the config (the network changed) is deleted,
+            // not left to block its subnet and confuse peers for up to a day. Reservations are the operator's.
+            for stale in table.leases().filter(|l| l.attrs.public_ip == attrs.public_ip && !l.is_reservation()) {
+                if !fits(cfg, stale.subnet) {
+                    info!(subnet = %stale.subnet, network = %cfg.network, "deleting our lease that no longer fits the network");
+                    self.delete_if_unchanged(stale).await?;
                 }
             }
             let taken = table.taken();
@@ -413,6 +434,18 @@ impl SubnetManager {
         }))
     }
 
+    async fn delete_if_unchanged(&mut self, lease: &Lease) -> Result<()> {
+        let key = self.key(lease.subnet);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, lease.mod_revision)])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        // Revoking would delete the key too, so only once we know the key we read is gone.
+        if self.client.txn(txn).await.map_err(etcd("delete subnet"))?.succeeded() {
+            self.revoke_quietly(lease.etcd_lease).await;
+        }
+        Ok(())
+    }
+
     async fn revoke_quietly(&mut self, id: i64) {
         if id == 0 {
             return;
@@ -489,7 +522,7 @@ impl SubnetManager {
         let opts = WatchOptions::new().with_prefix().with_start_revision(from_revision);
         let (watcher, stream) =
             self.client.watch(subnets_prefix(&self.prefix), Some(opts)).await.map_err(etcd("watch"))?;
-        Ok(LeaseWatch { _watcher: watcher, stream, revision: from_revision.saturating_sub(1) })
+        Ok(LeaseWatch { _watcher: watcher, stream, revision: (from_revision - 1).max(0) })
     }
 }
 

@@ -170,6 +170,21 @@ async fn previous_subnet_is_reclaimed_only_when_free() {
 }
 
 #[tokio::test]
+async fn our_lease_outside_a_changed_network_is_replaced_and_deleted() {
+    let (_etcd, mut client, mut m, old_cfg) = setup(r#"{"Network":"10.99.0.0/16"}"#).await;
+    let old = m.acquire(&old_cfg, &node(11), None, DAY).await.unwrap();
+    let other = m.acquire(&old_cfg, &node(12), None, DAY).await.unwrap();
+    m.put_config(&serde_json::from_str(r#"{"Network":"10.244.0.0/16"}"#).unwrap()).await.unwrap();
+    let cfg = m.get_config().await.unwrap();
+    let new = m.acquire(&cfg, &node(11), Some(old.subnet), DAY).await.unwrap();
+    assert!(cfg.network.contains(new.subnet.network()), "{}", new.subnet);
+    assert!(raw_get(&mut client, &m.key(old.subnet)).await.is_none(), "stale lease deleted");
+    assert_eq!(m.time_to_live(old.etcd_lease).await.unwrap(), None);
+    // Another node's stale lease is left for that node to clean up.
+    assert!(raw_get(&mut client, &m.key(other.subnet)).await.is_some());
+}
+
+#[tokio::test]
 async fn reservation_is_never_taken_and_its_owner_keeps_it_without_ttl() {
     let (_etcd, mut client, mut m, cfg) =
         setup(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.6.0"}"#).await;
@@ -222,7 +237,7 @@ async fn malformed_entries_are_skipped_and_valid_ones_kept() {
 }
 
 #[tokio::test]
-async fn renew_moves_the_key_to_a_new_lease_and_revokes_the_old() {
+async fn renew_moves_the_key_to_a_new_lease_and_revokes_theold_cfg() {
     let (_etcd, mut client, mut m, cfg) = setup(r#"{"Network":"10.244.0.0/16"}"#).await;
     let l1 = m.acquire(&cfg, &node(11), None, Duration::from_secs(60)).await.unwrap();
     let l2 = m.renew(&l1, &node(11), DAY).await.unwrap();
