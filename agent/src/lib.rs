@@ -3,9 +3,12 @@
 //! traffic leaving the pod network, and act as the `weft-cni` plugin on the node.
 //! It touches etcd (under its prefix), the kernel of the namespace it runs in, and its own files.
 
-pub mod config;
-pub mod lease;
-pub mod ipmasq;
-pub mod healthz;
-pub mod run;
+pub mod alloc;
 pub mod cli;
+pub mod config;
+pub mod healthz;
+pub mod ipmasq;
+pub mod lease;
+pub mod run;
+pub mod subnet;
+pub mod subnet_env;
