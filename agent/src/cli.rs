@@ -227,7 +227,7 @@ pub async fn leases(common: Common) -> Result<()> {
         });
     }
     rows.sort_by_key(|r| (u32::from(r.subnet.network()), r.subnet.prefix()));
-    let skipped = table.skipped().into_iter().map(|(key, reason)| Skipped { key, reason }).collect();
+    let skipped = table.skipped(&cfg).into_iter().map(|(key, reason)| Skipped { key, reason }).collect();
     let report = LeasesReport { leases: rows, skipped };
     match common.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

@@ -439,16 +439,11 @@ impl Agent {
     async fn on_events(&mut self, events: Vec<WatchEvent>) {
         let own = self.own_key();
         let mut lost = false;
-        for ev in events {
-            match ev {
-                WatchEvent::Put { key, value, lease, mod_revision, create_revision } => {
-                    self.table.apply_put(&key, &value, lease, mod_revision, create_revision);
-                }
-                WatchEvent::Delete { key } => {
-                    lost |= key == own;
-                    self.table.apply_delete(&key);
-                }
+        for ev in &events {
+            if let WatchEvent::Delete { key, .. } = ev {
+                lost |= *key == own;
             }
+            self.table.apply(ev);
         }
         if lost {
             self.reacquire().await;
