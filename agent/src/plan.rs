@@ -236,22 +236,22 @@ mod tests {
         let b_moved = vx("10.244.3.0/24", [192, 168, 56, 23], 1, 3);
         // b's subnet now leased by a node with another MAC: new neighbour and FDB, same route.
         let b_new_mac = vx("10.244.3.0/24", [192, 168, 56, 13], 1, 4);
-        let st = |ls: &[Lease]| desired_vxlan(net(LOCAL), 1, DEV, ls);
+        let st = |ls: Vec<Lease>| desired_vxlan(net(LOCAL), 1, DEV, &ls);
         let cases: Vec<(&str, KernelState, KernelState, Vec<&str>)> = vec![
-            ("nothing to do", st(&[a.clone()]), st(&[a.clone()]), vec![]),
+            ("nothing to do", st(vec![a.clone()]), st(vec![a.clone()]), vec![]),
             (
                 "fresh node",
-                st(&[a.clone(), b.clone()]),
-                st(&[]),
+                st(vec![a.clone(), b.clone()]),
+                st(vec![]),
                 vec!["+neigh", "+neigh", "+fdb", "+fdb", "+route", "+route"],
             ),
-            ("lease gone", st(&[a.clone()]), st(&[a.clone(), b.clone()]), vec!["-route", "-neigh", "-fdb"]),
-            ("public ip moved", st(&[b_moved]), st(&[b.clone()]), vec!["-fdb", "+fdb"]),
-            ("mac changed", st(&[b_new_mac]), st(&[b.clone()]), vec!["-neigh", "-fdb", "+neigh", "+fdb"]),
+            ("lease gone", st(vec![a.clone()]), st(vec![a.clone(), b.clone()]), vec!["-route", "-neigh", "-fdb"]),
+            ("public ip moved", st(vec![b_moved]), st(vec![b.clone()]), vec!["-fdb", "+fdb"]),
+            ("mac changed", st(vec![b_new_mac]), st(vec![b.clone()]), vec!["-neigh", "-fdb", "+neigh", "+fdb"]),
             (
                 "everything gone",
-                st(&[]),
-                st(&[a.clone(), b.clone()]),
+                st(vec![]),
+                st(vec![a.clone(), b.clone()]),
                 vec!["-route", "-route", "-neigh", "-neigh", "-fdb", "-fdb"],
             ),
         ];
