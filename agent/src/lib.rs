@@ -4,5 +4,7 @@
 //! It touches etcd (under its prefix), the kernel of the namespace it runs in, and its own files.
 
 pub mod config;
+pub mod ethtool;
+pub mod kernel;
 pub mod lease;
 pub mod plan;
