@@ -6,9 +6,12 @@
 pub mod alloc;
 pub mod cli;
 pub mod config;
+pub mod ethtool;
 pub mod healthz;
 pub mod ipmasq;
+pub mod kernel;
 pub mod lease;
+pub mod plan;
 pub mod run;
 pub mod subnet;
 pub mod subnet_env;
