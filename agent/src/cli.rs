@@ -395,7 +395,7 @@ pub async fn routes(args: RoutesArgs) -> Result<()> {
         }
         Backend::HostGw => {
             // host-gw routes sit on the underlay; find it from any route into the network.
-            let under = crate::kernel::find_underlay(&nl, None).await?;
+            let under = nl.find_underlay(None).await?;
             let obs = nl.observe_host_gw(under.ifindex, cfg.network, env.subnet).await?;
             (under.name, under.ifindex, obs)
         }

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Backend, NetworkConfig};
 use crate::healthz::{self, Health};
-use crate::kernel::{self, find_underlay, vtep_mac, Netlink, Underlay, VxlanSpec};
+use crate::kernel::{self, vtep_mac, Netlink, Underlay, VxlanSpec};
 use crate::lease::{subnet_key, Lease, LeaseAttrs};
 use crate::plan::{self, KernelState};
 use crate::subnet::{self, LeaseTable, LeaseWatch, SubnetManager, WatchEvent};
@@ -96,7 +96,7 @@ struct Agent {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> Result<(), Error> {
     let nl = Netlink::new().map_err(Error::Netlink)?;
-    let underlay = find_underlay(&nl, opts.iface.as_deref()).await.map_err(Error::Underlay)?;
+    let underlay = nl.find_underlay(opts.iface.as_deref()).await.map_err(Error::Underlay)?;
     let public_ip = opts.public_ip.unwrap_or(underlay.ip);
     info!(iface = %underlay.name, ip = %underlay.ip, %public_ip, mtu = underlay.mtu, "using interface");
 
@@ -211,15 +211,7 @@ async fn setup_dataplane(
     loop {
         let r = match cfg.backend {
             Backend::Vxlan { vni, port } => {
-                let spec = VxlanSpec {
-                    vni,
-                    port,
-                    local_ip: underlay.ip,
-                    underlay_ifindex: underlay.ifindex,
-                    mtu: underlay.mtu.saturating_sub(50),
-                    address: subnet.network(),
-                    mac: vtep_mac(public_ip, vni),
-                };
+                let spec = VxlanSpec { mac: vtep_mac(public_ip, vni), ..VxlanSpec::new(underlay, vni, port, subnet) };
                 nl.ensure_vxlan(&spec).await.map(|ifindex| Dataplane::Vxlan { spec, ifindex })
             }
             Backend::HostGw => Ok(Dataplane::HostGw { ifindex: underlay.ifindex }),
