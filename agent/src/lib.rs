@@ -3,5 +3,6 @@
 //! traffic leaving the pod network, and act as the `weft-cni` plugin on the node.
 //! It touches etcd (under its prefix), the kernel of the namespace it runs in, and its own files.
 
+pub mod cni;
 pub mod config;
 pub mod lease;
