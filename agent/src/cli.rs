@@ -378,7 +378,7 @@ pub fn render_routes(r: &RoutesReport) -> String {
 }
 
 pub async fn routes(args: RoutesArgs) -> Result<()> {
-    let env = subnet_env::read(&args.subnet_file)
+    let env = subnet_env::SubnetEnv::read(&args.subnet_file)
         .with_context(|| format!("reading {} (is `weft agent` running on this node?)", args.subnet_file.display()))?;
     let mut mgr = manager(&args.common.etcd, &args.common.etcd_prefix).await?;
     let cfg = mgr.get_config().await?;

@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod ethtool;
 pub mod healthz;

@@ -120,7 +120,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), Error> {
         Backend::Vxlan { vni, .. } => LeaseAttrs::vxlan(public_ip, vni, vtep_mac(public_ip, vni)),
         Backend::HostGw => LeaseAttrs::host_gw(public_ip),
     };
-    let previous = subnet_env::read(&opts.subnet_file).ok().map(|e| e.subnet);
+    let previous = subnet_env::SubnetEnv::read(&opts.subnet_file).ok().map(|e| e.subnet);
     let lease = acquire(&mut mgr, &cfg, &attrs, previous, opts.lease_ttl, &mut etcd_log).await;
     info!(subnet = %lease.subnet, reservation = lease.is_reservation(), "leased subnet");
 

@@ -2,10 +2,13 @@
 //! as hosts and pods (guards that remove everything on drop), and the multi-node lab built from them.
 //! It touches only namespaces, files and processes it created itself, all named with a unique id.
 
+pub mod cli;
 pub mod etcd;
+pub mod lab;
 pub mod netns;
 
 pub use etcd::EtcdFixture;
+pub use lab::{Lab, LabOptions, Node, Pod};
 pub use netns::{unique_id, Netns, NsRuntime};
 
 /// The `weft` binary the tests drive: `$WEFT_BIN`, else `target/debug/weft` of this workspace.

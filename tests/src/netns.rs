@@ -58,6 +58,11 @@ impl Netns {
         Netns { name: name.to_string(), keep: false }
     }
 
+    /// A handle on an existing namespace that never deletes it (the lab deletes its namespaces by prefix).
+    pub fn attach(name: &str) -> Netns {
+        Netns { name: name.to_string(), keep: true }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -1,0 +1,749 @@
+//! The multi-node lab on one machine: a `fabric` namespace (bridge `br0` + a real etcd) and one namespace
+//! per node joined to it by veth, pods as namespaces wired by `weft-cni`. Every namespace is named
+//! `weft-<id>-…`, every file lives under `/run/weft/lab/<id>/`; teardown removes exactly those.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::netns::{Netns, NsRuntime};
+
+/// Where every lab keeps its state.
+pub const LAB_ROOT: &str = "/run/weft/lab";
+/// The fabric's address on `br0`, where etcd listens (the same plan as `vagrant/`).
+pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 10);
+pub const ETCD_ENDPOINT: &str = "http://192.168.56.10:2379";
+/// The network config key flannel and weft read.
+pub const NETWORK_CONFIG_KEY: &str = "/coreos.com/network/config";
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The lab's id (letters and digits); a fresh unique one when `None`.
+    pub id: Option<String>,
+    pub nodes: usize,
+    pub network: String,
+    /// `vxlan` or `host-gw`.
+    pub backend: String,
+    pub start_agents: bool,
+    /// Extra arguments for every `weft agent`.
+    pub agent_args: Vec<String>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            id: None,
+            nodes: 2,
+            network: "10.244.0.0/16".into(),
+            backend: "vxlan".into(),
+            start_agents: true,
+            agent_args: Vec::new(),
+        }
+    }
+}
+
+/// What `state.json` records, so a later process can find, report on and tear down the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub id: String,
+    pub nodes: usize,
+    pub network: String,
+    pub backend: String,
+    pub etcd: String,
+}
+
+/// One node: a namespace with `eth0` on the fabric.
+#[derive(Debug)]
+pub struct Node {
+    index: usize,
+    name: String,
+    ns: Netns,
+    ip: Ipv4Addr,
+    dir: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Node {
+    /// `node-<i>`
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// 1-based.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+    /// Its underlay address, `192.168.56.(10+i)`.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+    /// `/run/weft/lab/<id>/node-<i>`
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn subnet_env_path(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    /// The CNI network config `weft-cni` gets on this node.
+    pub fn cni_conf_path(&self) -> PathBuf {
+        self.dir.join("cni/weft.conf")
+    }
+    fn agent_pid_path(&self) -> PathBuf {
+        self.dir.join("agent.pid")
+    }
+    fn pods_dir(&self) -> PathBuf {
+        self.dir.join("pods")
+    }
+}
+
+/// A pod: a namespace behind its node's `cni0`.
+#[derive(Debug)]
+pub struct Pod {
+    name: String,
+    node: usize,
+    ns: Netns,
+    ip: Ipv4Addr,
+}
+
+impl Pod {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn node(&self) -> usize {
+        self.node
+    }
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+}
+
+/// A running lab; dropping it tears everything down unless it was `persist`ed.
+pub struct Lab {
+    state: LabState,
+    dir: PathBuf,
+    fabric: Netns,
+    nodes: Vec<Node>,
+    etcd: Option<Child>,
+    rt: Option<NsRuntime>,
+    keep: bool,
+}
+
+/// Ids become namespace prefixes: letters and digits only, so one lab's prefix never matches another's.
+fn check_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 24 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("lab id {id:?} must be 1-24 letters or digits");
+    }
+    Ok(())
+}
+
+/// Pod names become part of a namespace name and a CNI container id.
+fn check_pod_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 32 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("pod name {name:?} must be 1-32 letters, digits or '-'");
+    }
+    Ok(())
+}
+
+pub fn lab_dir(id: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(id)
+}
+
+/// The namespace prefix of lab `id`.
+pub fn ns_prefix(id: &str) -> String {
+    format!("weft-{id}-")
+}
+
+/// Every namespace `ip netns list` shows.
+pub fn netns_list() -> Vec<String> {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The binary to run as agent and CNI plugin: `$WEFT_BIN`, this process when it is `weft` (`weft lab`),
+/// else the workspace's `target/debug/weft` (tests).
+fn weft_binary() -> PathBuf {
+    if std::env::var_os("WEFT_BIN").is_none() {
+        if let Ok(exe) = std::env::current_exe() {
+            if exe.file_name() == Some(std::ffi::OsStr::new("weft")) {
+                return exe;
+            }
+        }
+    }
+    crate::weft_bin()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn log_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Starts `program args` inside `ns` in its own session with output to `log`, so it outlives us.
+fn spawn_in(ns: &Netns, program: &Path, args: &[String], log: &Path, pid_file: &Path) -> Result<Child> {
+    let out = log_file(log)?;
+    // `ip netns exec` and `setsid` both exec in place: the child's pid is the daemon's.
+    let child = ns
+        .command("setsid")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {} in {}", program.display(), ns.name()))?;
+    std::fs::write(pid_file, child.id().to_string())?;
+    Ok(child)
+}
+
+/// SIGTERM (or `sig`), then wait up to `grace` before SIGKILL; reaps the child.
+fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill(2) on our own child, which is not yet reaped, so the pid cannot be reused.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Kills a daemon from a pid file written by an earlier process, if it is still the program we started.
+fn kill_pid_file(pid_file: &Path, expect: &str) {
+    let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if pid > 1 && String::from_utf8_lossy(&cmdline).contains(expect) {
+        // SAFETY: kill(2) on a pid whose command line we just checked.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Removes every trace of lab `id`: its processes, its `weft-<id>-*` namespaces and its state dir.
+/// Safe on a lab that is partly or wholly gone.
+pub fn teardown(id: &str) -> Result<()> {
+    check_id(id)?;
+    let dir = lab_dir(id);
+    let prefix = ns_prefix(id);
+    let names: Vec<String> = netns_list().into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    // Everything dies before any namespace goes: a process in a deleted namespace would be unreachable.
+    // Nodes and pods first, so agents do not spend their last breath on a vanished etcd.
+    let (fabric, others): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| n.ends_with("-fabric"));
+    for n in others.iter().chain(fabric.iter()) {
+        Netns::attach(n).kill_all();
+    }
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            kill_pid_file(&e.path().join("agent.pid"), "agent");
+        }
+    }
+    kill_pid_file(&dir.join("etcd.pid"), "etcd");
+    for n in &names {
+        let _ = Command::new("ip").args(["netns", "del", n]).output();
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    let left: Vec<String> = netns_list().into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    if !left.is_empty() {
+        bail!("namespaces left after teardown of lab {id}: {left:?}");
+    }
+    Ok(())
+}
+
+/// Runs `weft-cni` in `node`'s namespace as a runtime would; returns (exit code, stdout).
+pub fn run_cni(
+    lab_dir: &Path,
+    node: &Node,
+    command: &str,
+    container_id: &str,
+    netns: Option<&Path>,
+) -> Result<(i32, String)> {
+    let conf = std::fs::read(node.cni_conf_path())?;
+    let bin = lab_dir.join("cni-bin");
+    let mut c = node.ns.command(bin.join("weft-cni"));
+    c.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", format!("{}:/usr/lib/cni", bin.display()))
+        .env_remove("CNI_ARGS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match netns {
+        Some(p) => c.env("CNI_NETNS", p),
+        None => c.env_remove("CNI_NETNS"),
+    };
+    let mut child = c.spawn().context("running weft-cni")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(&conf)?;
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.stderr.is_empty() {
+        let log = node.dir.join("cni.log");
+        let _ = std::io::Write::write_all(&mut log_file(&log)?, &out.stderr);
+    }
+    Ok((out.status.code().unwrap_or(-1), stdout))
+}
+
+impl Lab {
+    /// Builds the lab step by step, reporting each step; on any failure everything built is removed.
+    pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Lab> {
+        let id = opts.id.clone().unwrap_or_else(crate::unique_id);
+        check_id(&id)?;
+        if !(1..=200).contains(&opts.nodes) {
+            bail!("a lab has 1 to 200 nodes, not {}", opts.nodes);
+        }
+        let dir = lab_dir(&id);
+        let prefix = ns_prefix(&id);
+        if dir.exists() || netns_list().iter().any(|n| n.starts_with(&prefix)) {
+            bail!("lab {id} already exists (remove it with `weft lab down --name {id}`)");
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let state = LabState {
+            id: id.clone(),
+            nodes: opts.nodes,
+            network: opts.network.clone(),
+            backend: opts.backend.clone(),
+            etcd: ETCD_ENDPOINT.into(),
+        };
+        // From here on, an early return drops `lab`, and its Drop removes what was built.
+        let mut lab = Lab {
+            state,
+            fabric: Netns::attach(&format!("{prefix}fabric")),
+            dir,
+            nodes: Vec::new(),
+            etcd: None,
+            rt: None,
+            keep: false,
+        };
+        std::fs::write(lab.dir.join("state.json"), serde_json::to_vec_pretty(&lab.state)?)?;
+        lab.build(&opts, progress)?;
+        Ok(lab)
+    }
+
+    fn build(&mut self, opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let id = self.state.id.clone();
+        progress(&format!("fabric: namespace {} with br0 {FABRIC_IP}/24", self.fabric.name()));
+        Netns::create_named(self.fabric.name())?.persist();
+        self.fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        self.fabric.ip(&["addr", "add", &format!("{FABRIC_IP}/24"), "dev", "br0"])?;
+        self.fabric.ip(&["link", "set", "br0", "up"])?;
+
+        progress(&format!("etcd: {ETCD_ENDPOINT} (data in {})", self.dir.join("etcd").display()));
+        self.start_etcd()?;
+        self.rt = Some(self.fabric.runtime()?);
+        let config = serde_json::json!({"Network": opts.network, "Backend": {"Type": opts.backend}}).to_string();
+        progress(&format!("etcd: {NETWORK_CONFIG_KEY} = {config}"));
+        self.etcd(move |mut c| async move {
+            c.put(NETWORK_CONFIG_KEY, config, None).await?;
+            Ok(())
+        })?;
+
+        let bin_dir = self.dir.join("cni-bin");
+        std::fs::create_dir_all(&bin_dir)?;
+        std::os::unix::fs::symlink(weft_binary(), bin_dir.join("weft-cni"))?;
+        for i in 1..=opts.nodes {
+            let node = self.make_node(&id, i)?;
+            progress(&format!("{}: namespace {} eth0 {}/24", node.name, node.ns.name(), node.ip));
+            self.nodes.push(node);
+        }
+        if opts.start_agents {
+            for i in 1..=opts.nodes {
+                progress(&format!("node-{i}: weft agent (log {})", self.node(i).agent_log_path().display()));
+                self.start_agent(i, &opts.agent_args)?;
+            }
+            for i in 1..=opts.nodes {
+                self.wait_for_subnet(i, Duration::from_secs(60))?;
+                let env = std::fs::read_to_string(self.node(i).subnet_env_path()).unwrap_or_default();
+                let subnet = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap_or("?").to_string();
+                progress(&format!("node-{i}: subnet {subnet}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn start_etcd(&mut self) -> Result<()> {
+        let data = self.dir.join("etcd");
+        let mut cmd = crate::etcd::etcd_command(&data, "lab", &format!("{FABRIC_IP}:2379"), "127.0.0.1:2380");
+        // The last --listen-client-urls wins: the fabric address for nodes, loopback for the lab's client.
+        cmd.arg(format!("--listen-client-urls=http://{FABRIC_IP}:2379,http://127.0.0.1:2379"));
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let log = self.dir.join("etcd.log");
+        self.etcd = Some(spawn_in(&self.fabric, Path::new("/usr/bin/etcd"), &args, &log, &self.dir.join("etcd.pid"))?);
+        let fabric = Netns::attach(self.fabric.name());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(Ok(Some(status))) = self.etcd.as_mut().map(Child::try_wait) {
+                bail!("etcd exited ({status}):\n{}", tail(&log, 10));
+            }
+            if fabric.block_on(|| async { crate::etcd::health("127.0.0.1:2379") })? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("etcd not healthy within 30s:\n{}", tail(&log, 10));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn make_node(&self, id: &str, i: usize) -> Result<Node> {
+        let name = format!("node-{i}");
+        let ns_name = format!("{}{name}", ns_prefix(id));
+        let ip = Ipv4Addr::new(192, 168, 56, 10 + u8::try_from(i).context("node index")?);
+        let dir = self.dir.join(&name);
+        std::fs::create_dir_all(dir.join("cni"))?;
+        std::fs::create_dir_all(dir.join("pods"))?;
+        Netns::create_named(&ns_name)?.persist();
+        let ns = Netns::attach(&ns_name);
+        let veth = format!("node{i}");
+        // Created inside the fabric, so not even a transient link appears in the host namespace.
+        self.fabric.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns_name])?;
+        self.fabric.ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &FABRIC_IP.to_string()])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let node = Node { index: i, name, ns, ip, dir, agent: None };
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "weft",
+            "type": "weft-cni",
+            "subnetFile": node.subnet_env_path(),
+            "dataDir": node.dir.join("cni/data"),
+        });
+        std::fs::write(node.cni_conf_path(), serde_json::to_vec_pretty(&conf)?)?;
+        Ok(node)
+    }
+
+    /// Attaches to a lab a (possibly earlier) process left running; dropping it leaves the lab alone.
+    pub fn open(id: &str) -> Result<Lab> {
+        check_id(id)?;
+        let dir = lab_dir(id);
+        let state: LabState = serde_json::from_slice(
+            &std::fs::read(dir.join("state.json")).with_context(|| format!("lab {id} not found under {LAB_ROOT}"))?,
+        )
+        .with_context(|| format!("reading {}/state.json", dir.display()))?;
+        let prefix = ns_prefix(id);
+        let nodes = (1..=state.nodes)
+            .map(|i| Node {
+                index: i,
+                name: format!("node-{i}"),
+                ns: Netns::attach(&format!("{prefix}node-{i}")),
+                ip: Ipv4Addr::new(192, 168, 56, 10 + i as u8),
+                dir: dir.join(format!("node-{i}")),
+                agent: None,
+            })
+            .collect();
+        Ok(Lab {
+            fabric: Netns::attach(&format!("{prefix}fabric")),
+            state,
+            dir,
+            nodes,
+            etcd: None,
+            rt: None,
+            keep: true,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.state.id
+    }
+    pub fn state(&self) -> &LabState {
+        &self.state
+    }
+    /// `/run/weft/lab/<id>`
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// `http://192.168.56.10:2379`, reachable from every node.
+    pub fn etcd_endpoint(&self) -> &str {
+        &self.state.etcd
+    }
+    pub fn fabric(&self) -> &Netns {
+        &self.fabric
+    }
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Node `i`, 1-based. Panics on an index the lab does not have (a test's own mistake).
+    pub fn node(&self, i: usize) -> &Node {
+        assert!(i >= 1 && i <= self.nodes.len(), "lab {} has nodes 1..={}, not {i}", self.id(), self.nodes.len());
+        &self.nodes[i - 1]
+    }
+
+    fn node_mut(&mut self, i: usize) -> Result<&mut Node> {
+        let n = self.nodes.len();
+        self.nodes.get_mut(i.wrapping_sub(1)).ok_or_else(|| anyhow!("lab has nodes 1..={n}, not {i}"))
+    }
+
+    /// Runs `f` with an etcd client connected from inside the fabric.
+    pub fn etcd<F, Fut, T>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(etcd_client::Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let fut = async move {
+            let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+            f(client).await
+        };
+        match &self.rt {
+            Some(rt) => rt.block_on(fut)?,
+            None => self.fabric.runtime()?.block_on(fut)?,
+        }
+    }
+
+    /// Starts `weft agent` on node `i` against the lab's etcd, writing the node's subnet.env.
+    pub fn start_agent(&mut self, i: usize, extra_args: &[String]) -> Result<()> {
+        let bin = weft_binary();
+        let node = self.node_mut(i)?;
+        if let Some(child) = node.agent.as_mut() {
+            if child.try_wait()?.is_none() {
+                bail!("the agent on {} is already running", node.name);
+            }
+        }
+        let mut args: Vec<String> =
+            ["agent", "--etcd-endpoints", ETCD_ENDPOINT, "--subnet-file"].iter().map(|s| s.to_string()).collect();
+        args.push(node.subnet_env_path().to_string_lossy().into_owned());
+        args.extend(["--healthz-addr".to_string(), "127.0.0.1:8285".to_string()]);
+        args.extend(extra_args.iter().cloned());
+        let child = spawn_in(&node.ns, &bin, &args, &node.agent_log_path(), &node.agent_pid_path())?;
+        node.agent = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM and wait for it to exit (SIGKILL after 10 s).
+    pub fn stop_agent(&mut self, i: usize) -> Result<()> {
+        let node = self.node_mut(i)?;
+        if let Some(mut child) = node.agent.take() {
+            stop_child(&mut child, libc::SIGTERM, Duration::from_secs(10));
+        } else {
+            kill_pid_file(&node.agent_pid_path(), "agent");
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_agent(&mut self, i: usize) -> Result<()> {
+        let node = self.node_mut(i)?;
+        match node.agent.take() {
+            Some(mut child) => stop_child(&mut child, libc::SIGKILL, Duration::from_secs(5)),
+            None => kill_pid_file(&node.agent_pid_path(), "agent"),
+        }
+        Ok(())
+    }
+
+    pub fn agent_running(&mut self, i: usize) -> bool {
+        match self.node_mut(i) {
+            Ok(node) => match node.agent.as_mut() {
+                Some(child) => matches!(child.try_wait(), Ok(None)),
+                None => agent_alive(&node.agent_pid_path()),
+            },
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until node `i` has a subnet file, failing early (with its log) if its agent died.
+    pub fn wait_for_subnet(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let path = self.node(i).subnet_env_path();
+        let log = self.node(i).agent_log_path();
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if !self.agent_running(i) {
+                bail!("the agent on node-{i} is not running; its log:\n{}", tail(&log, 15));
+            }
+            if Instant::now() > deadline {
+                bail!("node-{i} wrote no {} within {timeout:?}; agent log:\n{}", path.display(), tail(&log, 15));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Creates namespace `weft-<id>-node-<i>-<name>` and wires it with `weft-cni ADD` on node `i`.
+    pub fn add_pod(&self, node: usize, name: &str) -> Result<Pod> {
+        check_pod_name(name)?;
+        if node == 0 || node > self.nodes.len() {
+            bail!("lab {} has nodes 1..={}, not {node}", self.id(), self.nodes.len());
+        }
+        let n = self.node(node);
+        let ns_name = format!("{}-{name}", n.ns.name());
+        Netns::create_named(&ns_name)?.persist();
+        let ns = Netns::attach(&ns_name);
+        let added = run_cni(&self.dir, n, "ADD", name, Some(&ns.path())).and_then(|(code, out)| {
+            let v: serde_json::Value =
+                serde_json::from_str(&out).with_context(|| format!("weft-cni ADD printed {out:?}"))?;
+            if code != 0 {
+                bail!("weft-cni ADD for pod {name} on {} failed ({code}): {out}", n.name);
+            }
+            let addr = v.pointer("/ips/0/address").and_then(|a| a.as_str()).ok_or_else(|| anyhow!("no ips in {v}"))?;
+            let ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse().context("pod address")?;
+            std::fs::write(n.pods_dir().join(format!("{name}.json")), out.as_bytes())?;
+            Ok(ip)
+        });
+        match added {
+            Ok(ip) => Ok(Pod { name: name.to_string(), node, ns, ip }),
+            Err(e) => {
+                let _ = run_cni(&self.dir, n, "DEL", name, Some(&ns.path()));
+                ns.delete();
+                Err(e)
+            }
+        }
+    }
+
+    /// `weft-cni DEL`, then the pod's namespace goes.
+    pub fn del_pod(&self, node: usize, name: &str) -> Result<()> {
+        check_pod_name(name)?;
+        if node == 0 || node > self.nodes.len() {
+            bail!("lab {} has nodes 1..={}, not {node}", self.id(), self.nodes.len());
+        }
+        let n = self.node(node);
+        let ns = Netns::attach(&format!("{}-{name}", n.ns.name()));
+        let netns = ns.path();
+        let (code, out) = run_cni(&self.dir, n, "DEL", name, netns.exists().then_some(netns.as_path()))?;
+        if code != 0 {
+            bail!("weft-cni DEL for pod {name} on {} failed ({code}): {out}", n.name);
+        }
+        ns.delete();
+        let _ = std::fs::remove_file(n.pods_dir().join(format!("{name}.json")));
+        Ok(())
+    }
+
+    /// The pods on node `i` (name, address) as recorded by `add_pod`.
+    pub fn pods(&self, i: usize) -> Vec<(String, String)> {
+        pods_in(&self.node(i).pods_dir())
+    }
+
+    pub fn wait_until(&self, timeout: Duration, what: &str, cond: impl FnMut() -> bool) -> Result<()> {
+        wait_until(timeout, what, cond)
+    }
+
+    /// Leaves everything running (for `weft lab up`); `Lab::down(id)` removes it later.
+    pub fn persist(mut self) {
+        self.keep = true;
+        // Reap the daemons whenever they die (e.g. `Lab::down` from this same process): no zombies.
+        let children = self.nodes.iter_mut().filter_map(|n| n.agent.take()).chain(self.etcd.take());
+        for mut child in children {
+            std::thread::spawn(move || child.wait());
+        }
+    }
+
+    /// Tears down lab `id` from what is on the machine; fine if it is partly or wholly gone.
+    pub fn down(id: &str) -> Result<()> {
+        teardown(id)
+    }
+
+    /// Ids of the labs under `/run/weft/lab`.
+    pub fn list() -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(LAB_ROOT)
+            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+}
+
+fn agent_alive(pid_file: &Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        return false;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    String::from_utf8_lossy(&cmdline).contains("agent") && !status.contains("State:\tZ")
+}
+
+pub(crate) fn pods_in(dir: &Path) -> Vec<(String, String)> {
+    let mut pods: Vec<(String, String)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().strip_suffix(".json")?.to_string();
+                    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+                    let ip = v.pointer("/ips/0/address").and_then(|a| a.as_str()).unwrap_or("?").to_string();
+                    Some((name, ip))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pods.sort();
+    pods
+}
+
+pub(crate) fn node_agent_alive(node_dir: &Path) -> bool {
+    agent_alive(&node_dir.join("agent.pid"))
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        // Our own children first, so they are reaped rather than left as zombies.
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.agent.take() {
+                stop_child(&mut c, libc::SIGTERM, Duration::from_secs(5));
+            }
+        }
+        self.rt = None;
+        if let Some(mut c) = self.etcd.take() {
+            stop_child(&mut c, libc::SIGTERM, Duration::from_secs(5));
+        }
+        if let Err(e) = teardown(&self.state.id) {
+            eprintln!("lab {}: teardown: {e:#}", self.state.id);
+        }
+    }
+}
