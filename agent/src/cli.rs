@@ -37,7 +37,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub public_ip: Option<Ipv4Addr>,
     /// where to write FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU and FLANNEL_IPMASQ for the CNI plugin
-    #[arg(long, default_value = DEFAULT_SUBNET_FILE)]
+    #[arg(long, env = "WEFT_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
     /// masquerade pod traffic that leaves the pod network (iptables rules in this namespace)
     #[arg(long)]
@@ -282,7 +282,7 @@ pub struct RoutesArgs {
     #[command(flatten)]
     pub common: Common,
     /// the agent's subnet file (tells this node's own subnet)
-    #[arg(long, default_value = DEFAULT_SUBNET_FILE)]
+    #[arg(long, env = "WEFT_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
 }
 
@@ -343,7 +343,8 @@ pub fn routes_report(
     }
     remotes.sort_by_key(|r| u32::from(r.subnet.network()));
     let all = desired_for(leases);
-    let mut stale: Vec<String> = observed.routes.difference(&all.routes).map(|r| format!("route {} via {}", r.dst, r.gateway)).collect();
+    let mut stale: Vec<String> =
+        observed.routes.difference(&all.routes).map(|r| format!("route {} via {}", r.dst, r.gateway)).collect();
     stale.extend(observed.neighs.difference(&all.neighs).map(|n| format!("neighbour {} lladdr {}", n.ip, n.mac)));
     stale.extend(observed.fdbs.difference(&all.fdbs).map(|f| format!("fdb {} dst {}", f.mac, f.dst)));
     RoutesReport { local, remotes, stale }
@@ -378,8 +379,7 @@ pub fn render_routes(r: &RoutesReport) -> String {
 }
 
 pub async fn routes(args: RoutesArgs) -> Result<()> {
-    let env = subnet_env::SubnetEnv::read(&args.subnet_file)
-        .with_context(|| format!("reading {} (is `weft agent` running on this node?)", args.subnet_file.display()))?;
+    let env = subnet_env::SubnetEnv::read(&args.subnet_file).context("is `weft agent` running on this node?")?;
     let mut mgr = manager(&args.common.etcd, &args.common.etcd_prefix).await?;
     let cfg = mgr.get_config().await?;
     let (table, _) = mgr.list().await?;

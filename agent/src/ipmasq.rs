@@ -48,8 +48,10 @@ pub fn chain_rules(network: Ipv4Network, subnet: Ipv4Network) -> Vec<(&'static s
         // The node itself to a remote pod: use an address the return path knows.
         format!("-A {c} ! -s {network} -d {network} {m} -j MASQUERADE --random-fully"),
     ];
-    let filter =
-        vec![format!("-A {FWD_CHAIN} -s {network} {f} -j ACCEPT"), format!("-A {FWD_CHAIN} -d {network} {f} -j ACCEPT")];
+    let filter = vec![
+        format!("-A {FWD_CHAIN} -s {network} {f} -j ACCEPT"),
+        format!("-A {FWD_CHAIN} -d {network} {f} -j ACCEPT"),
+    ];
     vec![("nat", nat), ("filter", filter)]
 }
 

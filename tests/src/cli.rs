@@ -184,6 +184,10 @@ fn exec(id: &str, target: &str, cmd: &[String]) -> Result<i32> {
     }
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &ns]).args(cmd).env("WEFT_ETCD_ENDPOINTS", ETCD_ENDPOINT);
+    // On a node, `weft routes` reads that node's subnet file, not the host's /run/flannel/subnet.env.
+    if let Some(node) = target.strip_prefix("node-").and_then(|r| r.split('-').next()) {
+        c.env("WEFT_SUBNET_FILE", lab::lab_dir(id).join(format!("node-{node}")).join("subnet.env"));
+    }
     // `weft …` inside the lab is this same binary.
     if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         let path = std::env::var_os("PATH").unwrap_or_default();

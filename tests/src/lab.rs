@@ -415,7 +415,17 @@ impl Lab {
         Ok(())
     }
 
-    fn start_etcd(&mut self) -> Result<()> {
+    /// Stops the lab's etcd (SIGKILL, as a crash or partition would), keeping its data.
+    pub fn stop_etcd(&mut self) -> Result<()> {
+        match self.etcd.take() {
+            Some(mut child) => stop_child(&mut child, libc::SIGKILL, Duration::from_secs(5)),
+            None => kill_pid_file(&self.dir.join("etcd.pid"), "etcd"),
+        }
+        Ok(())
+    }
+
+    /// Starts the lab's etcd on its data dir and waits until it is healthy.
+    pub fn start_etcd(&mut self) -> Result<()> {
         let data = self.dir.join("etcd");
         let mut cmd = crate::etcd::etcd_command(&data, "lab", &format!("{FABRIC_IP}:2379"), "127.0.0.1:2380");
         // The last --listen-client-urls wins: the fabric address for nodes, loopback for the lab's client.

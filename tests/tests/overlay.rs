@@ -30,7 +30,7 @@ fn subnet(lab: &Lab, node: usize) -> String {
     let env = std::fs::read_to_string(lab.node(node).subnet_env_path()).expect("subnet file");
     let line = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).expect("FLANNEL_SUBNET");
     let net: ipnetwork::Ipv4Network = line.parse().expect("FLANNEL_SUBNET parses");
-    format!("{}/{}", ipnetwork::Ipv4Network::new(net.network(), net.prefix()).unwrap().network(), net.prefix())
+    format!("{}/{}", net.network(), net.prefix())
 }
 
 fn routes_on(lab: &Lab, node: usize, dev: &str) -> String {
@@ -66,7 +66,7 @@ fn put_fake_lease(lab: &Lab, subnet_key: &str, public_ip: &str, mac: &str) {
 
 #[test]
 fn pods_ping_and_connect_across_nodes() {
-    let lab = lab(3, "vxlan", &[]);
+    let mut lab = lab(3, "vxlan", &[]);
     let pods: Vec<_> = (1..=3).map(|i| lab.add_pod(i, &format!("p{i}")).expect("pod")).collect();
     // Every node's subnet is distinct and each pod's address is inside its node's subnet.
     let subnets: Vec<String> = (1..=3).map(|i| subnet(&lab, i)).collect();
@@ -115,7 +115,10 @@ fn pods_ping_and_connect_across_nodes() {
     let remotes = report["remotes"].as_array().expect("remotes");
     assert_eq!(remotes.len(), 2, "{report}");
     for r in remotes {
-        assert_eq!((r["route"].as_bool(), r["neigh"].as_bool(), r["fdb"].as_bool()), (Some(true), Some(true), Some(true)));
+        assert_eq!(
+            (r["route"].as_bool(), r["neigh"].as_bool(), r["fdb"].as_bool()),
+            (Some(true), Some(true), Some(true))
+        );
     }
     assert_eq!(report["local"]["subnet"], subnets[0]);
     let leases = weft_json(&lab, 2, &["leases"]);
@@ -124,7 +127,7 @@ fn pods_ping_and_connect_across_nodes() {
 
 #[test]
 fn deleted_lease_removes_routes_on_the_others_and_stopping_keeps_them() {
-    let lab = lab(3, "vxlan", &[]);
+    let mut lab = lab(3, "vxlan", &[]);
     let s3 = subnet(&lab, 3);
     let p1 = lab.add_pod(1, "a").unwrap();
     let p3 = lab.add_pod(3, "c").unwrap();
@@ -147,25 +150,24 @@ fn deleted_lease_removes_routes_on_the_others_and_stopping_keeps_them() {
 
 #[test]
 fn restarted_agent_keeps_its_subnet_and_drops_no_packets() {
-    let lab = lab(2, "vxlan", &[]);
+    let mut lab = lab(2, "vxlan", &[]);
     let before = subnet(&lab, 2);
     let p1 = lab.add_pod(1, "a").unwrap();
     let p2 = lab.add_pod(2, "b").unwrap();
     let t2 = p2.ip().to_string();
     wait(&lab, 20, "pods reach each other", || ping(&p1, &t2));
     // 150 pings at 20 ms while node-2's agent is restarted in the middle.
-    let pinger = p1.ns().command("ping").args(["-c", "150", "-i", "0.02", "-W", "1", &t2]).output();
-    let restarter = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(500));
-            lab.stop_agent(2).unwrap();
-            lab.start_agent(2, &[]).unwrap();
-        });
-        let out = pinger;
-        h.join().unwrap();
-        out
-    });
-    let out = restarter.unwrap();
+    let pinger = p1
+        .ns()
+        .command("ping")
+        .args(["-c", "150", "-i", "0.02", "-W", "1", &t2])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.stop_agent(2).unwrap();
+    lab.start_agent(2, &[]).unwrap();
+    let out = pinger.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" 0% packet loss"), "packets lost across the restart: {text}");
     wait(&lab, 20, "restarted agent's subnet file", || lab.node(2).subnet_env_path().exists());
@@ -177,7 +179,7 @@ fn restarted_agent_keeps_its_subnet_and_drops_no_packets() {
 
 #[test]
 fn route_deleted_by_hand_and_device_deleted_are_restored() {
-    let lab = lab(2, "vxlan", &["--resync", "1"]);
+    let mut lab = lab(2, "vxlan", &["--resync", "1"]);
     let s2 = subnet(&lab, 2);
     wait(&lab, 20, "route to node-2", || routes_on(&lab, 1, "flannel.1").contains(&s2));
     lab.node(1).ns().ip(&["route", "del", &s2]).unwrap();
@@ -193,7 +195,7 @@ fn route_deleted_by_hand_and_device_deleted_are_restored() {
 
 #[test]
 fn garbage_in_etcd_is_skipped_and_valid_leases_served() {
-    let lab = lab(2, "vxlan", &[]);
+    let mut lab = lab(2, "vxlan", &[]);
     etcdctl(&lab, &["put", &format!("{PREFIX}/subnets/10.244.77.0-24"), "{this is not json"]);
     etcdctl(&lab, &["put", &format!("{PREFIX}/subnets/not-a-subnet"), "{}"]);
     put_fake_lease(&lab, "10.99.0.0-24", "192.168.56.99", "0e:00:00:00:00:99"); // outside the network
@@ -212,7 +214,7 @@ fn garbage_in_etcd_is_skipped_and_valid_leases_served() {
 
 #[test]
 fn agent_recovers_after_etcd_restart() {
-    let lab = lab(2, "vxlan", &[]);
+    let mut lab = lab(2, "vxlan", &[]);
     let s2 = subnet(&lab, 2);
     wait(&lab, 20, "route to node-2", || routes_on(&lab, 1, "flannel.1").contains(&s2));
     lab.stop_etcd().unwrap();
@@ -229,7 +231,7 @@ fn agent_recovers_after_etcd_restart() {
 #[test]
 fn agents_started_at_the_same_instant_get_different_subnets() {
     let opts = LabOptions { nodes: 4, start_agents: false, ..LabOptions::default() };
-    let lab = Lab::up(opts, &mut |_| {}).unwrap();
+    let mut lab = Lab::up(opts, &mut |_| {}).unwrap();
     for i in 1..=4 {
         lab.start_agent(i, &[]).unwrap();
     }
@@ -241,7 +243,7 @@ fn agents_started_at_the_same_instant_get_different_subnets() {
 #[test]
 fn missing_config_is_reported_then_picked_up() {
     let opts = LabOptions { nodes: 1, start_agents: false, ..LabOptions::default() };
-    let lab = Lab::up(opts, &mut |_| {}).unwrap();
+    let mut lab = Lab::up(opts, &mut |_| {}).unwrap();
     let saved = etcdctl(&lab, &["get", "--print-value-only", &format!("{PREFIX}/config")]);
     etcdctl(&lab, &["del", &format!("{PREFIX}/config")]);
     lab.start_agent(1, &[]).unwrap();
@@ -256,7 +258,7 @@ fn missing_config_is_reported_then_picked_up() {
 
 #[test]
 fn host_gw_backend_routes_via_public_ips() {
-    let lab = lab(2, "host-gw", &[]);
+    let mut lab = lab(2, "host-gw", &[]);
     let s2 = subnet(&lab, 2);
     wait(&lab, 20, "host-gw route", || {
         lab.node(1).ns().ip(&["route", "show", &s2]).unwrap_or_default().contains(&format!("via {}", lab.node(2).ip()))
@@ -270,7 +272,7 @@ fn host_gw_backend_routes_via_public_ips() {
 
 #[test]
 fn ip_masq_rules_hide_pods_from_the_outside_and_come_back() {
-    let lab = lab(1, "vxlan", &["--ip-masq", "--iptables-resync", "1"]);
+    let mut lab = lab(1, "vxlan", &["--ip-masq", "--iptables-resync", "1"]);
     let p = lab.add_pod(1, "a").unwrap();
     // The fabric has no route to the pod network: only a masqueraded ping gets its reply.
     wait(&lab, 20, "a pod reaches the fabric through masquerade", || ping(&p, "192.168.56.10"));
