@@ -473,6 +473,8 @@ impl Lab {
             "type": "weft-cni",
             "subnetFile": node.subnet_env_path(),
             "dataDir": node.dir.join("cni/data"),
+            // As kube-flannel deploys it: pods get a default route through cni0.
+            "delegate": { "hairpinMode": true, "isDefaultGateway": true },
         });
         std::fs::write(node.cni_conf_path(), serde_json::to_vec_pretty(&conf)?)?;
         Ok(node)
@@ -570,6 +572,11 @@ impl Lab {
             ["agent", "--etcd-endpoints", ETCD_ENDPOINT, "--subnet-file"].iter().map(|s| s.to_string()).collect();
         args.push(node.subnet_env_path().to_string_lossy().into_owned());
         args.extend(["--healthz-addr".to_string(), "127.0.0.1:8285".to_string()]);
+        // As kube-flannel runs flanneld: the agent masquerades traffic leaving the pod network, so the
+        // bridge plugin does not, and pod-to-pod traffic keeps its source address across nodes.
+        if !extra_args.iter().any(|a| a == "--ip-masq") {
+            args.push("--ip-masq".to_string());
+        }
         args.extend(extra_args.iter().cloned());
         let child = spawn_in(&node.ns, &bin, &args, &node.agent_log_path(), &node.agent_pid_path())?;
         node.agent = Some(child);
