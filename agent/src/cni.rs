@@ -2,13 +2,13 @@
 //! into a config for a delegate plugin (the reference `bridge` + `host-local`) and runs that delegate.
 //! It touches only its data dir (saved delegate configs) and whatever the delegate it runs touches.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ipnetwork::Ipv4Network;
 use serde_json::{json, Map, Value};
+
+pub use crate::subnet_env::SubnetEnv;
 
 /// The CNI spec version of our own results and errors.
 pub const CNI_VERSION: &str = "1.0.0";
@@ -73,62 +73,12 @@ impl CniError {
     }
 }
 
-/// What the agent wrote in `subnet.env`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SubnetEnv {
-    /// `FLANNEL_NETWORK`, the whole pod network.
-    pub network: Ipv4Network,
-    /// `FLANNEL_SUBNET` as written: the node's gateway address with the subnet's prefix (`10.244.1.1/24`).
-    pub subnet: Ipv4Network,
-    pub mtu: u32,
-    /// `FLANNEL_IPMASQ`: the agent masquerades, so the bridge must not.
-    pub ipmasq: bool,
-}
-
-impl SubnetEnv {
-    /// The node's pod subnet as a network (`10.244.1.0/24`).
-    pub fn subnet_network(&self) -> Ipv4Network {
-        // The prefix came from a valid network, so rebuilding with it cannot fail.
-        Ipv4Network::new(self.subnet.network(), self.subnet.prefix()).unwrap_or(self.subnet)
-    }
-
-    /// Parses `KEY=VALUE` lines in any order; blank lines, `#` comments, `export` and quotes are tolerated.
-    pub fn parse(text: &str) -> Result<SubnetEnv, String> {
-        let mut vars = HashMap::new();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let line = line.strip_prefix("export ").unwrap_or(line);
-            let Some((k, v)) = line.split_once('=') else {
-                return Err(format!("line {line:?} is not KEY=VALUE"));
-            };
-            let v = v.trim().trim_matches(|c| c == '"' || c == '\'');
-            vars.insert(k.trim().to_string(), v.to_string());
-        }
-        let get = |k: &str| vars.get(k).ok_or_else(|| format!("{k} is missing"));
-        let net = |k: &str| -> Result<Ipv4Network, String> {
-            get(k)?.parse::<Ipv4Network>().map_err(|e| format!("{k}: {e}"))
-        };
-        let ipmasq = match vars.get("FLANNEL_IPMASQ").map(String::as_str) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => return Err(format!("FLANNEL_IPMASQ: {other:?} is not true or false")),
-        };
-        Ok(SubnetEnv {
-            network: net("FLANNEL_NETWORK")?,
-            subnet: net("FLANNEL_SUBNET")?,
-            mtu: get("FLANNEL_MTU")?.parse().map_err(|e| format!("FLANNEL_MTU: {e}"))?,
-            ipmasq,
-        })
-    }
-
-    pub fn load(path: &Path) -> Result<SubnetEnv> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CniError::SubnetFileMissing { path: path.to_path_buf(), source })?;
-        SubnetEnv::parse(&text).map_err(|problem| CniError::SubnetFileInvalid { path: path.to_path_buf(), problem })
-    }
+/// Reads the agent's subnet file; a missing file is "try again later" for the runtime.
+pub fn load_subnet_env(path: &Path) -> Result<SubnetEnv> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CniError::SubnetFileMissing { path: path.to_path_buf(), source })?;
+    SubnetEnv::parse(&text)
+        .map_err(|e| CniError::SubnetFileInvalid { path: path.to_path_buf(), problem: e.to_string() })
 }
 
 /// The network config on stdin, as far as we read it; the whole object is kept for the delegate.
@@ -202,7 +152,7 @@ pub fn delegate_config(conf: &NetConf, env: &SubnetEnv) -> Value {
     }
     let mut ipam = json!({
         "type": "host-local",
-        "ranges": [[{"subnet": env.subnet_network().to_string()}]],
+        "ranges": [[{"subnet": env.subnet.to_string()}]],
         "routes": [{"dst": env.network.to_string()}],
         // Per data dir, so several nodes on one machine (the lab) never share host-local's state.
         "dataDir": conf.data_dir.join("ipam").to_string_lossy(),
@@ -310,7 +260,7 @@ fn saved_path(conf: &NetConf, env: &CniEnv) -> PathBuf {
 
 /// ADD: build the delegate config from the subnet file, keep it for DEL and CHECK, run the delegate.
 fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Outcome> {
-    let subnet = SubnetEnv::load(&conf.subnet_file)?;
+    let subnet = load_subnet_env(&conf.subnet_file)?;
     let delegate = delegate_config(conf, &subnet);
     let path = saved_path(conf, env);
     let io = |what: &'static str, path: &Path| {
@@ -417,40 +367,12 @@ pub fn main() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     const ENV: &str =
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
 
     fn env() -> SubnetEnv {
         SubnetEnv::parse(ENV).unwrap()
-    }
-
-    #[test]
-    fn subnet_env_parses_in_any_order_with_comments() {
-        let text = "# written by weft\n\nexport FLANNEL_IPMASQ=\"false\"\nFLANNEL_MTU=1400\n FLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_NETWORK='10.244.0.0/16'\n";
-        let e = SubnetEnv::parse(text).unwrap();
-        assert_eq!(e.network.to_string(), "10.244.0.0/16");
-        assert_eq!(e.subnet.to_string(), "10.244.7.1/24");
-        assert_eq!(e.subnet_network().to_string(), "10.244.7.0/24");
-        assert_eq!(e.mtu, 1400);
-        assert!(!e.ipmasq);
-        assert_eq!(env().subnet.ip(), Ipv4Addr::new(10, 244, 1, 1));
-    }
-
-    #[test]
-    fn subnet_env_errors_name_the_key() {
-        for (text, key) in [
-            ("FLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450", "FLANNEL_NETWORK"),
-            ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24", "FLANNEL_MTU"),
-            ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=nope\nFLANNEL_MTU=1", "FLANNEL_SUBNET"),
-            ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.1.1.1/24\nFLANNEL_MTU=x", "FLANNEL_MTU"),
-            (&format!("{ENV}FLANNEL_IPMASQ=yes"), "FLANNEL_IPMASQ"),
-            ("garbage", "garbage"),
-        ] {
-            let err = SubnetEnv::parse(text).unwrap_err();
-            assert!(err.contains(key), "{err} should name {key}");
-        }
     }
 
     #[test]
