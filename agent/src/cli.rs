@@ -83,7 +83,8 @@ impl AgentArgs {
             iptables_resync: Duration::from_secs(self.iptables_resync),
             resync: Duration::from_secs(self.resync),
             healthz_addr,
-            lease_ttl: Duration::from_secs(self.subnet_lease_ttl.max(10)),
+            // etcd refuses TTLs below a few seconds; tests use short ones to see renewals happen.
+            lease_ttl: Duration::from_secs(self.subnet_lease_ttl.max(5)),
         })
     }
 }

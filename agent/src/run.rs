@@ -402,7 +402,7 @@ impl Agent {
                         watch = self.relist().await;
                     }
                     Err(e) => {
-                        self.etcd_log.failed("etcd watch", &e);
+                        self.etcd_log.failed("etcd", &e);
                         watch = None;
                         next_retry = Instant::now() + backoff(attempt);
                     }

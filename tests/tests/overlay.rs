@@ -221,11 +221,18 @@ fn agent_recovers_after_etcd_restart() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(routes_on(&lab, 1, "flannel.1").contains(&s2), "routes stay while etcd is away");
     assert!(lab.agent_running(1) && lab.agent_running(2));
+    std::thread::sleep(Duration::from_secs(3));
     lab.start_etcd().unwrap();
     put_fake_lease(&lab, "10.244.99.0-24", "192.168.56.99", "0e:00:00:00:00:99");
     wait(&lab, 30, "the agent catches up after etcd returns", || {
         routes_on(&lab, 1, "flannel.1").contains("10.244.99.0/24")
     });
+    // The outage is logged once per change of state, not once per retry.
+    let log = std::fs::read_to_string(lab.node(1).agent_log_path()).unwrap_or_default();
+    eprintln!("{log}");
+    let outage_lines = log.lines().filter(|l| l.contains("keeping the last known state")).count();
+    assert!((1..=3).contains(&outage_lines), "{outage_lines} outage lines:\n{log}");
+    assert!(log.contains("recovered"), "{log}");
 }
 
 #[test]
@@ -285,4 +292,59 @@ fn ip_masq_rules_hide_pods_from_the_outside_and_come_back() {
     wait(&lab, 15, "the rules are restored", || {
         lab.node(1).ns().exec("iptables-save", &["-t", "nat"]).unwrap_or_default().contains("MASQUERADE --random-fully")
     });
+}
+
+#[test]
+fn network_config_cli_writes_valid_configs_and_refuses_bad_ones() {
+    let opts = LabOptions { nodes: 1, start_agents: false, ..LabOptions::default() };
+    let lab = Lab::up(opts, &mut |_| {}).unwrap();
+    let weft = |args: &[&str]| {
+        lab.node(1)
+            .ns()
+            .command(weft_lab::weft_bin())
+            .args(args)
+            .args(["--etcd-endpoints", lab.etcd_endpoint()])
+            .output()
+            .unwrap()
+    };
+    let out =
+        weft(&["network", "config", "set", "--network", "10.250.0.0/16", "--subnet-len", "26", "--backend", "host-gw"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stored: Value =
+        serde_json::from_str(&etcdctl(&lab, &["get", "--print-value-only", &format!("{PREFIX}/config")])).unwrap();
+    assert_eq!(stored["Network"], "10.250.0.0/16");
+    assert_eq!(stored["SubnetLen"], 26);
+    assert_eq!(stored["Backend"]["Type"], "host-gw");
+    let got = weft(&["network", "config", "get", "-o", "json"]);
+    let got: Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(got["Network"], "10.250.0.0/16");
+    // Invalid input names what is wrong and writes nothing.
+    for (bad, key) in [(["--network", "10.250.0.0/33"], "Network"), (["--network", "banana"], "Network")] {
+        let out = weft(&[&["network", "config", "set"][..], &bad[..]].concat());
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "error should name {key}: {err}");
+    }
+    let out = weft(&["network", "config", "set", "--network", "10.250.0.0/16", "--subnet-len", "8"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SubnetLen"));
+    let after: Value =
+        serde_json::from_str(&etcdctl(&lab, &["get", "--print-value-only", &format!("{PREFIX}/config")])).unwrap();
+    assert_eq!(after, stored, "a refused config must not be written");
+}
+
+#[test]
+fn lease_is_renewed_before_it_expires_and_healthz_answers() {
+    // A 5 s TTL (hidden flag) with the default 60 min margin: renewals every 2.5 s.
+    let lab = lab(1, "vxlan", &["--subnet-lease-ttl", "5"]);
+    let key = format!("{PREFIX}/subnets/{}", subnet(&lab, 1).replace('/', "-"));
+    let lease_id = |lab: &Lab| -> Option<i64> {
+        let v: Value = serde_json::from_str(&etcdctl(lab, &["get", &key, "-w", "json"])).ok()?;
+        v["kvs"][0]["lease"].as_i64()
+    };
+    let first = lease_id(&lab).expect("the key is bound to an etcd lease");
+    std::thread::sleep(Duration::from_secs(8));
+    let later = lease_id(&lab).expect("the key outlived its first TTL");
+    assert_ne!(first, later, "renewal moved the key to a fresh etcd lease");
+    let health = lab.node(1).ns().exec("curl", &["-s", "-f", "http://127.0.0.1:8285/healthz"]).unwrap();
+    assert_eq!(health.trim(), "ok");
 }
