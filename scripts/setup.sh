@@ -11,7 +11,8 @@ PACKAGES=(
   ethtool                            # to check checksum offload on flannel.1
   containernetworking-plugins        # bridge + host-local, the delegates of weft-cni
   iputils-ping curl socat iperf3     # test and benchmark clients
-  procps psmisc                      # ps/pkill for lab teardown checks
+  procps                             # ps, sysctl
+  openssl                            # test certificates for etcd over TLS
 )
 
 missing=()
