@@ -11,14 +11,9 @@ use serde::Serialize;
 
 use crate::lease::{Lease, Mac};
 
-fn ser_net<S: serde::Serializer>(n: &Ipv4Network, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(n)
-}
-
 /// `ip route replace <dst> via <gateway> dev <ifindex> [onlink]`, main table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Route {
-    #[serde(serialize_with = "ser_net")]
     pub dst: Ipv4Network,
     pub gateway: Ipv4Addr,
     pub ifindex: u32,

@@ -311,9 +311,7 @@ impl Agent {
             for (op, e) in &failures {
                 warn!("{op:?}: {e}");
             }
-            if full || !ops.is_empty() {
-                tracing::debug!(ops = ops.len(), failed = failures.len(), full, "kernel synced");
-            }
+            tracing::debug!(ops = ops.len(), failed = failures.len(), full, "kernel synced");
         }
         self.applied = desired;
         self.health.set_ready(true);
