@@ -342,10 +342,6 @@ impl Agent {
         Some(watch)
     }
 
-    fn own_key(&self) -> String {
-        subnet_key(&self.opts.prefix, self.lease.subnet)
-    }
-
     fn table_has_own_lease(&self) -> bool {
         self.table.valid(&self.cfg).iter().any(|l| l.subnet == self.lease.subnet && l.attrs.public_ip == self.public_ip)
     }
@@ -357,6 +353,10 @@ impl Agent {
         let old = self.lease.subnet;
         self.lease =
             acquire(&mut self.mgr, &self.cfg, &self.attrs, Some(old), self.opts.lease_ttl, &mut self.etcd_log).await;
+        // Our own write comes back through the watch too; until then the table must already know it.
+        let l = &self.lease;
+        let key = subnet_key(&self.opts.prefix, l.subnet);
+        self.table.apply_put(&key, l.attrs.to_json().as_bytes(), l.etcd_lease, l.mod_revision, l.create_revision);
         if self.lease.subnet != old {
             warn!(old = %old, new = %self.lease.subnet, "subnet changed; pods on this node need new addresses");
             if let Dataplane::Vxlan { spec, .. } = &mut self.dataplane {
@@ -427,15 +427,12 @@ impl Agent {
     }
 
     async fn on_events(&mut self, events: Vec<WatchEvent>) {
-        let own = self.own_key();
-        let mut lost = false;
         for ev in &events {
-            if let WatchEvent::Delete { key, .. } = ev {
-                lost |= *key == own;
-            }
             self.table.apply(ev);
         }
-        if lost {
+        // Level-triggered: whether our key was deleted, expired or overwritten, the table no longer
+        // shows our lease, and we take one again.
+        if !self.table_has_own_lease() {
             self.reacquire().await;
         }
         self.reconcile(false).await;

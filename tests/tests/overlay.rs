@@ -348,3 +348,28 @@ fn lease_is_renewed_before_it_expires_and_healthz_answers() {
     let health = lab.node(1).ns().exec("curl", &["-s", "-f", "http://127.0.0.1:8285/healthz"]).unwrap();
     assert_eq!(health.trim(), "ok");
 }
+
+#[test]
+fn own_lease_deleted_while_running_is_taken_again() {
+    let lab = lab(2, "vxlan", &[]);
+    let s1 = subnet(&lab, 1);
+    let key = format!("{PREFIX}/subnets/{}", s1.replace('/', "-"));
+    etcdctl(&lab, &["del", &key]);
+    wait(&lab, 10, "node-1 writes its lease again", || {
+        etcdctl(&lab, &["get", &key, "--print-value-only"]).contains("192.168.56.11")
+    });
+    assert_eq!(subnet(&lab, 1), s1, "the same subnet is taken back");
+    wait(&lab, 10, "node-2 routes to node-1 again", || routes_on(&lab, 2, "flannel.1").contains(&s1));
+}
+
+#[test]
+fn an_interface_without_ipv4_is_a_clear_error() {
+    let ns = weft_lab::Netns::create("noip").unwrap();
+    ns.ip(&["link", "add", "eth9", "type", "veth", "peer", "name", "eth9p"]).unwrap();
+    ns.ip(&["link", "set", "eth9", "up"]).unwrap();
+    let out =
+        ns.command(weft_lab::weft_bin()).args(["agent", "--iface", "eth9", "--healthz-addr", ""]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("eth9 has no IPv4 address"), "{err}");
+}
