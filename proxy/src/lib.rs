@@ -1,0 +1,1 @@
+//! weft proxy: the kube-proxy replacement (see the modules).
