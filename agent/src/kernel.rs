@@ -558,10 +558,8 @@ impl Netlink {
             let res = self.apply_one(op).await;
             match res {
                 Err(e) if matches!(op, Op::DelRoute(_) | Op::DelNeigh(_) | Op::DelFdb(_)) && e.is_not_found() => {}
-                Err(e) => {
-                    tracing::warn!(%op, error = %e, "kernel op failed");
-                    failed.push((*op, e));
-                }
+                // The caller logs failures with its own context.
+                Err(e) => failed.push((*op, e)),
                 Ok(()) => tracing::debug!(%op, "applied"),
             }
         }

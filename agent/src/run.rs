@@ -309,7 +309,7 @@ impl Agent {
         if !ops.is_empty() {
             let failures = self.nl.apply(&ops).await;
             for (op, e) in &failures {
-                warn!("{op:?}: {e}");
+                warn!("{op}: {e}");
             }
             tracing::debug!(ops = ops.len(), failed = failures.len(), full, "kernel synced");
         }
