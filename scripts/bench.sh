@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# weft's benchmarks (`make bench`): usage scripts/bench.sh <weft binary>
+#
+# 1. Overlay throughput: a 2-node lab per backend (vxlan, then host-gw), iperf3 pod-on-node-1 → pod-on-node-2
+#    (the overlay) and node-1 → node-2 (the underlay, the same veths and bridge without weft), alternating,
+#    BENCH_ROUNDS rounds (3) of BENCH_SECS seconds (5) each. Everything runs inside the lab's namespaces.
+# 2. Convergence, single-add latency and agent memory: tests/examples/overlay_bench.rs (BENCH_REPS, 3).
+#
+# Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
+# reported, never an error (timings on these shared 2-core machines are noisy).
+set -uo pipefail
+
+WEFT=${1:?usage: scripts/bench.sh <weft binary>}
+WEFT=$(realpath "$WEFT")
+ROUNDS=${BENCH_ROUNDS:-3}
+SECS=${BENCH_SECS:-5}
+cd "$(dirname "$0")/.."
+
+OUT=$(mktemp -d /tmp/weft-bench.XXXXXX)
+LABS=()
+cleanup() {
+  for l in "${LABS[@]}"; do "$WEFT" lab down --name "$l" >/dev/null 2>&1; done
+  rm -rf "$OUT"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+failed=0
+fail() { echo "bench: $*" >&2; failed=1; }
+
+# bits/s received, from an iperf3 -J report (empty when iperf3 failed).
+gbps() {
+  python3 - "$1" <<'EOF'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+    if "error" in d:
+        raise SystemExit(1)
+    print("%.3f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))
+except Exception:
+    raise SystemExit(1)
+EOF
+}
+
+# Client-side and server-side CPU (% of one core summed over the run, as iperf3 reports it).
+cpu() {
+  python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["end"]["cpu_utilization_percent"]; print("%.0f/%.0f" % (c["host_total"], c["remote_total"]))' "$1" 2>/dev/null
+}
+
+stats() { # "a b c" → "mean min max median"
+  python3 -c 'import sys,statistics as s; v=[float(x) for x in sys.argv[1:]]; print("%.2f %.2f %.2f %.2f" % (s.mean(v), min(v), max(v), s.median(v)))' "$@"
+}
+
+THROUGHPUT_ROWS=()
+# throughput <backend> [csum-on]: csum-on is a diagnostic, not weft as shipped: the agents are stopped (their
+# routes stay) and TX checksum offload, which the agent turns off on flannel.1, is turned back on.
+throughput() {
+  local backend=$1 variant=${2:-}
+  local lab="bench$$${backend//-/}${variant//-/}" label=$backend
+  [ -n "$variant" ] && label="$backend, flannel.1 $variant (diagnostic)"
+  LABS+=("$lab")
+  echo "== throughput, $label: lab $lab (2 nodes), $ROUNDS rounds x ${SECS}s, overlay and underlay alternating" >&2
+  if ! "$WEFT" lab up --name "$lab" --nodes 2 --backend "$backend" >"$OUT/$lab.up" 2>&1; then
+    cat "$OUT/$lab.up" >&2; fail "$backend: lab up failed"; return
+  fi
+  local a b
+  a=$("$WEFT" lab pod --name "$lab" add node-1 a 2>&1) || { echo "$a" >&2; fail "$backend: pod a"; return; }
+  b=$("$WEFT" lab pod --name "$lab" add node-2 b 2>&1) || { echo "$b" >&2; fail "$backend: pod b"; return; }
+  local pod_b underlay_b=192.168.56.12
+  pod_b=$(sed -n 's/^pod b on node-2: \([0-9.]*\) .*/\1/p' <<<"$b")
+  [ -n "$pod_b" ] || { fail "$backend: no address for pod b in: $b"; return; }
+  "$WEFT" lab exec --name "$lab" node-2-b -- iperf3 -s -D >/dev/null 2>&1 || { fail "$backend: iperf3 server in pod"; return; }
+  "$WEFT" lab exec --name "$lab" node-2 -- iperf3 -s -D >/dev/null 2>&1 || { fail "$backend: iperf3 server on node"; return; }
+  local ok=0
+  for _ in $(seq 1 40); do
+    if "$WEFT" lab exec --name "$lab" node-1-a -- ping -c1 -W1 "$pod_b" >/dev/null 2>&1; then ok=1; break; fi
+    sleep 0.5
+  done
+  [ $ok = 1 ] || { fail "$backend: pod a cannot reach pod b ($pod_b)"; return; }
+  if [ "$variant" = csum-on ]; then
+    local n pid
+    for n in 1 2; do
+      pid=$(cat "/run/weft/lab/$lab/node-$n/agent.pid")
+      grep -qa agent "/proc/$pid/cmdline" && kill "$pid"
+    done
+    sleep 1
+    for n in 1 2; do
+      "$WEFT" lab exec --name "$lab" "node-$n" -- ethtool -K flannel.1 tx-checksum-ip-generic on >/dev/null 2>&1 ||
+        { fail "$label: ethtool on node-$n"; return; }
+    done
+  fi
+  local over=() under=() ratios=() r o u
+  for r in $(seq 1 "$ROUNDS"); do
+    "$WEFT" lab exec --name "$lab" node-1-a -- iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
+    "$WEFT" lab exec --name "$lab" node-1 -- iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
+    o=$(gbps "$OUT/$lab.o$r.json") || { fail "$backend round $r: overlay iperf3 failed"; head -5 "$OUT/$lab.o$r.json" >&2; return; }
+    u=$(gbps "$OUT/$lab.u$r.json") || { fail "$backend round $r: underlay iperf3 failed"; head -5 "$OUT/$lab.u$r.json" >&2; return; }
+    over+=("$o"); under+=("$u")
+    ratios+=("$(python3 -c "print('%.3f' % ($o / $u))")")
+    echo "   round $r: overlay $o Gbit/s (cpu client/server $(cpu "$OUT/$lab.o$r.json")%), underlay $u Gbit/s (cpu $(cpu "$OUT/$lab.u$r.json")%), ratio ${ratios[-1]}" >&2
+  done
+  local so_mean so_min so_max su_mean su_min su_max sr_min sr_max sr_med
+  read -r so_mean so_min so_max _ <<<"$(stats "${over[@]}")"
+  read -r su_mean su_min su_max _ <<<"$(stats "${under[@]}")"
+  read -r _ sr_min sr_max sr_med <<<"$(stats "${ratios[@]}")"
+  THROUGHPUT_ROWS+=("| $label | $so_mean ($so_min–$so_max) | $su_mean ($su_min–$su_max) | $sr_med ($sr_min–$sr_max) | ≥ 0.8 | $(python3 -c "print('%.2f' % ($sr_med / 0.8))") |")
+  "$WEFT" lab down --name "$lab" >/dev/null 2>&1 || fail "$backend: lab down"
+}
+
+throughput vxlan
+throughput host-gw
+[ "${BENCH_CSUM_AB:-1}" = 1 ] && throughput vxlan csum-on
+
+echo "== convergence: cargo run --release -p weft-lab --example overlay_bench (WEFT_BIN=$WEFT)" >&2
+WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example overlay_bench >"$OUT/converge.md" || fail "convergence benchmark failed"
+
+echo
+echo "## Overlay throughput (iperf3, 1 TCP stream, $ROUNDS alternating rounds x ${SECS}s)"
+echo
+echo "| backend | pod→pod across nodes, Gbit/s (mean; min–max) | node→node underlay, Gbit/s | overlay / underlay (median of rounds; min–max) | target | ratio / target |"
+echo "|---|---|---|---|---|---|"
+for row in "${THROUGHPUT_ROWS[@]}"; do echo "$row"; done
+echo
+cat "$OUT/converge.md"
+exit $failed
