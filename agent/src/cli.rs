@@ -11,7 +11,7 @@ use ipnetwork::Ipv4Network;
 use serde::Serialize;
 
 use crate::config::{Backend, BackendConfig, NetworkConfig, RawConfig};
-use crate::kernel::Netlink;
+use crate::kernel::{ChecksumOffload, Netlink};
 use crate::lease::Lease;
 use crate::plan::{self, KernelState};
 use crate::run::AgentOptions;
@@ -54,6 +54,11 @@ pub struct AgentArgs {
     /// address of the /healthz endpoint ("" to disable)
     #[arg(long, default_value = "127.0.0.1:8285")]
     pub healthz_addr: String,
+    /// TX checksum offload on flannel.<VNI>: `off` works around the kernel bug that corrupts checksums of
+    /// NATed VXLAN packets (fixed in Linux 5.7) at a large cost in throughput; `auto` turns it off only on
+    /// older kernels or when --public-ip differs from the interface's address (the node is behind NAT)
+    #[arg(long, value_enum, default_value = "auto")]
+    pub vxlan_tx_checksum_offload: OffloadArg,
     /// TTL of the subnet lease in etcd, in seconds (flannel uses 24 h)
     #[arg(long, default_value_t = 24 * 3600, hide = true)]
     pub subnet_lease_ttl: u64,
@@ -85,8 +90,20 @@ impl AgentArgs {
             healthz_addr,
             // etcd refuses TTLs below a few seconds; tests use short ones to see renewals happen.
             lease_ttl: Duration::from_secs(self.subnet_lease_ttl.max(5)),
+            checksum_offload: match self.vxlan_tx_checksum_offload {
+                OffloadArg::Auto => ChecksumOffload::Auto,
+                OffloadArg::On => ChecksumOffload::On,
+                OffloadArg::Off => ChecksumOffload::Off,
+            },
         })
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OffloadArg {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -130,8 +130,9 @@ pub fn feature_active(iface: &str, feature: &str) -> Result<bool> {
     Ok(active[bit / 32] & (1 << (bit % 32)) != 0)
 }
 
-/// Turns `feature` off on `iface`, like `ethtool -K <iface> <feature> off`. Returns whether it was on.
-pub fn disable_feature(iface: &str, feature: &str) -> Result<bool> {
+/// Turns `feature` on or off on `iface`, like `ethtool -K <iface> <feature> on|off`.
+/// Returns whether it had to change anything.
+pub fn set_feature(iface: &str, feature: &str, on: bool) -> Result<bool> {
     let e = Ethtool::open(iface)?;
     let names = e.feature_names()?;
     let bit = names
@@ -140,7 +141,8 @@ pub fn disable_feature(iface: &str, feature: &str) -> Result<bool> {
         .ok_or_else(|| Error::UnknownFeature { iface: iface.into(), feature: feature.into() })?;
     let blocks = names.len().div_ceil(32);
     let (word, mask) = (bit / 32, 1u32 << (bit % 32));
-    if e.active(blocks)?[word] & mask == 0 {
+    let is_on = |active: &[u32]| active[word] & mask != 0;
+    if is_on(&e.active(blocks)?) == on {
         return Ok(false);
     }
     // struct ethtool_sfeatures { u32 cmd; u32 size; { valid, requested }[] }: only our bit is valid.
@@ -148,9 +150,12 @@ pub fn disable_feature(iface: &str, feature: &str) -> Result<bool> {
     s[0] = ETHTOOL_SFEATURES;
     s[1] = blocks as u32;
     s[2 + 2 * word] = mask;
+    if on {
+        s[3 + 2 * word] = mask;
+    }
     e.ioctl("ETHTOOL_SFEATURES", &mut s)?;
     // A positive reply only says "not everything as wished"; what counts is the active bit.
-    if e.active(blocks)?[word] & mask != 0 {
+    if is_on(&e.active(blocks)?) != on {
         return Err(Error::Fixed { iface: iface.into(), feature: feature.into() });
     }
     Ok(true)

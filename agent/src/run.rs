@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Backend, NetworkConfig};
 use crate::healthz::{self, Health};
-use crate::kernel::{self, vtep_mac, Netlink, Underlay, VxlanSpec};
+use crate::kernel::{self, keep_checksum_offload, vtep_mac, ChecksumOffload, Netlink, Underlay, VxlanSpec};
 use crate::lease::{subnet_key, Lease, LeaseAttrs};
 use crate::plan::{self, KernelState};
 use crate::subnet::{self, LeaseTable, LeaseWatch, SubnetManager, WatchEvent};
@@ -33,6 +33,7 @@ pub struct AgentOptions {
     pub resync: Duration,
     pub healthz_addr: Option<SocketAddr>,
     pub lease_ttl: Duration,
+    pub checksum_offload: ChecksumOffload,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +125,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), Error> {
     let lease = acquire(&mut mgr, &cfg, &attrs, previous, opts.lease_ttl, &mut etcd_log).await;
     info!(subnet = %lease.subnet, reservation = lease.is_reservation(), "leased subnet");
 
-    let dataplane = setup_dataplane(&nl, &cfg, &underlay, public_ip, lease.subnet).await;
+    let dataplane = setup_dataplane(&nl, &cfg, &underlay, public_ip, lease.subnet, opts.checksum_offload).await;
     let mut agent = Agent {
         opts,
         nl,
@@ -206,12 +207,22 @@ async fn setup_dataplane(
     underlay: &Underlay,
     public_ip: Ipv4Addr,
     subnet: Ipv4Network,
+    offload: ChecksumOffload,
 ) -> Dataplane {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let keep = keep_checksum_offload(offload, release.trim(), public_ip, underlay.ip);
+    if matches!(cfg.backend, Backend::Vxlan { .. }) {
+        info!(kernel = release.trim(), mode = ?offload, keep, "VXLAN TX checksum offload");
+    }
     let mut log = StateLog::default();
     loop {
         let r = match cfg.backend {
             Backend::Vxlan { vni, port } => {
-                let spec = VxlanSpec { mac: vtep_mac(public_ip, vni), ..VxlanSpec::new(underlay, vni, port, subnet) };
+                let spec = VxlanSpec {
+                    mac: vtep_mac(public_ip, vni),
+                    tx_checksum_offload: keep,
+                    ..VxlanSpec::new(underlay, vni, port, subnet)
+                };
                 nl.ensure_vxlan(&spec).await.map(|ifindex| Dataplane::Vxlan { spec, ifindex })
             }
             Backend::HostGw => Ok(Dataplane::HostGw { ifindex: underlay.ifindex }),

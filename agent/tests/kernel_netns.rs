@@ -110,6 +110,9 @@ fn ensure_vxlan_makes_flannels_device() -> TestResult {
     assert_eq!((u.name.as_str(), u.ip, u.mtu), ("eth0", Ipv4Addr::new(192, 168, 56, 11), 1400));
     let spec = VxlanSpec::new(&u, 1, 8472, net(LOCAL));
     let ifindex = ensure(&ns, spec)?;
+    assert_eq!(tx_checksum(&ns, "flannel.1")?, "tx-checksum-ip-generic: on", "offload kept by default");
+    let spec = VxlanSpec { tx_checksum_offload: false, ..spec };
+    assert_eq!(ensure(&ns, spec)?, ifindex, "switching offload off keeps the device");
 
     let l = link_json(&ns, "flannel.1")?;
     assert_eq!(l["ifindex"], ifindex);
@@ -128,6 +131,8 @@ fn ensure_vxlan_makes_flannels_device() -> TestResult {
     assert_eq!(addrs.len(), 1, "{addrs:?}");
     assert!(addrs[0].contains("inet 10.244.1.0/32"), "{addrs:?}");
     assert_eq!(tx_checksum(&ns, "flannel.1")?, "tx-checksum-ip-generic: off");
+    ensure(&ns, VxlanSpec { tx_checksum_offload: true, ..spec })?;
+    assert_eq!(tx_checksum(&ns, "flannel.1")?, "tx-checksum-ip-generic: on", "and back on");
     Ok(())
 }
 
@@ -159,7 +164,7 @@ fn ensure_vxlan_twice_changes_nothing() -> TestResult {
 #[test]
 fn vxlan_device_deleted_by_hand_comes_back_with_its_mac() -> TestResult {
     let ns = node("vxgone")?;
-    let spec = VxlanSpec::new(&underlay(&ns)?, 1, 8472, net(LOCAL));
+    let spec = VxlanSpec { tx_checksum_offload: false, ..VxlanSpec::new(&underlay(&ns)?, 1, 8472, net(LOCAL)) };
     let first = ensure(&ns, spec)?;
     ns.ip(&["link", "del", "flannel.1"])?;
     let second = ensure(&ns, spec)?;

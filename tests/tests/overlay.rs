@@ -373,3 +373,21 @@ fn an_interface_without_ipv4_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("eth9 has no IPv4 address"), "{err}");
 }
+
+#[test]
+fn vxlan_checksum_offload_follows_the_flag() {
+    // This kernel has the fix, and public IP == interface IP: `auto` keeps offload; `off` removes it.
+    let mut lab = lab(2, "vxlan", &[]);
+    let csum = |lab: &Lab, node: usize| {
+        let out = lab.node(node).ns().exec("ethtool", &["-k", "flannel.1"]).unwrap_or_default();
+        out.lines().find(|l| l.trim_start().starts_with("tx-checksum-ip-generic:")).unwrap_or("").trim().to_string()
+    };
+    assert_eq!(csum(&lab, 1), "tx-checksum-ip-generic: on");
+    lab.stop_agent(2).unwrap();
+    lab.start_agent(2, &["--vxlan-tx-checksum-offload".into(), "off".into()]).unwrap();
+    wait(&lab, 15, "node-2 turns offload off", || csum(&lab, 2) == "tx-checksum-ip-generic: off");
+    let p1 = lab.add_pod(1, "a").unwrap();
+    let p2 = lab.add_pod(2, "b").unwrap();
+    let t2 = p2.ip().to_string();
+    wait(&lab, 20, "traffic flows with offload on one side only", || ping(&p1, &t2));
+}
