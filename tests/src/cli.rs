@@ -24,6 +24,9 @@ pub enum LabCommand {
         /// Build the namespaces and etcd only (no `weft agent`).
         #[arg(long)]
         no_agents: bool,
+        /// An extra flag for every node's `weft agent` (repeatable), e.g. --agent-arg=--resync=1
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Labs on this machine: nodes, addresses, subnets, agents, pods.
     Status {
@@ -63,7 +66,10 @@ pub enum PodAction {
 /// Runs one `weft lab` command; the result is the process exit code.
 pub fn run(cmd: LabCommand) -> Result<i32> {
     match cmd {
-        LabCommand::Up { name, nodes, backend, network, no_agents } => up(name, nodes, backend, network, !no_agents),
+        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args } => {
+            let opts = LabOptions { id: Some(name), nodes, network, backend, start_agents: !no_agents, agent_args };
+            up(opts)
+        }
         LabCommand::Status { name } => status(name.as_deref()),
         LabCommand::Exec { name, target, cmd } => exec(&name, &target, &cmd),
         LabCommand::Down { name } => {
@@ -113,8 +119,8 @@ pub fn target_ns(id: &str, target: &str) -> Result<String> {
     })
 }
 
-fn up(name: String, nodes: usize, backend: String, network: String, start_agents: bool) -> Result<i32> {
-    let opts = LabOptions { id: Some(name.clone()), nodes, network, backend, start_agents, agent_args: Vec::new() };
+fn up(opts: LabOptions) -> Result<i32> {
+    let (name, nodes) = (opts.id.clone().unwrap_or_default(), opts.nodes);
     let lab = Lab::up(opts, &mut |step| println!("  {step}"))?;
     println!("lab {name} is up ({nodes} nodes, state in {}). Try:", lab.dir().display());
     let flag = if name == "default" { String::new() } else { format!(" --name {name}") };
