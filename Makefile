@@ -24,7 +24,7 @@ lint: setup
 # Tests that need root and namespaces run with everything else; each owns its namespaces and etcd.
 test: setup lint
 	$(CARGO) build
-	$(CARGO) test --workspace -- --test-threads=2
+	@bash scripts/test.sh
 
 bench: setup
 	$(CARGO) build --release
