@@ -259,6 +259,15 @@ pub fn merge_for_apply<K: Object>(current: &K, desired: &K) -> anyhow::Result<K>
     Ok(serde_json::from_value(new)?)
 }
 
+/// Status is the cluster's to write: a manifest's is ignored, as the API server ignores it on create.
+fn without_status<K: Object>(obj: &K) -> anyhow::Result<K> {
+    let mut v = serde_json::to_value(obj)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("status");
+    }
+    Ok(serde_json::from_value(v)?)
+}
+
 fn same<K: Object>(a: &K, b: &K) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
@@ -268,7 +277,7 @@ async fn apply_generic<K: Object>(store: &Store, obj: &K) -> anyhow::Result<Outc
     let name = meta.name.clone().unwrap_or_default();
     for _ in 0..10 {
         match store.get::<K>(meta.namespace.as_deref(), &name).await {
-            Err(e) if e.is_not_found() => match store.create(obj).await {
+            Err(e) if e.is_not_found() => match store.create(&without_status(obj)?).await {
                 Ok(_) => return Ok(Outcome::Created),
                 Err(e) if e.is_already_exists() => continue,
                 Err(e) => return Err(e.into()),
@@ -294,7 +303,7 @@ async fn apply_service(store: &Store, ranges: &ServiceRanges, svc: &Service) -> 
     let name = svc.metadata.name.clone().unwrap_or_default();
     for _ in 0..10 {
         match store.get::<Service>(svc.metadata.namespace.as_deref(), &name).await {
-            Err(e) if e.is_not_found() => match service::create(store, ranges, svc).await {
+            Err(e) if e.is_not_found() => match service::create(store, ranges, &without_status(svc)?).await {
                 Ok(_) => return Ok(Outcome::Created),
                 Err(e) if e.is_already_exists() => continue,
                 Err(e) => return Err(e.into()),
