@@ -163,7 +163,7 @@ async fn node_ports_follow_type_changes_and_are_reusable_after_delete() {
     let lb = service::create(&s, &ranges, &my_service("  type: LoadBalancer\n")).await.unwrap();
     let np = lb.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].node_port.expect("LoadBalancer gets a node port");
     let key = format!("/registry/ranges/servicenodeports/{np}");
-    assert_eq!(etcd_keys(&etcd, "/registry/ranges/servicenodeports/"), [key.clone()]);
+    assert_eq!(etcd_keys(&etcd, "/registry/ranges/servicenodeports/"), [key]);
 
     // Back to ClusterIP: the node port is released in the same write.
     let plain = service::update(&s, &ranges, &my_service("")).await.unwrap();
