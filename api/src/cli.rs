@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
-use crate::manifest::{self, Document, Object as ManifestObject};
+use crate::manifest::{self, AnyObject, Document};
 use crate::service::{self, ServiceRanges};
 use crate::store::{Object, Store};
 use crate::table::{self, Columns, Selector};
@@ -196,7 +196,7 @@ pub async fn apply_to(args: &ApplyArgs, out: &mut dyn Write) -> anyhow::Result<(
     Ok(())
 }
 
-fn namespaced(obj: &ManifestObject) -> bool {
+fn namespaced(obj: &AnyObject) -> bool {
     crate::with_object!(obj, o => is_namespaced(o))
 }
 
@@ -224,9 +224,9 @@ fn set_namespaces(docs: &mut [Document], namespace: Option<&str>) -> anyhow::Res
 }
 
 /// Creates the object, or updates it to the manifest keeping what the cluster owns (uid, allocations, status).
-pub async fn apply_object(store: &Store, ranges: &ServiceRanges, obj: &ManifestObject) -> anyhow::Result<Outcome> {
+pub async fn apply_object(store: &Store, ranges: &ServiceRanges, obj: &AnyObject) -> anyhow::Result<Outcome> {
     match obj {
-        ManifestObject::Service(s) => apply_service(store, ranges, s).await,
+        AnyObject::Service(s) => apply_service(store, ranges, s).await,
         other => crate::with_object!(other, o => apply_generic(store, o).await),
     }
 }

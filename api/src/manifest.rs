@@ -51,7 +51,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every kind `weft apply` knows, as its current version's type.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Object {
+pub enum AnyObject {
     Pod(Pod),
     Service(Service),
     Endpoints(Endpoints),
@@ -67,19 +67,19 @@ pub enum Object {
 macro_rules! with_object {
     ($obj:expr, $o:ident => $body:expr) => {
         match $obj {
-            $crate::manifest::Object::Pod($o) => $body,
-            $crate::manifest::Object::Service($o) => $body,
-            $crate::manifest::Object::Endpoints($o) => $body,
-            $crate::manifest::Object::Node($o) => $body,
-            $crate::manifest::Object::Namespace($o) => $body,
-            $crate::manifest::Object::Deployment($o) => $body,
-            $crate::manifest::Object::ReplicaSet($o) => $body,
-            $crate::manifest::Object::DaemonSet($o) => $body,
+            $crate::manifest::AnyObject::Pod($o) => $body,
+            $crate::manifest::AnyObject::Service($o) => $body,
+            $crate::manifest::AnyObject::Endpoints($o) => $body,
+            $crate::manifest::AnyObject::Node($o) => $body,
+            $crate::manifest::AnyObject::Namespace($o) => $body,
+            $crate::manifest::AnyObject::Deployment($o) => $body,
+            $crate::manifest::AnyObject::ReplicaSet($o) => $body,
+            $crate::manifest::AnyObject::DaemonSet($o) => $body,
         }
     };
 }
 
-impl Object {
+impl AnyObject {
     pub fn kind(&self) -> &'static str {
         with_object!(self, o => kind_of(o))
     }
@@ -113,7 +113,7 @@ pub fn display_name<K: Resource + Metadata<Ty = ObjectMeta>>(o: &K) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
     pub source: Source,
-    pub object: Object,
+    pub object: AnyObject,
 }
 
 /// Reads `-f` arguments: files, directories (their `.yaml`, `.yml` and `.json` files, sorted), or `-` for stdin.
@@ -198,7 +198,7 @@ fn typed<K: serde::de::DeserializeOwned>(source: &Source, value: Value) -> Resul
 }
 
 /// Decodes one object by apiVersion and kind; older group versions go through `convert` first.
-pub fn decode(source: &Source, value: Value) -> Result<Object> {
+pub fn decode(source: &Source, value: Value) -> Result<AnyObject> {
     if !value.is_object() {
         return Err(doc_error(source, "(root)", "an object must be a mapping"));
     }
@@ -213,14 +213,14 @@ pub fn decode(source: &Source, value: Value) -> Result<Object> {
     let value = convert(&api_version, &kind, value);
     let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let obj = match (api_version, kind.as_str()) {
-        ("v1", "Pod") => Object::Pod(typed(source, value)?),
-        ("v1", "Service") => Object::Service(typed(source, value)?),
-        ("v1", "Endpoints") => Object::Endpoints(typed(source, value)?),
-        ("v1", "Node") => Object::Node(typed(source, value)?),
-        ("v1", "Namespace") => Object::Namespace(typed(source, value)?),
-        ("apps/v1", "Deployment") => Object::Deployment(typed(source, value)?),
-        ("apps/v1", "ReplicaSet") => Object::ReplicaSet(typed(source, value)?),
-        ("apps/v1", "DaemonSet") => Object::DaemonSet(typed(source, value)?),
+        ("v1", "Pod") => AnyObject::Pod(typed(source, value)?),
+        ("v1", "Service") => AnyObject::Service(typed(source, value)?),
+        ("v1", "Endpoints") => AnyObject::Endpoints(typed(source, value)?),
+        ("v1", "Node") => AnyObject::Node(typed(source, value)?),
+        ("v1", "Namespace") => AnyObject::Namespace(typed(source, value)?),
+        ("apps/v1", "Deployment") => AnyObject::Deployment(typed(source, value)?),
+        ("apps/v1", "ReplicaSet") => AnyObject::ReplicaSet(typed(source, value)?),
+        ("apps/v1", "DaemonSet") => AnyObject::DaemonSet(typed(source, value)?),
         (v, k) => {
             return Err(doc_error(
                 source,
@@ -272,7 +272,7 @@ pub fn validate(docs: &[Document], ranges: &ServiceRanges) -> Result<()> {
                 return Err(doc_error(&doc.source, "metadata.namespace", format!("{ns:?} must be a DNS-1123 label")));
             }
         }
-        if let Object::Service(s) = &doc.object {
+        if let AnyObject::Service(s) = &doc.object {
             let mut s = s.clone();
             service::apply_defaults(&mut s);
             service::validate(&s, ranges).map_err(|errors| Error::Invalid {
@@ -346,7 +346,7 @@ mod tests {
     fn extensions_v1beta1_deployment_is_converted_with_a_default_selector() {
         let text = "apiVersion: extensions/v1beta1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  rollbackTo: {revision: 1}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: nginx}]}\n";
         let docs = parse("d.yaml", text).unwrap();
-        let Object::Deployment(d) = &docs[0].object else { panic!("{:?}", docs[0].object) };
+        let AnyObject::Deployment(d) = &docs[0].object else { panic!("{:?}", docs[0].object) };
         let spec = &d.spec;
         assert_eq!(spec.selector.match_labels.as_ref().unwrap().get("app").map(String::as_str), Some("web"));
         assert_eq!(spec.replicas, Some(2));

@@ -101,7 +101,8 @@ impl ObjectKey {
     /// The key of an object as stored (namespaced kinds without a namespace get "default").
     pub fn of<K: Object>(obj: &K) -> Self {
         let meta = obj.metadata();
-        let namespace = K::NAMESPACED.then(|| meta.namespace.clone().unwrap_or_else(|| "default".into()));
+        let ns = meta.namespace.clone().filter(|n| !n.is_empty());
+        let namespace = K::NAMESPACED.then(|| ns.unwrap_or_else(|| "default".into()));
         ObjectKey { namespace, name: meta.name.clone().unwrap_or_default() }
     }
 }
@@ -470,7 +471,7 @@ impl Store {
         Ok(Watch {
             prefix: pfx,
             requested: from_revision,
-            revision: from_revision.saturating_sub(1),
+            revision: (from_revision - 1).max(0),
             _watcher: watcher,
             stream,
             pending: std::collections::VecDeque::new(),
@@ -541,8 +542,9 @@ impl<K: Object> Watch<K> {
                 return Err(self.closed(format!("canceled by the server: {}", resp.cancel_reason())));
             }
             if resp.events().is_empty() {
-                // A progress notification: nothing changed up to the header's revision.
-                if let Some(h) = resp.header() {
+                // A progress notification: nothing changed up to the header's revision. Not so for the response
+                // that confirms creation: its header is the head revision, before the replayed events arrive.
+                if let Some(h) = resp.header().filter(|_| !resp.created()) {
                     self.revision = self.revision.max(h.revision());
                 }
                 continue;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use k8s_openapi::jiff::Timestamp;
-use weft_api::manifest::{self, Object};
+use weft_api::manifest::{self, AnyObject};
 use weft_api::table::{self, Columns};
 
 fn testdata(name: &str) -> PathBuf {
@@ -29,11 +29,11 @@ fn tables_match_golden_files() {
     let (mut svcs, mut eps, mut pods, mut nodes, mut nss) = (vec![], vec![], vec![], vec![], vec![]);
     for d in docs {
         match d.object {
-            Object::Service(s) => svcs.push(s),
-            Object::Endpoints(e) => eps.push(e),
-            Object::Pod(p) => pods.push(p),
-            Object::Node(n) => nodes.push(n),
-            Object::Namespace(n) => nss.push(n),
+            AnyObject::Service(s) => svcs.push(s),
+            AnyObject::Endpoints(e) => eps.push(e),
+            AnyObject::Pod(p) => pods.push(p),
+            AnyObject::Node(n) => nodes.push(n),
+            AnyObject::Namespace(n) => nss.push(n),
             other => panic!("unexpected {other:?}"),
         }
     }
