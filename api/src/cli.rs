@@ -40,10 +40,20 @@ pub struct ApplyArgs {
     /// namespace for objects that name none
     #[arg(short = 'n', long = "namespace")]
     pub namespace: Option<String>,
+    /// unknown fields: strict refuses the manifest (kubectl's default), warn prints them, ignore says nothing
+    #[arg(long = "validate", value_enum, default_value = "strict")]
+    pub validate: Validate,
     #[command(flatten)]
     pub ranges: RangeArgs,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Validate {
+    Strict,
+    Warn,
+    Ignore,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -185,6 +195,15 @@ pub async fn apply_to(args: &ApplyArgs, out: &mut dyn Write) -> anyhow::Result<(
     let ranges = args.ranges.ranges()?;
     let mut docs = manifest::load(&args.filenames)?;
     set_namespaces(&mut docs, args.namespace.as_deref())?;
+    match args.validate {
+        Validate::Strict => manifest::check_unknown_fields(&docs)?,
+        Validate::Warn => {
+            for d in docs.iter().filter(|d| !d.unknown_fields.is_empty()) {
+                eprintln!("Warning: {}: unknown field(s) {}", d.source, d.unknown_fields.join(", "));
+            }
+        }
+        Validate::Ignore => {}
+    }
     manifest::validate(&docs, &ranges)?;
     let store = open(&args.etcd).await?;
     for doc in &docs {

@@ -114,6 +114,8 @@ pub fn display_name<K: Resource + Metadata<Ty = ObjectMeta>>(o: &K) -> String {
 pub struct Document {
     pub source: Source,
     pub object: AnyObject,
+    /// Fields the manifest has that the type does not know (typos, or fields of a newer version), as paths.
+    pub unknown_fields: Vec<String>,
 }
 
 /// Reads `-f` arguments: files, directories (their `.yaml`, `.yml` and `.json` files, sorted), or `-` for stdin.
@@ -176,10 +178,12 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Document>> {
             };
             for (i, item) in items.into_iter().enumerate() {
                 let source = Source { item: Some(i), ..source.clone() };
-                docs.push(Document { object: decode(&source, item)?, source });
+                let (object, unknown_fields) = decode(&source, item)?;
+                docs.push(Document { object, unknown_fields, source });
             }
         } else {
-            docs.push(Document { object: decode(&source, value)?, source });
+            let (object, unknown_fields) = decode(&source, value)?;
+            docs.push(Document { object, unknown_fields, source });
         }
     }
     Ok(docs)
@@ -189,16 +193,43 @@ fn doc_error(source: &Source, field: &str, problem: impl fmt::Display) -> Error 
     Error::Document { source_: source.clone(), field: field.to_string(), problem: problem.to_string() }
 }
 
-fn typed<K: serde::de::DeserializeOwned>(source: &Source, value: Value) -> Result<K> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+/// Decodes into `K` (errors carry the field's path) and lists the fields `K` dropped.
+fn typed<K: serde::de::DeserializeOwned + serde::Serialize>(source: &Source, value: Value) -> Result<(K, Vec<String>)> {
+    let obj: K = serde_path_to_error::deserialize(&value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "(root)".to_string() } else { path };
         doc_error(source, &field, e.into_inner())
-    })
+    })?;
+    let back = serde_json::to_value(&obj).map_err(|e| doc_error(source, "(root)", e))?;
+    let mut unknown = Vec::new();
+    dropped_fields(&value, &back, "", &mut unknown);
+    Ok((obj, unknown))
+}
+
+/// Paths present in `input` but not in `output` (the typed object serialized back). Nulls count as absent.
+pub fn dropped_fields(input: &Value, output: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, output) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match b.get(k) {
+                    _ if v.is_null() => {}
+                    Some(w) => dropped_fields(v, w, &p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                dropped_fields(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Decodes one object by apiVersion and kind; older group versions go through `convert` first.
-pub fn decode(source: &Source, value: Value) -> Result<AnyObject> {
+pub fn decode(source: &Source, value: Value) -> Result<(AnyObject, Vec<String>)> {
     if !value.is_object() {
         return Err(doc_error(source, "(root)", "an object must be a mapping"));
     }
@@ -213,14 +244,14 @@ pub fn decode(source: &Source, value: Value) -> Result<AnyObject> {
     let value = convert(&api_version, &kind, value);
     let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let obj = match (api_version, kind.as_str()) {
-        ("v1", "Pod") => AnyObject::Pod(typed(source, value)?),
-        ("v1", "Service") => AnyObject::Service(typed(source, value)?),
-        ("v1", "Endpoints") => AnyObject::Endpoints(typed(source, value)?),
-        ("v1", "Node") => AnyObject::Node(typed(source, value)?),
-        ("v1", "Namespace") => AnyObject::Namespace(typed(source, value)?),
-        ("apps/v1", "Deployment") => AnyObject::Deployment(typed(source, value)?),
-        ("apps/v1", "ReplicaSet") => AnyObject::ReplicaSet(typed(source, value)?),
-        ("apps/v1", "DaemonSet") => AnyObject::DaemonSet(typed(source, value)?),
+        ("v1", "Pod") => typed(source, value).map(|(o, u)| (AnyObject::Pod(o), u))?,
+        ("v1", "Service") => typed(source, value).map(|(o, u)| (AnyObject::Service(o), u))?,
+        ("v1", "Endpoints") => typed(source, value).map(|(o, u)| (AnyObject::Endpoints(o), u))?,
+        ("v1", "Node") => typed(source, value).map(|(o, u)| (AnyObject::Node(o), u))?,
+        ("v1", "Namespace") => typed(source, value).map(|(o, u)| (AnyObject::Namespace(o), u))?,
+        ("apps/v1", "Deployment") => typed(source, value).map(|(o, u)| (AnyObject::Deployment(o), u))?,
+        ("apps/v1", "ReplicaSet") => typed(source, value).map(|(o, u)| (AnyObject::ReplicaSet(o), u))?,
+        ("apps/v1", "DaemonSet") => typed(source, value).map(|(o, u)| (AnyObject::DaemonSet(o), u))?,
         (v, k) => {
             return Err(doc_error(
                 source,
@@ -254,6 +285,18 @@ pub fn convert(api_version: &str, kind: &str, mut value: Value) -> Value {
         spec.remove("templateGeneration");
     }
     value
+}
+
+/// kubectl's default strict field validation: a field the type does not know is an error naming it.
+pub fn check_unknown_fields(docs: &[Document]) -> Result<()> {
+    match docs.iter().find(|d| !d.unknown_fields.is_empty()) {
+        Some(d) => Err(doc_error(
+            &d.source,
+            &d.unknown_fields.join(", "),
+            "unknown field (strict decoding; --validate=warn accepts it)",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Checks what the API server would refuse, before anything is written: names, and Services in full.
@@ -291,7 +334,11 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        match parse("f.yaml", text).and_then(|d| validate(&d, &ServiceRanges::default())) {
+        let checked = parse("f.yaml", text).and_then(|d| {
+            check_unknown_fields(&d)?;
+            validate(&d, &ServiceRanges::default())
+        });
+        match checked {
             Ok(()) => String::new(),
             Err(e) => e.to_string(),
         }
@@ -332,6 +379,10 @@ mod tests {
             ),
             ("apiVersion: v1\nkind: Service\nmetadata: {name: s\n", "f.yaml (document 0): not valid YAML or JSON"),
             ("- 1\n- 2\n", "f.yaml (document 0): (root): an object must be a mapping"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, creationTimestamp: null}\nspec:\n  ports: [{port: 80, targetport: 9376}]\n  selector: {}\n",
+                "f.yaml (document 0): spec.ports[0].targetport: unknown field",
+            ),
         ];
         for (text, want) in cases {
             let got = err(text);

@@ -28,6 +28,7 @@ fn tables_match_golden_files() {
     let now: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
     let (mut svcs, mut eps, mut pods, mut nodes, mut nss) = (vec![], vec![], vec![], vec![], vec![]);
     for d in docs {
+        assert!(d.unknown_fields.is_empty(), "{}: {:?} did not survive decoding", d.source, d.unknown_fields);
         match d.object {
             AnyObject::Service(s) => svcs.push(s),
             AnyObject::Endpoints(e) => eps.push(e),
