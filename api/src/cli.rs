@@ -383,6 +383,9 @@ async fn get_kind<K: Object>(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let ns = args.namespace.clone().unwrap_or_else(|| "default".into());
+    if args.name.is_some() && args.all_namespaces {
+        bail!("a resource cannot be retrieved by name across all namespaces");
+    }
     let items: Vec<K> = match &args.name {
         Some(name) => match store.get::<K>(Some(&ns), name).await {
             Ok(o) => vec![o],
