@@ -23,6 +23,12 @@ enum Command {
     /// A multi-node lab of network namespaces on this machine
     #[command(subcommand)]
     Lab(weft_lab::cli::LabCommand),
+    /// Create or update objects from manifests (kubectl apply)
+    Apply(weft_api::cli::ApplyArgs),
+    /// Show objects (kubectl get)
+    Get(weft_api::cli::GetArgs),
+    /// Delete objects (kubectl delete)
+    Delete(weft_api::cli::DeleteArgs),
 }
 
 fn invoked_as_cni() -> bool {
@@ -71,6 +77,9 @@ fn main() {
         Command::Leases(c) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::leases(c))).map(|_| 0),
         Command::Routes(a) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::routes(a))).map(|_| 0),
         Command::Lab(cmd) => weft_lab::cli::run(cmd),
+        Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::apply(a))).map(|_| 0),
+        Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::get(a))).map(|_| 0),
+        Command::Delete(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::delete(a))).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

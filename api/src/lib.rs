@@ -1,69 +1,37 @@
-//! etcd access shared by every weft daemon and command: the `--etcd-*` flags and a connected client.
-//! Later issues add the Kubernetes object store here.
+//! Kubernetes API objects in etcd for every weft component: the etcd connection flags, a typed object store
+//! (create/get/list/update/delete/watch with optimistic concurrency), informers (list + watch → local cache and
+//! change events), what the API server does for Services (validation, ClusterIP and NodePort allocation),
+//! manifests, and the library side of `weft apply|get|delete`.
 
-use std::path::PathBuf;
+pub mod cli;
+pub mod etcd;
+pub mod informer;
+pub mod manifest;
+pub mod service;
+pub mod store;
+pub mod table;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+pub use etcd::{connect, EtcdArgs};
+pub use informer::{Informer, InformerEvent};
+pub use service::ServiceRanges;
+pub use store::{Object, ObjectKey, Store, WatchEvent};
 
-/// The flags every command that talks to etcd takes, named as flanneld names them.
-#[derive(Debug, Clone, clap::Args)]
-pub struct EtcdArgs {
-    /// etcd endpoints, comma separated (e.g. http://192.168.56.10:2379)
-    #[arg(
-        long = "etcd-endpoints",
-        env = "WEFT_ETCD_ENDPOINTS",
-        default_value = "http://127.0.0.1:2379",
-        value_delimiter = ','
-    )]
-    pub endpoints: Vec<String>,
-    /// CA certificate (PEM) that signed etcd's server certificate
-    #[arg(long = "etcd-cafile")]
-    pub cafile: Option<PathBuf>,
-    /// client certificate (PEM) for etcd
-    #[arg(long = "etcd-certfile", requires = "keyfile")]
-    pub certfile: Option<PathBuf>,
-    /// client key (PEM) for etcd
-    #[arg(long = "etcd-keyfile", requires = "certfile")]
-    pub keyfile: Option<PathBuf>,
-}
+/// The object types weft stores, re-exported so that callers name one crate.
+pub use k8s_openapi;
+pub use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+pub use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-impl EtcdArgs {
-    pub fn new(endpoints: Vec<String>) -> Self {
-        EtcdArgs { endpoints, cafile: None, certfile: None, keyfile: None }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("reading {path}: {source}")]
-    ReadFile { path: PathBuf, source: std::io::Error },
-    #[error("connecting to etcd at {endpoints}: {source}")]
-    Connect { endpoints: String, source: etcd_client::Error },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-fn read(path: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::ReadFile { path: path.clone(), source })
-}
-
-/// Connects to etcd with the given flags. The connection is lazy in etcd-client's sense only for
-/// reconnects: an unreachable cluster at start-up is an error the caller retries.
-pub async fn connect(args: &EtcdArgs) -> Result<Client> {
-    let mut opts = ConnectOptions::new()
-        .with_connect_timeout(std::time::Duration::from_secs(3))
-        .with_keep_alive(std::time::Duration::from_secs(10), std::time::Duration::from_secs(5));
-    if args.cafile.is_some() || args.certfile.is_some() {
-        let mut tls = TlsOptions::new();
-        if let Some(ca) = &args.cafile {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+/// An error and its causes on one line, skipping a cause the message before it already quotes (for logs).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !msg.contains(&s) {
+            msg = format!("{msg}: {s}");
         }
-        if let (Some(cert), Some(key)) = (&args.certfile, &args.keyfile) {
-            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-        }
-        opts = opts.with_tls(tls);
+        cur = c.source();
     }
-    Client::connect(&args.endpoints, Some(opts))
-        .await
-        .map_err(|source| Error::Connect { endpoints: args.endpoints.join(","), source })
+    msg
 }

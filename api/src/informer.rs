@@ -1,0 +1,245 @@
+//! An informer: list + watch of one kind → a local cache of `Arc` objects that readers use without waiting for
+//! the writer, and a channel of change events. On a compacted or broken watch it relists (with backoff) and emits
+//! the differences, so a consumer that applies events stays equal to etcd. It only reads from the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::store::{rev_of, Object, ObjectKey, Store, WatchEvent};
+
+/// One change: `old` None = added, `new` None = deleted.
+#[derive(Debug)]
+pub struct InformerEvent<K> {
+    pub key: ObjectKey,
+    pub old: Option<Arc<K>>,
+    pub new: Option<Arc<K>>,
+}
+
+// Derived Clone would require K: Clone on the Arcs' contents for no reason.
+impl<K> Clone for InformerEvent<K> {
+    fn clone(&self) -> Self {
+        InformerEvent { key: self.key.clone(), old: self.old.clone(), new: self.new.clone() }
+    }
+}
+
+type Cache<K> = Arc<RwLock<HashMap<ObjectKey, Arc<K>>>>;
+
+/// The reading side of an informer: cheap to clone, never blocks on etcd.
+pub struct Informer<K> {
+    cache: Cache<K>,
+    synced: watch::Receiver<bool>,
+}
+
+impl<K> Clone for Informer<K> {
+    fn clone(&self) -> Self {
+        Informer { cache: self.cache.clone(), synced: self.synced.clone() }
+    }
+}
+
+/// Backoff between relists after failures: doubles from `min` up to `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { min: Duration::from_millis(100), max: Duration::from_secs(5) }
+    }
+}
+
+impl<K: Object> Informer<K> {
+    /// The informer's handle, its events, and the future that keeps it up to date. The caller spawns the future
+    /// (the library never spawns tasks); dropping it stops the informer. Events are sent only after the cache
+    /// holds them; an unread receiver may be dropped.
+    pub fn new(
+        store: Store,
+        namespace: Option<String>,
+    ) -> (Informer<K>, mpsc::UnboundedReceiver<InformerEvent<K>>, impl std::future::Future<Output = ()> + Send) {
+        Self::with_backoff(store, namespace, Backoff::default())
+    }
+
+    pub fn with_backoff(
+        store: Store,
+        namespace: Option<String>,
+        backoff: Backoff,
+    ) -> (Informer<K>, mpsc::UnboundedReceiver<InformerEvent<K>>, impl std::future::Future<Output = ()> + Send) {
+        let cache: Cache<K> = Arc::default();
+        let (synced_tx, synced) = watch::channel(false);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let runner = Runner { store, namespace, cache: cache.clone(), tx, synced: synced_tx, backoff };
+        (Informer { cache, synced }, rx, runner.run())
+    }
+
+    /// True once the first list is in the cache.
+    pub fn has_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until the first list is in the cache.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.clone();
+        // Err only if the runner is gone, and then there is nothing to wait for.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Option<Arc<K>> {
+        self.read().get(key).cloned()
+    }
+
+    /// Every cached object, sorted by key.
+    pub fn list(&self) -> Vec<Arc<K>> {
+        let mut items: Vec<(ObjectKey, Arc<K>)> = self.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        items.into_iter().map(|(_, v)| v).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ObjectKey, Arc<K>>> {
+        // A panic while holding the lock leaves a consistent map (single inserts/removes): keep reading.
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Runner<K> {
+    store: Store,
+    namespace: Option<String>,
+    cache: Cache<K>,
+    tx: mpsc::UnboundedSender<InformerEvent<K>>,
+    synced: watch::Sender<bool>,
+    backoff: Backoff,
+}
+
+impl<K: Object> Runner<K> {
+    async fn run(self) {
+        let ns = self.namespace.as_deref();
+        let mut delay = self.backoff.min;
+        loop {
+            let revision = match self.store.list::<K>(ns).await {
+                Ok((items, revision)) => {
+                    self.replace(items);
+                    self.synced.send_replace(true);
+                    revision
+                }
+                Err(e) => {
+                    tracing::warn!(kind = K::KIND, error = %crate::error_chain(&e), retry_in = ?delay, "list failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.backoff.max);
+                    continue;
+                }
+            };
+            delay = self.backoff.min;
+            self.watch_from(revision).await;
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Follows the watch from `revision`, resuming after breaks, until it is compacted or cannot be resumed.
+    async fn watch_from(&self, mut revision: i64) {
+        let ns = self.namespace.as_deref();
+        let mut delay = self.backoff.min;
+        loop {
+            let mut w = match self.store.watch::<K>(ns, revision + 1).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(kind = K::KIND, error = %crate::error_chain(&e), "watch failed; relisting");
+                    return;
+                }
+            };
+            loop {
+                match w.next().await {
+                    Ok(ev) => {
+                        delay = self.backoff.min;
+                        self.apply(ev);
+                        revision = w.revision();
+                    }
+                    Err(e) if e.is_compacted() => {
+                        tracing::info!(kind = K::KIND, error = %e, "watch compacted; relisting");
+                        return;
+                    }
+                    Err(e) => {
+                        revision = revision.max(w.revision());
+                        tracing::warn!(kind = K::KIND, error = %crate::error_chain(&e), retry_in = ?delay, "watch broke; resuming");
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.backoff.max);
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ObjectKey, Arc<K>>> {
+        self.cache.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, key: ObjectKey, old: Option<Arc<K>>, new: Option<Arc<K>>) {
+        // Nobody listening is fine: the cache is still kept.
+        let _ = self.tx.send(InformerEvent { key, old, new });
+    }
+
+    fn apply(&self, ev: WatchEvent<K>) {
+        match ev {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                let key = ObjectKey::of(&o);
+                let new = Arc::new(o);
+                let old = self.write().insert(key.clone(), new.clone());
+                // A resumed watch may replay what a relist already brought in.
+                if old.as_ref().is_some_and(|old| rev_of(old.as_ref()) == rev_of(new.as_ref())) {
+                    return;
+                }
+                self.send(key, old, Some(new));
+            }
+            WatchEvent::Deleted(o) => {
+                let key = ObjectKey::of(&o);
+                let old = self.write().remove(&key);
+                if old.is_some() {
+                    self.send(key, old, None);
+                }
+            }
+        }
+    }
+
+    /// Replaces the cache with a fresh list and emits what differs from before.
+    fn replace(&self, items: Vec<K>) {
+        let mut fresh: HashMap<ObjectKey, Arc<K>> =
+            items.into_iter().map(|o| (ObjectKey::of(&o), Arc::new(o))).collect();
+        let mut events = Vec::new();
+        {
+            let mut cache = self.write();
+            for (key, old) in cache.iter() {
+                match fresh.get(key) {
+                    None => events.push(InformerEvent { key: key.clone(), old: Some(old.clone()), new: None }),
+                    Some(new) if rev_of(new.as_ref()) != rev_of(old.as_ref()) => {
+                        events.push(InformerEvent { key: key.clone(), old: Some(old.clone()), new: Some(new.clone()) })
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (key, new) in fresh.iter_mut() {
+                match cache.get(key) {
+                    // Unchanged: keep the Arc readers already hold.
+                    Some(old) if rev_of(old.as_ref()) == rev_of(new.as_ref()) => *new = old.clone(),
+                    Some(_) => {}
+                    None => events.push(InformerEvent { key: key.clone(), old: None, new: Some(new.clone()) }),
+                }
+            }
+            *cache = fresh;
+        }
+        events.sort_by(|a, b| a.key.cmp(&b.key));
+        for e in events {
+            let _ = self.tx.send(e);
+        }
+    }
+}
