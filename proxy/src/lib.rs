@@ -1,8 +1,10 @@
 //! weft proxy: the kube-proxy replacement. Services + Endpoints → one desired `ServiceTable` for this
 //! node (`table`, pure) → a `Dataplane` per mode that makes the kernel match it (`iptables`).
 
+pub mod bounded;
 pub mod model;
 pub mod table;
+pub mod tracker;
 
 pub use model::{Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
 pub use table::{desired_table, Skipped};
