@@ -5,6 +5,7 @@ pub mod bounded;
 pub mod dataplane;
 pub mod iptables;
 pub mod model;
+pub mod proxier;
 pub mod table;
 pub mod tracker;
 
