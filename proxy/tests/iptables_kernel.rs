@@ -119,7 +119,9 @@ fn chain_lines<'a>(save: &'a str, chain: &str) -> Vec<&'a str> {
 
 fn dataplane(node: &Netns) -> IptablesDataplane {
     let runner = CommandRunner::with_prefix(["ip", "netns", "exec", node.name()]);
-    let cfg = Config { cluster_cidr: Some("10.244.0.0/16".parse().unwrap()), ..Config::default() };
+    // Tiny batches, so that a full sync really runs as several restores in dependency order.
+    let cfg =
+        Config { cluster_cidr: Some("10.244.0.0/16".parse().unwrap()), restore_batch_rules: 4, ..Config::default() };
     IptablesDataplane::new(runner, cfg)
 }
 
