@@ -242,7 +242,8 @@ mod tests {
     }
     fn my_service_endpoints() -> Endpoints {
         eps(json!({"metadata": {"name": "my-service", "namespace": "default"},
-            "subsets": [{"addresses": [{"ip": "10.244.1.5", "nodeName": "node-1"}, {"ip": "10.244.2.7", "nodeName": "node-2"}],
+            "subsets": [{"addresses": [{"ip": "10.244.1.5", "nodeName": "node-1"},
+                                       {"ip": "10.244.2.7", "nodeName": "node-2"}],
                          "notReadyAddresses": [{"ip": "10.244.1.9"}],
                          "ports": [{"port": 9376}]}]}))
     }
@@ -273,7 +274,8 @@ mod tests {
             },
             Case {
                 name: "LoadBalancer: status ingress is served, spec.loadBalancerIP is not",
-                service: json!({"metadata": {"name": "my-service", "namespace": "default"}, "spec": {"selector": {"app": "MyApp"},
+                service: json!({"metadata": {"name": "my-service", "namespace": "default"},
+                    "spec": {"selector": {"app": "MyApp"},
                     "type": "LoadBalancer", "clusterIP": "10.0.171.239", "loadBalancerIP": "78.11.24.19",
                     "externalTrafficPolicy": "Local",
                     "ports": [{"protocol": "TCP", "port": 80, "targetPort": 9376, "nodePort": 30080}]},
@@ -391,9 +393,11 @@ mod tests {
                 name: "a bad port, a bad endpoint address and a bad external IP skip only themselves",
                 service: json!({"metadata": {"name": "my-service"}, "spec": {"clusterIP": "10.0.171.239",
                     "externalIPs": ["nope"],
-                    "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 70000}, {"name": "c", "port": 81, "protocol": "ICMP"}]}}),
+                    "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 70000}, {"name": "c", "port": 81,
+                    "protocol": "ICMP"}]}}),
                 endpoints: Some(eps(json!({"metadata": {"name": "my-service"}, "subsets": [{
-                    "addresses": [{"ip": "10.244.1.5"}, {"ip": "banana"}], "ports": [{"name": "a", "port": 8080}, {"name": "x", "port": -1}]}]}))),
+                    "addresses": [{"ip": "10.244.1.5"}, {"ip": "banana"}], "ports": [{"name": "a", "port": 8080},
+                    {"name": "x", "port": -1}]}]}))),
                 want: vec![(
                     spn("my-service", "a"),
                     ServiceEntry {
@@ -408,7 +412,8 @@ mod tests {
                 service: json!({"metadata": {"name": "my-service"}, "spec": {"clusterIP": "10.0.171.239",
                     "ports": [{"name": "http", "port": 80}]}}),
                 endpoints: Some(eps(json!({"metadata": {"name": "my-service"}, "subsets": [{
-                    "addresses": [{"ip": "10.244.1.5"}], "ports": [{"name": "other", "port": 8080}, {"name": "http", "port": 80, "protocol": "UDP"}]}]}))),
+                    "addresses": [{"ip": "10.244.1.5"}], "ports": [{"name": "other", "port": 8080},
+                    {"name": "http", "port": 80, "protocol": "UDP"}]}]}))),
                 want: vec![(
                     spn("my-service", "http"),
                     ServiceEntry { port: base([10, 0, 171, 239], 80), endpoints: vec![] },
@@ -426,12 +431,10 @@ mod tests {
 
     #[test]
     fn endpoints_of_another_namespace_do_not_match() {
-        let s = svc(
-            json!({"metadata": {"name": "web", "namespace": "a"}, "spec": {"clusterIP": "10.96.0.5", "ports": [{"port": 80}]}}),
-        );
-        let e = eps(
-            json!({"metadata": {"name": "web", "namespace": "b"}, "subsets": [{"addresses": [{"ip": "10.244.0.2"}], "ports": [{"port": 80}]}]}),
-        );
+        let s = svc(json!({"metadata": {"name": "web", "namespace": "a"}, "spec": {"clusterIP": "10.96.0.5",
+                "ports": [{"port": 80}]}}));
+        let e = eps(json!({"metadata": {"name": "web", "namespace": "b"},
+                "subsets": [{"addresses": [{"ip": "10.244.0.2"}], "ports": [{"port": 80}]}]}));
         let (table, _) = desired_table(&[s], &[e], "n");
         assert!(table.values().all(|e| e.endpoints.is_empty()));
     }

@@ -59,14 +59,21 @@ struct Run {
 
 fn measure(cfg: Config, table: &ServiceTable) -> Result<Run> {
     let node = Netns::create("pxs")?;
+    let dp_cfg = &cfg.clone();
     let mut dp = IptablesDataplane::new(CommandRunner::with_prefix(["ip", "netns", "exec", node.name()]), cfg);
     let full = dp.sync(table, None)?;
     let mut changed_table = table.clone();
-    let spn = ServicePortName::new("bench", "svc-4242", "", Protocol::Tcp);
+    let spn = ServicePortName::new("bench", &format!("svc-{}", table.len() / 2), "", Protocol::Tcp);
     if let Some(e) = changed_table.get_mut(&spn) {
         e.endpoints.pop();
     }
-    let partial = dp.sync(&changed_table, Some(&[spn].into()))?;
+    let changed = [spn].into();
+    let started = Instant::now();
+    if let Some(state) = dp.state() {
+        let _ = weft_proxy::iptables::render_partial(&changed_table, &changed, dp_cfg, state);
+        println!("  render_partial alone: {:?}", started.elapsed());
+    }
+    let partial = dp.sync(&changed_table, Some(&changed))?;
     Ok(Run { full: full.duration, partial: partial.duration, partial_bytes: partial.bytes, bytes: full.bytes })
 }
 
@@ -84,18 +91,24 @@ fn sync_cost_at_10000_services() -> Result<()> {
     let started = Instant::now();
     let text = render_full(&table, &Config::default());
     println!("render_full: {:?}, {} bytes, {} rules", started.elapsed(), text.len(), text.matches("\n-A ").count());
-    let linear = measure(Config { dispatch_leaf: usize::MAX, ..Config::default() }, &table)?;
-    let tree = measure(Config::default(), &table)?;
-    for (name, r) in [("linear (kube-proxy layout)", &linear), ("weft tree", &tree)] {
+    let linear = Config { dispatch_leaf: usize::MAX, ..Config::default() };
+    let batch = std::env::var("WEFT_SCALE_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let linear = Config { restore_batch_rules: batch, ..linear };
+    let tree = Config { restore_batch_rules: batch, ..Config::default() };
+    let one_run = |c: &Config| Config { restore_batch_rules: usize::MAX, ..c.clone() };
+    let mut variants =
+        vec![("linear (kube-proxy layout), batched", linear.clone()), ("weft tree, batched", tree.clone())];
+    // One restore per sync is quadratic: only at sizes where it finishes in reasonable time.
+    if n <= 2000 {
+        variants.push(("linear, one restore", one_run(&linear)));
+        variants.push(("weft tree, one restore", one_run(&tree)));
+    }
+    for (name, cfg) in variants {
+        let r = measure(cfg, &table)?;
         println!(
             "{name}: full {:?} ({} bytes), one endpoint removed {:?} ({} bytes)",
             r.full, r.bytes, r.partial, r.partial_bytes
         );
     }
-    println!(
-        "ratios weft/linear: full {:.2}, partial {:.2}",
-        tree.full.as_secs_f64() / linear.full.as_secs_f64(),
-        tree.partial.as_secs_f64() / linear.partial.as_secs_f64()
-    );
     Ok(())
 }
