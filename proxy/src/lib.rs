@@ -1,1 +1,14 @@
-//! weft proxy: the kube-proxy replacement (see the modules).
+//! weft proxy: the kube-proxy replacement. Services + Endpoints → one desired `ServiceTable` for this
+//! node (`table`, pure) → a `Dataplane` per mode that makes the kernel match it (`iptables`).
+
+pub mod bounded;
+pub mod dataplane;
+pub mod iptables;
+pub mod model;
+pub mod proxier;
+pub mod table;
+pub mod tracker;
+
+pub use dataplane::{Dataplane, SyncStats};
+pub use model::{Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
+pub use table::{desired_table, Skipped};

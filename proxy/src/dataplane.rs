@@ -1,0 +1,33 @@
+//! The seam between the model and the kernel: one `Dataplane` per proxy mode makes the kernel match a
+//! `ServiceTable`. Level-triggered: a full sync is always safe; a partial sync names the ports that changed.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::model::{ServicePortName, ServiceTable};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("iptables sync failed")]
+    Iptables(#[from] crate::iptables::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What one sync did (for logs and metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub full: bool,
+    pub chains_written: usize,
+    pub chains_deleted: usize,
+    pub rules_written: usize,
+    /// Size of what was handed to the kernel tool (e.g. `iptables-restore` input).
+    pub bytes: usize,
+    pub duration: Duration,
+}
+
+pub trait Dataplane {
+    /// Makes the kernel match `table`. `changed: None` asks for a full sync; `Some` lists the only
+    /// ports that changed since the last successful sync (the dataplane may still decide to go full).
+    fn sync(&mut self, table: &ServiceTable, changed: Option<&BTreeSet<ServicePortName>>) -> Result<SyncStats>;
+}
