@@ -103,13 +103,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), Error> {
 
     let health = Health::default();
     if let Some(addr) = opts.healthz_addr {
-        let listener = healthz::serve(addr, health.clone());
-        // Bind now so a taken port is a start-up error, then serve in the background.
-        tokio::spawn(async move {
-            if let Err(e) = listener.await {
-                error!("healthz on {addr}: {e}");
-            }
-        });
+        let server = healthz::bind(addr, health.clone()).await.map_err(|source| Error::Healthz { addr, source })?;
+        tokio::spawn(server);
     }
 
     let mut etcd_log = StateLog::default();

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod etcd;
+pub mod http;
 pub mod informer;
 pub mod manifest;
 pub mod service;
