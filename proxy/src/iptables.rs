@@ -1107,6 +1107,45 @@ mod tests {
     }
 
     #[test]
+    fn partial_syncs_reach_the_same_state_as_a_full_sync() {
+        let cfg = Config { dispatch_leaf: 4, ..Config::default() };
+        let mut table = big_table(60);
+        let mut state = render_sync_full(&table, &cfg, &Existing::default()).state;
+        let mut x: u32 = 7;
+        for step in 0..40u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let i = (x >> 16) % 80;
+            let spn = ServicePortName::new("bench", &format!("svc-{i}"), "", Protocol::Tcp);
+            let before = table.clone();
+            match (x >> 8) % 4 {
+                0 => {
+                    table.remove(&spn);
+                }
+                1 => {
+                    let mut e = ServiceEntry { port: port([10, 97, (i % 4) as u8, i as u8]), endpoints: vec![] };
+                    e.port.session_affinity = (step % 2 == 0).then(|| std::time::Duration::from_secs(60));
+                    table.insert(spn.clone(), e);
+                }
+                2 => {
+                    if let Some(e) = table.get_mut(&spn) {
+                        e.endpoints.truncate(e.endpoints.len() / 2);
+                    }
+                }
+                _ => {
+                    if let Some(e) = table.get_mut(&spn) {
+                        e.port.node_port = Some(30000 + i as u16);
+                        e.port.external_policy_local = step % 3 == 0;
+                    }
+                }
+            }
+            let changed = changed_between(&before, &table);
+            state = render_partial(&table, &changed, &cfg, &state).state;
+            let full = render_sync_full(&table, &cfg, &Existing::default()).state;
+            assert_eq!(state, full, "step {step}");
+        }
+    }
+
+    #[test]
     fn full_sync_sweeps_unclaimed_chains_and_skips_present_hooks() {
         let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:WEFT-SERVICES - [0:0]\n:WEFT-SVC-OLDOLDOLDOLDOLD - [0:0]\n\
             :KUBE-SERVICES - [0:0]\n-A PREROUTING -m comment --comment \"weft service portals\" -j WEFT-SERVICES\n\
