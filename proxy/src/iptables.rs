@@ -41,8 +41,9 @@ use std::time::Instant;
 use ipnetwork::Ipv4Network;
 use sha2::{Digest, Sha256};
 
+use crate::conntrack::stale_udp;
 use crate::dataplane::{self, Dataplane, SyncStats};
-use crate::model::{Endpoint, ServiceEntry, ServicePortName, ServiceTable};
+use crate::model::{Endpoint, Protocol, ServiceEntry, ServicePortName, ServiceTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -781,16 +782,38 @@ pub struct IptablesDataplane<R: Runner = CommandRunner> {
     cfg: Config,
     /// What we last wrote; None forces the next sync to be full (start, or after a failure).
     state: Option<ChainState>,
+    /// The UDP ports of the table last synced, to find flows that went stale.
+    last_udp: Option<ServiceTable>,
 }
 
 impl<R: Runner> IptablesDataplane<R> {
     pub fn new(runner: R, cfg: Config) -> Self {
-        IptablesDataplane { runner, cfg, state: None }
+        IptablesDataplane { runner, cfg, state: None, last_udp: None }
     }
 
     /// The chains we believe the kernel holds (None before the first successful sync).
     pub fn state(&self) -> Option<&ChainState> {
         self.state.as_ref()
+    }
+
+    /// Deletes UDP flows to removed endpoints (kube-proxy does the same). Failures are logged, not fatal:
+    /// the rules are right, only old flows linger until they time out.
+    fn clear_stale_udp(&mut self, table: &ServiceTable) {
+        let udp: ServiceTable =
+            table.iter().filter(|(k, _)| k.protocol == Protocol::Udp).map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(old) = self.last_udp.replace(udp) {
+            let new = self.last_udp.as_ref().unwrap_or(&old);
+            for del in stale_udp(&old, new) {
+                let args = del.args();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                match self.runner.run("conntrack", &args, None) {
+                    Ok(_) => {}
+                    // conntrack exits 1 when nothing matched.
+                    Err(Error::Failed { stderr, .. }) if stderr.contains("0 flow entries") => {}
+                    Err(e) => tracing::warn!(error = %e, ?del, "clearing stale UDP flows failed"),
+                }
+            }
+        }
     }
 
     fn apply(&mut self, r: Rendered) -> Result<SyncStats> {
@@ -821,6 +844,7 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
             }
         };
         let mut stats = self.apply(rendered)?;
+        self.clear_stale_udp(table);
         stats.duration = started.elapsed();
         tracing::debug!(
             full = stats.full,
@@ -835,7 +859,7 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServicePort};
+    use crate::model::ServicePort;
     use serde_json::json;
 
     fn golden_table(variant: u8) -> ServiceTable {
@@ -1080,6 +1104,45 @@ mod tests {
         // Nothing changed: nothing written.
         let again = render_partial(&after, &[spn].into(), &Config::default(), &p.state);
         assert_eq!(again.text, "");
+    }
+
+    #[test]
+    fn partial_syncs_reach_the_same_state_as_a_full_sync() {
+        let cfg = Config { dispatch_leaf: 4, ..Config::default() };
+        let mut table = big_table(60);
+        let mut state = render_sync_full(&table, &cfg, &Existing::default()).state;
+        let mut x: u32 = 7;
+        for step in 0..40u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let i = (x >> 16) % 80;
+            let spn = ServicePortName::new("bench", &format!("svc-{i}"), "", Protocol::Tcp);
+            let before = table.clone();
+            match (x >> 8) % 4 {
+                0 => {
+                    table.remove(&spn);
+                }
+                1 => {
+                    let mut e = ServiceEntry { port: port([10, 97, (i % 4) as u8, i as u8]), endpoints: vec![] };
+                    e.port.session_affinity = (step % 2 == 0).then(|| std::time::Duration::from_secs(60));
+                    table.insert(spn.clone(), e);
+                }
+                2 => {
+                    if let Some(e) = table.get_mut(&spn) {
+                        e.endpoints.truncate(e.endpoints.len() / 2);
+                    }
+                }
+                _ => {
+                    if let Some(e) = table.get_mut(&spn) {
+                        e.port.node_port = Some(30000 + i as u16);
+                        e.port.external_policy_local = step % 3 == 0;
+                    }
+                }
+            }
+            let changed = changed_between(&before, &table);
+            state = render_partial(&table, &changed, &cfg, &state).state;
+            let full = render_sync_full(&table, &cfg, &Existing::default()).state;
+            assert_eq!(state, full, "step {step}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! node (`table`, pure) → a `Dataplane` per mode that makes the kernel match it (`iptables`).
 
 pub mod bounded;
+pub mod conntrack;
 pub mod dataplane;
 pub mod iptables;
 pub mod model;

@@ -15,7 +15,7 @@ use weft_proxy::{Dataplane, Endpoint, Protocol, ServiceEntry, ServicePort, Servi
 struct Lab {
     client: Netns,
     node: Netns,
-    _servers: Vec<Netns>,
+    servers: Vec<Netns>,
     _socats: Vec<ChildGuard>,
 }
 
@@ -72,7 +72,7 @@ fn lab() -> Result<Lab> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    Ok(Lab { client, node, _servers: vec![a, b], _socats: socats })
+    Ok(Lab { client, node, servers: vec![a, b], _socats: socats })
 }
 
 /// One TCP connection from `ns`; returns what the server said.
@@ -219,5 +219,50 @@ fn failed_restore_reports_stderr_and_next_sync_is_full() -> Result<()> {
     let stats = dp.sync(&table, Some(&BTreeSet::new()))?;
     assert!(stats.full);
     assert!(!node.exec("iptables-save", &[])?.contains(&svc));
+    Ok(())
+}
+
+/// One UDP datagram from a fixed source port (so it belongs to the same conntrack flow each time).
+fn udp_ask(ns: &Netns, ip: &str, port: u16) -> Result<String> {
+    let out = ns.sh(&format!("echo ask | socat -t 2 -T 2 - UDP:{ip}:{port},sourceport=40000,reuseaddr"))?;
+    Ok(out.trim().to_string())
+}
+
+#[test]
+fn removed_udp_endpoint_gets_no_more_datagrams_of_an_existing_flow() -> Result<()> {
+    let lab = lab()?;
+    let mut udp_servers = Vec::new();
+    for (ns, name) in [(&lab.servers[0], "server-a"), (&lab.servers[1], "server-b")] {
+        let child = ns
+            .command("socat")
+            .args(["UDP-RECVFROM:5353,fork,reuseaddr", &format!("SYSTEM:echo {name}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("spawning socat")?;
+        udp_servers.push(ChildGuard(child));
+    }
+    let dns = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
+    let with = |ip: [u8; 4]| {
+        let mut e = entry([10, 96, 0, 53], &[ip]);
+        e.port.port = 53;
+        e.endpoints[0].port = 5353;
+        ServiceTable::from([(dns.clone(), e)])
+    };
+    let mut dp = dataplane(&lab.node);
+    dp.sync(&with(A), None)?;
+    // The first answer also tells us the UDP server is up (datagrams before that are lost).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        let answer = udp_ask(&lab.client, "10.96.0.53", 53)?;
+        if !answer.is_empty() || Instant::now() > deadline {
+            break answer;
+        }
+    };
+    assert_eq!(first, "server-a");
+    assert_eq!(udp_ask(&lab.client, "10.96.0.53", 53)?, "server-a");
+    // server-a leaves the service (it keeps running): the flow must move, not keep its old DNAT.
+    dp.sync(&with(B), Some(&[dns.clone()].into()))?;
+    assert_eq!(udp_ask(&lab.client, "10.96.0.53", 53)?, "server-b");
     Ok(())
 }
