@@ -8,6 +8,7 @@ PACKAGES=(
   etcd-server etcd-client            # the real etcd for tests and the lab
   protobuf-compiler                  # protoc, for etcd-client's build script
   iproute2 iptables nftables         # kernel networking inside namespaces
+  conntrack                          # the proxy deletes stale UDP flows
   ethtool                            # to check checksum offload on flannel.1
   containernetworking-plugins        # bridge + host-local, the delegates of weft-cni
   iputils-ping curl socat iperf3     # test and benchmark clients
