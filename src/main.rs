@@ -20,6 +20,10 @@ enum Command {
     Leases(weft_agent::cli::Common),
     /// Show this node's subnet and, for every other node, whether its route, neighbour and FDB entry are programmed
     Routes(weft_agent::cli::RoutesArgs),
+    /// Run the service proxy on this node (kube-proxy's job)
+    Proxy(weft_proxy::cli::ProxyArgs),
+    /// Every service port the proxy on this node serves, its endpoints and what is programmed
+    Services(weft_proxy::cli::ServicesArgs),
     /// A multi-node lab of network namespaces on this machine
     #[command(subcommand)]
     Lab(weft_lab::cli::LabCommand),
@@ -77,6 +81,12 @@ fn main() {
         Command::Leases(c) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::leases(c))).map(|_| 0),
         Command::Routes(a) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::routes(a))).map(|_| 0),
         Command::Lab(cmd) => weft_lab::cli::run(cmd),
+        Command::Proxy(args) => (|| {
+            let (opts, dataplane) = (args.options()?, args.dataplane()?);
+            runtime()?.block_on(weft_proxy::run::run(opts, dataplane))?;
+            Ok(0)
+        })(),
+        Command::Services(a) => runtime().and_then(|rt| rt.block_on(weft_proxy::cli::services(a))),
         Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::apply(a))).map(|_| 0),
         Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::get(a))).map(|_| 0),
         Command::Delete(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::delete(a))).map(|_| 0),

@@ -95,9 +95,11 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Stri
         s.read_to_end(&mut raw).await.map_err(io)?;
         Ok::<_, Error>(String::from_utf8_lossy(&raw).into_owned())
     };
-    let raw = tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| Error::Timeout { addr, path: path.to_string(), timeout })??;
+    let raw = tokio::time::timeout(timeout, fut).await.map_err(|_| Error::Timeout {
+        addr,
+        path: path.to_string(),
+        timeout,
+    })??;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     if status != 200 {

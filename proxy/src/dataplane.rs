@@ -30,4 +30,25 @@ pub trait Dataplane {
     /// Makes the kernel match `table`. `changed: None` asks for a full sync; `Some` lists the only
     /// ports that changed since the last successful sync (the dataplane may still decide to go full).
     fn sync(&mut self, table: &ServiceTable, changed: Option<&BTreeSet<ServicePortName>>) -> Result<SyncStats>;
+
+    /// The mode's name, as `--proxy-mode` spells it.
+    fn mode(&self) -> &'static str;
+
+    /// What this dataplane put in the kernel for a port (a chain name, a socket), for `weft services`.
+    fn describe(&self, _port: &ServicePortName) -> Option<String> {
+        None
+    }
+}
+
+/// The daemon picks its mode at run time.
+impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
+    fn sync(&mut self, table: &ServiceTable, changed: Option<&BTreeSet<ServicePortName>>) -> Result<SyncStats> {
+        (**self).sync(table, changed)
+    }
+    fn mode(&self) -> &'static str {
+        (**self).mode()
+    }
+    fn describe(&self, port: &ServicePortName) -> Option<String> {
+        (**self).describe(port)
+    }
 }

@@ -164,6 +164,15 @@ pub struct Existing {
     pub hooks: BTreeSet<(Table, String, String)>,
 }
 
+/// Whether a chain is this mode's to write and sweep. Other weft components keep `WEFT-` chains of
+/// their own in the same tables (the agent's ip-masq `WEFT-POSTRTG`/`WEFT-FWD`, the userspace mode's
+/// portals), so ownership is by exact name or hashed family, never by the prefix alone.
+pub fn is_proxy_chain(name: &str) -> bool {
+    const FIXED: [&str; 6] = [SERVICES, EXTERNAL_SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, FORWARD];
+    const FAMILIES: [&str; 5] = ["WEFT-SVC-", "WEFT-SVL-", "WEFT-EXT-", "WEFT-SEP-", "WEFT-D-"];
+    FIXED.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
+}
+
 /// Parses `iptables-save` output (all tables) for our chains and hooks.
 pub fn parse_save(text: &str) -> Existing {
     let mut out = Existing::default();
@@ -179,7 +188,7 @@ pub fn parse_save(text: &str) -> Existing {
         }
         let Some(t) = table else { continue };
         if let Some(decl) = line.strip_prefix(':') {
-            if let Some(name) = decl.split_whitespace().next().filter(|n| n.starts_with(PREFIX)) {
+            if let Some(name) = decl.split_whitespace().next().filter(|n| is_proxy_chain(n)) {
                 out.chains.insert((t, name.to_string()));
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
@@ -187,7 +196,7 @@ pub fn parse_save(text: &str) -> Existing {
             let chain = words.next().unwrap_or_default();
             let words: Vec<&str> = words.collect();
             let target = words.windows(2).find(|w| w[0] == "-j").map(|w| w[1]).unwrap_or_default();
-            if !chain.starts_with(PREFIX) && target.starts_with(PREFIX) {
+            if !chain.starts_with(PREFIX) && is_proxy_chain(target) {
                 out.hooks.insert((t, chain.to_string(), target.to_string()));
             }
         }
@@ -828,6 +837,14 @@ impl<R: Runner> IptablesDataplane<R> {
 }
 
 impl<R: Runner> Dataplane for IptablesDataplane<R> {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn describe(&self, port: &ServicePortName) -> Option<String> {
+        Some(service_chains(port).svc)
+    }
+
     fn sync(
         &mut self,
         table: &ServiceTable,
@@ -1159,5 +1176,20 @@ mod tests {
         assert!(!r.text.contains("-I PREROUTING"));
         assert!(r.text.contains("-I OUTPUT -m comment --comment \"weft service portals\" -j WEFT-SERVICES"));
         assert!(!r.text.contains("KUBE-"));
+    }
+
+    #[test]
+    fn other_weft_chains_are_not_swept() {
+        // The agent's ip-masq chains and the userspace mode's portals share the tables and the prefix.
+        let save = "*nat\n:WEFT-POSTRTG - [0:0]\n:WEFT-PORTALS-HOST - [0:0]\n:WEFT-SVC-OLDOLDOLDOLDOLD - [0:0]\n\
+            -A POSTROUTING -m comment --comment \"weft masq\" -j WEFT-POSTRTG\nCOMMIT\n\
+            *filter\n:WEFT-FWD - [0:0]\n-A FORWARD -m comment --comment \"weft forward\" -j WEFT-FWD\nCOMMIT\n";
+        let existing = parse_save(save);
+        assert_eq!(existing.chains.len(), 1, "{:?}", existing.chains);
+        assert!(existing.hooks.is_empty(), "{:?}", existing.hooks);
+        let r = render_sync_full(&ServiceTable::new(), &Config::default(), &existing);
+        for foreign in ["WEFT-POSTRTG", "WEFT-FWD", "WEFT-PORTALS-HOST"] {
+            assert!(!r.text.contains(foreign), "{foreign} touched:\n{}", r.text);
+        }
     }
 }

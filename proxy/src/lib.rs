@@ -2,11 +2,15 @@
 //! node (`table`, pure) → a `Dataplane` per mode that makes the kernel match it (`iptables`).
 
 pub mod bounded;
+pub mod cli;
 pub mod conntrack;
 pub mod dataplane;
 pub mod iptables;
+pub mod metrics;
 pub mod model;
 pub mod proxier;
+pub mod run;
+pub mod status;
 pub mod table;
 pub mod tracker;
 

@@ -134,6 +134,10 @@ mod tests {
             }
             Ok(SyncStats { full: changed.is_none(), ..SyncStats::default() })
         }
+
+        fn mode(&self) -> &'static str {
+            "recorder"
+        }
     }
 
     fn svc(name: &str, ip: &str, annotation: &str) -> Service {

@@ -1,0 +1,271 @@
+//! `weft proxy` (kube-proxy's flags) and `weft services` (what the proxy on this node serves and has
+//! programmed). Flag parsing and reports are pure; the daemon lives in `run`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ipnetwork::Ipv4Network;
+
+use crate::dataplane::Dataplane;
+use crate::iptables::{CommandRunner, Config, IptablesDataplane};
+use crate::run::ProxyOptions;
+use crate::status::ProxyStatus;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Userspace,
+    Iptables,
+    Ipvs,
+    Ebpf,
+}
+
+/// `weft proxy`: kube-proxy's job. Programs this node so Service VIPs, NodePorts and externalIPs reach endpoints.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    #[command(flatten)]
+    pub etcd: weft_api::EtcdArgs,
+    /// how to program services: userspace, iptables (ipvs and ebpf come later)
+    #[arg(long, value_enum, default_value = "iptables")]
+    pub proxy_mode: Mode,
+    /// this node's name, as Pods' and Endpoints' nodeName carry it [default: the host name]
+    #[arg(long = "hostname-override", visible_alias = "node-name")]
+    pub hostname_override: Option<String>,
+    /// the pod network; traffic to a ClusterIP from outside it is masqueraded
+    #[arg(long)]
+    pub cluster_cidr: Option<Ipv4Network>,
+    /// comma-separated CIDRs of node addresses that accept NodePorts [default: every local address]
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<Ipv4Network>,
+    /// address of /metrics and /services ("" to disable)
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// address of /healthz ("" to disable)
+    #[arg(long, default_value = "127.0.0.1:10256")]
+    pub healthz_bind_address: String,
+    /// minimum time between syncs; changes within it are coalesced (e.g. 1s, 500ms)
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+    /// a full sync at least this often (e.g. 30s, 1m)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: Duration,
+    /// bit of the packet mark that asks for masquerade (0-31)
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
+    pub iptables_masquerade_bit: u8,
+}
+
+/// `500ms`, `1s`, `1.5s`, `2m`, `1h` (Go-duration style, one unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| format!("{s:?}: add a unit (ms, s, m, h)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms or 30s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(v.parse().with_context(|| format!("{flag} {v:?} is not host:port"))?))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+impl ProxyArgs {
+    pub fn options(&self) -> Result<ProxyOptions> {
+        let node_name = self.hostname_override.clone().unwrap_or_else(hostname);
+        if node_name.is_empty() {
+            bail!("no node name: pass --hostname-override");
+        }
+        Ok(ProxyOptions {
+            etcd: self.etcd.clone(),
+            node_name,
+            metrics_addr: addr("--metrics-bind-address", &self.metrics_bind_address)?,
+            healthz_addr: addr("--healthz-bind-address", &self.healthz_bind_address)?,
+            min_sync: self.min_sync_period,
+            sync: self.sync_period.max(self.min_sync_period),
+        })
+    }
+
+    /// The dataplane for `--proxy-mode`.
+    pub fn dataplane(&self) -> Result<Box<dyn Dataplane + Send>> {
+        match self.proxy_mode {
+            Mode::Iptables => {
+                let cfg = Config {
+                    cluster_cidr: self.cluster_cidr,
+                    nodeport_addresses: self.nodeport_addresses.clone(),
+                    masquerade_bit: self.iptables_masquerade_bit,
+                    ..Config::default()
+                };
+                Ok(Box::new(IptablesDataplane::new(CommandRunner::new(), cfg)))
+            }
+            Mode::Userspace => bail!("--proxy-mode userspace is not in this build yet"),
+            Mode::Ipvs | Mode::Ebpf => {
+                bail!("--proxy-mode {:?} is not implemented yet (use iptables)", self.proxy_mode)
+            }
+        }
+    }
+}
+
+/// `weft services`: asks the proxy on this node, and checks the kernel with the operator's own tools.
+#[derive(Debug, clap::Args)]
+pub struct ServicesArgs {
+    /// the proxy's --metrics-bind-address
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub proxy_address: SocketAddr,
+    /// output format
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// Marks each service whose programmed object the kernel does not show (iptables mode: its chain
+/// missing from `iptables-save`). Pure over the saved text.
+pub fn check_programmed(status: &mut ProxyStatus, iptables_save: Option<&str>) -> usize {
+    let mut missing = 0;
+    if status.mode != "iptables" {
+        return 0;
+    }
+    let Some(saved) = iptables_save else { return 0 };
+    for s in &mut status.services {
+        if let Some(chain) = &s.programmed {
+            if !saved.lines().any(|l| l == format!(":{chain} - [0:0]") || l.starts_with(&format!(":{chain} "))) {
+                s.programmed = Some(format!("{chain} MISSING"));
+                missing += 1;
+            }
+        }
+    }
+    missing
+}
+
+pub fn render_services(status: &ProxyStatus) -> String {
+    let mut rows =
+        vec![["SERVICE", "PROTO", "CLUSTER-IP", "PORT", "NODE-PORT", "EXTERNAL-IPS", "ENDPOINTS", "PROGRAMMED"]
+            .map(String::from)
+            .to_vec()];
+    let or_none = |v: String| if v.is_empty() { "<none>".to_string() } else { v };
+    for s in &status.services {
+        let eps = if s.endpoints.len() > 3 {
+            format!("{} + {} more", s.endpoints[..3].join(","), s.endpoints.len() - 3)
+        } else {
+            s.endpoints.join(",")
+        };
+        let mut ext = s.external_ips.clone();
+        ext.extend(s.load_balancer_ips.iter().cloned());
+        rows.push(vec![
+            s.name.clone(),
+            s.protocol.clone(),
+            s.cluster_ip.clone().unwrap_or_else(|| "<none>".into()),
+            s.port.to_string(),
+            s.node_port.map(|p| p.to_string()).unwrap_or_else(|| "<none>".into()),
+            or_none(ext.join(",")),
+            or_none(eps),
+            s.programmed.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = format!("mode {}  node {}  service ports {}\n", status.mode, status.node, status.services.len());
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, s)| format!("{s:<w$}", w = widths[i])).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn services(args: ServicesArgs) -> Result<i32> {
+    let body = weft_api::http::get(args.proxy_address, "/services", Duration::from_secs(5))
+        .await
+        .context("is `weft proxy` running on this node? (see --proxy-address)")?;
+    let mut status: ProxyStatus = serde_json::from_str(&body).context("the proxy's /services answer")?;
+    let saved = if status.mode == "iptables" {
+        std::process::Command::new("iptables-save")
+            .args(["-t", "nat"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    } else {
+        None
+    };
+    let missing = check_programmed(&mut status, saved.as_deref());
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Table => print!("{}", render_services(&status)),
+    }
+    Ok(if missing > 0 { 1 } else { 0 })
+}
+
+/// The node's IPv4 addresses are not needed by the iptables mode (it uses `addrtype LOCAL`); kept
+/// as a helper for modes that must bind per address.
+pub fn parse_ipv4_list(s: &str) -> Result<Vec<Ipv4Addr>> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.trim().parse().with_context(|| format!("{p:?} is not IPv4")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::ServiceStatus;
+
+    #[test]
+    fn durations() {
+        for (s, ms) in [("500ms", 500), ("1s", 1000), ("1.5s", 1500), ("2m", 120_000), ("1h", 3_600_000)] {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for bad in ["", "10", "s", "1x", "-1s", "abc"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn svc(name: &str, chain: &str) -> ServiceStatus {
+        ServiceStatus {
+            name: name.into(),
+            protocol: "TCP".into(),
+            cluster_ip: Some("10.96.0.10".into()),
+            port: 80,
+            node_port: Some(30080),
+            external_ips: vec!["80.11.12.10".into()],
+            load_balancer_ips: vec![],
+            affinity_seconds: None,
+            external_policy_local: false,
+            endpoints: vec!["10.244.1.2:9376".into(), "10.244.2.2:9376".into()],
+            programmed: Some(chain.into()),
+        }
+    }
+
+    #[test]
+    fn programmed_is_checked_against_iptables_save() {
+        let mut st = ProxyStatus {
+            mode: "iptables".into(),
+            node: "node-1".into(),
+            synced: true,
+            services: vec![svc("default/a:http", "WEFT-SVC-AAAA"), svc("default/b:http", "WEFT-SVC-BBBB")],
+        };
+        let saved = "*nat\n:WEFT-SVC-AAAA - [0:0]\n:WEFT-SERVICES - [0:0]\nCOMMIT\n";
+        assert_eq!(check_programmed(&mut st, Some(saved)), 1);
+        assert_eq!(st.services[0].programmed.as_deref(), Some("WEFT-SVC-AAAA"));
+        assert_eq!(st.services[1].programmed.as_deref(), Some("WEFT-SVC-BBBB MISSING"));
+        let table = render_services(&st);
+        assert!(table.contains("default/a:http   TCP     10.96.0.10   80     30080       80.11.12.10    10.244.1.2:9376,10.244.2.2:9376   WEFT-SVC-AAAA"), "{table}");
+    }
+}

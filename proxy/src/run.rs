@@ -1,0 +1,195 @@
+//! `weft proxy`: informers on Services and Endpoints feed the `Proxier`; a bounded-frequency runner
+//! syncs the dataplane (partial on changes, full every `--sync-period` and after a failure); `/metrics`,
+//! `/healthz` and `/services` report on it. It touches etcd (read only) and this namespace's kernel.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use tracing::{info, warn};
+use weft_api::http::{self, Response};
+use weft_api::{Informer, InformerEvent, Store};
+
+use crate::bounded::{BoundedRunner, Intervals};
+use crate::dataplane::Dataplane;
+use crate::metrics::Metrics;
+use crate::proxier::Proxier;
+use crate::status::{self, ProxyStatus};
+use crate::tracker::ObjectKey;
+
+/// Everything `weft proxy` is told on its command line, resolved.
+pub struct ProxyOptions {
+    pub etcd: weft_api::EtcdArgs,
+    pub node_name: String,
+    pub metrics_addr: Option<SocketAddr>,
+    pub healthz_addr: Option<SocketAddr>,
+    pub min_sync: Duration,
+    pub sync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Etcd(#[from] weft_api::etcd::Error),
+    #[error("listening on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// What the HTTP endpoints read: updated after every sync, never held during one.
+#[derive(Default)]
+struct Shared {
+    metrics: Metrics,
+    status: ProxyStatus,
+    last_ok: Option<Instant>,
+}
+
+fn key(k: &weft_api::ObjectKey) -> ObjectKey {
+    ObjectKey::new(k.namespace.as_deref().unwrap_or("default"), &k.name)
+}
+
+/// Healthy once a sync succeeded, and as long as syncs keep succeeding (kube-proxy's rule of thumb:
+/// the last success is younger than twice the sync period, with a floor for short periods).
+pub fn healthy(last_ok: Option<Instant>, now: Instant, sync: Duration) -> bool {
+    last_ok.is_some_and(|t| now.duration_since(t) <= (sync * 2).max(Duration::from_secs(60)))
+}
+
+/// Runs the proxy until SIGTERM/SIGINT. The dataplane is chosen and built by the caller.
+pub async fn run(opts: ProxyOptions, dataplane: Box<dyn Dataplane + Send>) -> Result<(), Error> {
+    let mode = dataplane.mode();
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    shared.lock().unwrap_or_else(|p| p.into_inner()).status.mode = mode.to_string();
+    serve_endpoints(&opts, shared.clone(), mode).await?;
+
+    let client = weft_api::connect(&opts.etcd).await?;
+    let store = Store::new(client);
+    let (services, mut svc_events, svc_run) = Informer::<Service>::new(store.clone(), None);
+    let (endpoints, mut ep_events, ep_run) = Informer::<Endpoints>::new(store, None);
+    tokio::spawn(svc_run);
+    tokio::spawn(ep_run);
+    info!(mode, node = %opts.node_name, "proxy starting; waiting for the first list of Services and Endpoints");
+    services.wait_synced().await;
+    endpoints.wait_synced().await;
+
+    let proxier = Arc::new(Mutex::new(Proxier::new(&opts.node_name, dataplane)));
+    let runner = BoundedRunner::new(Intervals { min: opts.min_sync, max: opts.sync, retry: Duration::from_secs(1) });
+    let trigger = runner.trigger();
+
+    // Informer events go to the change trackers; each asks for a (coalesced) sync.
+    let feeder = {
+        let proxier = proxier.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    Some(InformerEvent { key: k, new, .. }) = svc_events.recv() => {
+                        proxier.lock().unwrap_or_else(|p| p.into_inner()).on_service(key(&k), new.map(|s| (*s).clone()));
+                    }
+                    Some(InformerEvent { key: k, new, .. }) = ep_events.recv() => {
+                        proxier.lock().unwrap_or_else(|p| p.into_inner()).on_endpoints(key(&k), new.map(|e| (*e).clone()));
+                    }
+                    else => break,
+                }
+                trigger.run();
+            }
+        }
+    };
+    tokio::spawn(feeder);
+
+    let node = opts.node_name.clone();
+    let sync_loop = runner.run(move |forced| {
+        let (proxier, shared, node) = (proxier.clone(), shared.clone(), node.clone());
+        async move { sync_once(&proxier, &shared, &node, forced) }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Listen { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
+    tokio::select! {
+        _ = sync_loop => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Rules stay: established and new connections keep working until a successor takes over.
+    info!("proxy stopping; rules stay in place");
+    Ok(())
+}
+
+fn sync_once(
+    proxier: &Mutex<Proxier<Box<dyn Dataplane + Send>>>,
+    shared: &Mutex<Shared>,
+    node: &str,
+    full: bool,
+) -> Result<(), ()> {
+    let mut p = proxier.lock().unwrap_or_else(|e| e.into_inner());
+    if !full && !p.has_pending() && p.table().is_some() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let result = p.sync(full);
+    let took = started.elapsed();
+    let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+    match result {
+        Ok(outcome) => {
+            for skipped in &outcome.skipped {
+                warn!(object = %skipped.object, "skipped: {}", skipped.reason);
+            }
+            if let Some(table) = p.table() {
+                s.status = status::build(table, p.dataplane(), node);
+                s.metrics.service_ports = table.len();
+                s.metrics.endpoints = table.values().map(|e| e.endpoints.len()).sum();
+            }
+            s.metrics.observe_sync(took, &outcome.stats, SystemTime::now());
+            s.last_ok = Some(Instant::now());
+            tracing::debug!(full = outcome.stats.full, changed = outcome.changed, ?took, "synced");
+            Ok(())
+        }
+        Err(e) => {
+            s.metrics.sync_errors += 1;
+            warn!("sync failed (next sync is full): {}", weft_api::error_chain(&e));
+            Err(())
+        }
+    }
+}
+
+async fn serve_endpoints(opts: &ProxyOptions, shared: Arc<Mutex<Shared>>, mode: &'static str) -> Result<(), Error> {
+    let sync = opts.sync;
+    let handler: http::Handler = Arc::new(move |path: &str| {
+        let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        match path {
+            "/metrics" => {
+                Response { status: 200, content_type: "text/plain; version=0.0.4", body: s.metrics.render(mode) }
+            }
+            "/services" => Response::json(serde_json::to_string(&s.status).unwrap_or_default()),
+            "/healthz" | "/livez" => {
+                if healthy(s.last_ok, Instant::now(), sync) {
+                    Response::text(200, "ok\n")
+                } else {
+                    Response::text(503, "no successful sync yet (or none recently)\n")
+                }
+            }
+            _ => Response::not_found(),
+        }
+    });
+    let mut addrs: Vec<SocketAddr> = opts.metrics_addr.into_iter().collect();
+    addrs.extend(opts.healthz_addr.filter(|h| Some(*h) != opts.metrics_addr));
+    for addr in addrs {
+        let server = http::bind(addr, handler.clone()).await.map_err(|source| Error::Listen { addr, source })?;
+        info!(%addr, "serving /metrics, /healthz and /services");
+        tokio::spawn(server);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_recent_successful_syncs() {
+        let now = Instant::now();
+        let sync = Duration::from_secs(30);
+        assert!(!healthy(None, now, sync), "not before the first sync");
+        assert!(healthy(Some(now), now, sync));
+        assert!(healthy(now.checked_sub(Duration::from_secs(59)), now, sync));
+        assert!(!healthy(now.checked_sub(Duration::from_secs(61)), now, sync));
+        assert!(healthy(now.checked_sub(Duration::from_secs(119)), now, Duration::from_secs(60)));
+    }
+}
