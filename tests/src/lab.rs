@@ -66,6 +66,7 @@ pub struct Node {
     ip: Ipv4Addr,
     dir: PathBuf,
     agent: Option<Child>,
+    proxy: Option<Child>,
 }
 
 impl Node {
@@ -100,6 +101,12 @@ impl Node {
     }
     fn agent_pid_path(&self) -> PathBuf {
         self.dir.join("agent.pid")
+    }
+    pub fn proxy_log_path(&self) -> PathBuf {
+        self.dir.join("proxy.log")
+    }
+    fn proxy_pid_path(&self) -> PathBuf {
+        self.dir.join("proxy.pid")
     }
     fn pods_dir(&self) -> PathBuf {
         self.dir.join("pods")
@@ -285,6 +292,7 @@ pub fn teardown(id: &str) -> Result<()> {
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             kill_pid_file(&e.path().join("agent.pid"), "agent");
+            kill_pid_file(&e.path().join("proxy.pid"), "proxy");
         }
     }
     kill_pid_file(&dir.join("etcd.pid"), "etcd");
@@ -466,7 +474,7 @@ impl Lab {
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &FABRIC_IP.to_string()])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        let node = Node { index: i, name, ns, ip, dir, agent: None };
+        let node = Node { index: i, name, ns, ip, dir, agent: None, proxy: None };
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "weft",
@@ -497,6 +505,7 @@ impl Lab {
                 ip: Ipv4Addr::new(192, 168, 56, 10 + i as u8),
                 dir: dir.join(format!("node-{i}")),
                 agent: None,
+                proxy: None,
             })
             .collect();
         Ok(Lab {
@@ -580,6 +589,44 @@ impl Lab {
         args.extend(extra_args.iter().cloned());
         let child = spawn_in(&node.ns, &bin, &args, &node.agent_log_path(), &node.agent_pid_path())?;
         node.agent = Some(child);
+        Ok(())
+    }
+
+    /// Starts `weft proxy --proxy-mode <mode>` on node `i` against the lab's etcd (node name `node-<i>`,
+    /// cluster CIDR the lab's network), logging to the node's proxy.log.
+    pub fn start_proxy(&mut self, i: usize, mode: &str, extra_args: &[String]) -> Result<()> {
+        let bin = weft_binary();
+        let network = self.state.network.clone();
+        let node = self.node_mut(i)?;
+        if let Some(child) = node.proxy.as_mut() {
+            if child.try_wait()?.is_none() {
+                bail!("the proxy on {} is already running", node.name);
+            }
+        }
+        let mut args: Vec<String> = vec![
+            "proxy".into(),
+            "--proxy-mode".into(),
+            mode.into(),
+            "--etcd-endpoints".into(),
+            ETCD_ENDPOINT.into(),
+            "--hostname-override".into(),
+            node.name.clone(),
+            "--cluster-cidr".into(),
+            network,
+        ];
+        args.extend(extra_args.iter().cloned());
+        let child = spawn_in(&node.ns, &bin, &args, &node.proxy_log_path(), &node.proxy_pid_path())?;
+        node.proxy = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM the proxy and wait for it to exit (its rules stay in the kernel).
+    pub fn stop_proxy(&mut self, i: usize) -> Result<()> {
+        let node = self.node_mut(i)?;
+        match node.proxy.take() {
+            Some(mut child) => stop_child(&mut child, libc::SIGTERM, Duration::from_secs(10)),
+            None => kill_pid_file(&node.proxy_pid_path(), "proxy"),
+        }
         Ok(())
     }
 
