@@ -256,6 +256,18 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         ensure!(!saved.contains("default/headless"), "rules for the headless service:\n{saved}");
         Ok(())
     }),
+    ("metrics and healthz", |env| {
+        let ns = env.lab.node(1).ns();
+        let metrics = ns.exec("curl", &["-sf", "http://127.0.0.1:10249/metrics"])?;
+        let value =
+            |name: &str| -> Option<f64> { metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()) };
+        ensure!(value("weft_proxy_sync_proxy_rules_duration_seconds_count ").is_some_and(|n| n >= 1.0), "{metrics}");
+        ensure!(value("weft_proxy_service_ports ").is_some_and(|n| n >= 10.0), "{metrics}");
+        ensure!(value("weft_proxy_sync_proxy_rules_last_timestamp_seconds ").is_some_and(|t| t > 0.0), "{metrics}");
+        ensure!(metrics.contains(&format!("weft_proxy_info{{mode=\"{}\"}} 1", env.mode)), "{metrics}");
+        ensure!(ns.exec("curl", &["-sf", "http://127.0.0.1:10256/healthz"])?.trim() == "ok");
+        Ok(())
+    }),
     ("proxy restart: established connections survive", |env| {
         let mut conn = env
             .client
