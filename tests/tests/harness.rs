@@ -32,7 +32,12 @@ fn netns_is_isolated_and_removed_on_drop() {
         assert!(bound, "bind inside the namespace");
         assert!(std::net::TcpListener::bind("10.9.9.9:0").is_err(), "the host namespace must not have it");
         let mut child = ns.command("sleep").arg("60").spawn().unwrap();
-        assert!(!ns.pids().is_empty());
+        // `ip netns exec` enters the namespace a moment after spawn returns.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ns.pids().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!ns.pids().is_empty(), "the sleep runs inside the namespace");
         drop(ns);
         let _ = child.wait();
     }
