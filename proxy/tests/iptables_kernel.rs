@@ -263,6 +263,14 @@ fn removed_udp_endpoint_gets_no_more_datagrams_of_an_existing_flow() -> Result<(
     assert_eq!(udp_ask(&lab.client, "10.96.0.53", 53)?, "server-a");
     // server-a leaves the service (it keeps running): the flow must move, not keep its old DNAT.
     dp.sync(&with(B), Some(&[dns.clone()].into()))?;
-    assert_eq!(udp_ask(&lab.client, "10.96.0.53", 53)?, "server-b");
+    // A datagram may go unanswered on a loaded machine; any answer must come from server-b.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let answer = udp_ask(&lab.client, "10.96.0.53", 53)?;
+        if !answer.is_empty() || Instant::now() > deadline {
+            break answer;
+        }
+    };
+    assert_eq!(after, "server-b");
     Ok(())
 }
