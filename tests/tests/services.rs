@@ -256,6 +256,27 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         ensure!(!saved.contains("default/headless"), "rules for the headless service:\n{saved}");
         Ok(())
     }),
+    ("bad input is skipped and every valid service still served", |env| {
+        let etcdctl = |args: &[&str]| {
+            let mut all = vec!["--endpoints", "http://127.0.0.1:2379"];
+            all.extend_from_slice(args);
+            env.lab.fabric().exec("etcdctl", &all)
+        };
+        // Garbage where a Service should be, and an Endpoints object with a bad address beside a good one.
+        etcdctl(&["put", "/registry/services/default/garbage", "{not json"])?;
+        let good = env.servers["s1"].ip();
+        let bad_ep = format!(
+            r#"{{"apiVersion":"v1","kind":"Endpoints","metadata":{{"name":"local","namespace":"default"}},"subsets":[{{"addresses":[{{"ip":"999.1.1.1"}},{{"ip":"{good}","nodeName":"node-1"}}],"ports":[{{"name":"http","port":9376,"protocol":"TCP"}}]}}]}}"#
+        );
+        etcdctl(&["put", "/registry/endpoints/default/local", &bad_ep])?;
+        std::thread::sleep(Duration::from_millis(500));
+        ensure!(fetch(env.client.ns(), sa("10.96.100.2:80"))? == "s1", "the good address of a half-bad Endpoints");
+        ensure!(fetch(env.client.ns(), sa("10.96.100.10:80"))? == "s3", "other services unaffected");
+        let log = std::fs::read_to_string(env.lab.node(1).proxy_log_path())?;
+        ensure!(log.contains("999.1.1.1"), "the bad address is named in a warning:\n{log}");
+        etcdctl(&["del", "/registry/services/default/garbage"])?;
+        Ok(())
+    }),
     ("metrics and healthz", |env| {
         let ns = env.lab.node(1).ns();
         let metrics = ns.exec("curl", &["-sf", "http://127.0.0.1:10249/metrics"])?;
