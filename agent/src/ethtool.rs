@@ -118,28 +118,27 @@ fn get_u64(words: &[u32]) -> u64 {
     u64::from_ne_bytes([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]])
 }
 
-/// Whether `feature` is currently on for `iface`.
-pub fn feature_active(iface: &str, feature: &str) -> Result<bool> {
+/// Opens `iface` and finds `feature`'s bit: (handle, bit index, number of 32-bit feature blocks).
+fn lookup(iface: &str, feature: &str) -> Result<(Ethtool, usize, usize)> {
     let e = Ethtool::open(iface)?;
     let names = e.feature_names()?;
     let bit = names
         .iter()
         .position(|n| n == feature)
         .ok_or_else(|| Error::UnknownFeature { iface: iface.into(), feature: feature.into() })?;
-    let active = e.active(names.len().div_ceil(32))?;
-    Ok(active[bit / 32] & (1 << (bit % 32)) != 0)
+    Ok((e, bit, names.len().div_ceil(32)))
+}
+
+/// Whether `feature` is currently on for `iface`.
+pub fn feature_active(iface: &str, feature: &str) -> Result<bool> {
+    let (e, bit, blocks) = lookup(iface, feature)?;
+    Ok(e.active(blocks)?[bit / 32] & (1 << (bit % 32)) != 0)
 }
 
 /// Turns `feature` on or off on `iface`, like `ethtool -K <iface> <feature> on|off`.
 /// Returns whether it had to change anything.
 pub fn set_feature(iface: &str, feature: &str, on: bool) -> Result<bool> {
-    let e = Ethtool::open(iface)?;
-    let names = e.feature_names()?;
-    let bit = names
-        .iter()
-        .position(|n| n == feature)
-        .ok_or_else(|| Error::UnknownFeature { iface: iface.into(), feature: feature.into() })?;
-    let blocks = names.len().div_ceil(32);
+    let (e, bit, blocks) = lookup(iface, feature)?;
     let (word, mask) = (bit / 32, 1u32 << (bit % 32));
     let is_on = |active: &[u32]| active[word] & mask != 0;
     if is_on(&e.active(blocks)?) == on {

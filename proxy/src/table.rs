@@ -23,6 +23,24 @@ fn skip(out: &mut Vec<Skipped>, object: String, reason: impl Into<String>) {
     out.push(Skipped { object, reason: reason.into() });
 }
 
+/// A Service or Endpoints port's protocol and number, or a skip naming what is wrong with it.
+fn checked_port(
+    skipped: &mut Vec<Skipped>,
+    object: &str,
+    protocol: Option<&str>,
+    port: i32,
+) -> Option<(Protocol, u16)> {
+    let Some(protocol) = Protocol::from_api(protocol) else {
+        skip(skipped, object.to_string(), format!("unknown protocol {:?}", protocol.unwrap_or("")));
+        return None;
+    };
+    let Some(port) = port_u16(port) else {
+        skip(skipped, object.to_string(), format!("port {port} out of range"));
+        return None;
+    };
+    Some((protocol, port))
+}
+
 fn port_u16(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
@@ -127,12 +145,7 @@ fn service_ports(
     for p in spec.ports.iter().flatten() {
         let port_name = p.name.clone().unwrap_or_default();
         let object = format!("Service {ns}/{name}:{port_name}");
-        let Some(protocol) = Protocol::from_api(p.protocol.as_deref()) else {
-            skip(skipped, object, format!("unknown protocol {:?}", p.protocol.as_deref().unwrap_or("")));
-            continue;
-        };
-        let Some(port) = port_u16(p.port) else {
-            skip(skipped, object, format!("port {} out of range", p.port));
+        let Some((protocol, port)) = checked_port(skipped, &object, p.protocol.as_deref(), p.port) else {
             continue;
         };
         let node_port = match p.node_port.filter(|_| with_node_ports) {
@@ -188,12 +201,7 @@ fn endpoint_ports(
         for p in subset.ports.iter().flatten() {
             let port_name = p.name.clone().unwrap_or_default();
             let object = format!("Endpoints {ns}/{name}:{port_name}");
-            let Some(protocol) = Protocol::from_api(p.protocol.as_deref()) else {
-                skip(skipped, object, format!("unknown protocol {:?}", p.protocol.as_deref().unwrap_or("")));
-                continue;
-            };
-            let Some(port) = port_u16(p.port) else {
-                skip(skipped, object, format!("port {} out of range", p.port));
+            let Some((protocol, port)) = checked_port(skipped, &object, p.protocol.as_deref(), p.port) else {
                 continue;
             };
             let set = out.entry((port_name, protocol)).or_default();
