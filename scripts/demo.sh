@@ -46,6 +46,42 @@ say "the kernel's view on node-1"
 "$WEFT" lab exec --name "$LAB" node-1 -- ip neigh show dev flannel.1
 "$WEFT" lab exec --name "$LAB" node-1 -- bridge fdb show dev flannel.1
 
+say "a Service in front of pod2 and pod3: weft apply, then weft proxy (iptables) on every node"
+for n in 2 3; do
+  # A tiny server in each backend pod that answers with its name.
+  ip netns exec "weft-$LAB-node-$n-pod$n" setsid socat TCP-LISTEN:8080,reuseaddr,fork "SYSTEM:echo hello from pod$n" \
+    </dev/null >/dev/null 2>&1 &
+done
+"$WEFT" lab exec --name "$LAB" node-1 -- weft apply -f - <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: hello}
+spec:
+  selector: {app: hello}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: hello}
+subsets:
+- addresses: [{ip: "${IP[2]}", nodeName: node-2}, {ip: "${IP[3]}", nodeName: node-3}]
+  ports: [{name: http, port: 8080}]
+YAML
+"$WEFT" lab exec --name "$LAB" node-1 -- weft get svc
+"$WEFT" lab exec --name "$LAB" node-1 -- weft get ep
+VIP=$("$WEFT" lab exec --name "$LAB" node-1 -- weft get svc hello -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["spec"]["clusterIP"])')
+for i in 1 2 3 4; do
+  for try in $(seq 1 20); do
+    out=$("$WEFT" lab exec --name "$LAB" node-1-pod1 -- socat -T2 - "TCP:$VIP:80,connect-timeout=2" 2>/dev/null) && break
+    sleep 0.25
+  done
+  echo "pod1 -> hello ($VIP:80): ${out:-FAILED}"
+  [ -n "$out" ] || exit 1
+done
+
+say "weft services   (on node-1: what the proxy serves and has programmed)"
+"$WEFT" lab exec --name "$LAB" node-1 -- weft services
+
 cat <<MSG
 
 The lab is still up. Try:

@@ -27,6 +27,9 @@ pub enum LabCommand {
         /// An extra flag for every node's `weft agent` (repeatable), e.g. --agent-arg=--resync=1
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+        /// The `weft proxy` mode on every node ("none" for no proxy)
+        #[arg(long, default_value = "iptables")]
+        proxy_mode: String,
     },
     /// Labs on this machine: nodes, addresses, subnets, agents, pods.
     Status {
@@ -66,8 +69,17 @@ pub enum PodAction {
 /// Runs one `weft lab` command; the result is the process exit code.
 pub fn run(cmd: LabCommand) -> Result<i32> {
     match cmd {
-        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args } => {
-            let opts = LabOptions { id: Some(name), nodes, network, backend, start_agents: !no_agents, agent_args };
+        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args, proxy_mode } => {
+            let proxy_mode = (proxy_mode != "none" && !no_agents).then_some(proxy_mode);
+            let opts = LabOptions {
+                id: Some(name),
+                nodes,
+                network,
+                backend,
+                start_agents: !no_agents,
+                agent_args,
+                proxy_mode,
+            };
             up(opts)
         }
         LabCommand::Status { name } => status(name.as_deref()),

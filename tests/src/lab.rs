@@ -32,6 +32,8 @@ pub struct LabOptions {
     pub start_agents: bool,
     /// Extra arguments for every `weft agent`.
     pub agent_args: Vec<String>,
+    /// Start `weft proxy --proxy-mode <mode>` on every node (after the agents).
+    pub proxy_mode: Option<String>,
 }
 
 impl Default for LabOptions {
@@ -43,6 +45,7 @@ impl Default for LabOptions {
             backend: "vxlan".into(),
             start_agents: true,
             agent_args: Vec::new(),
+            proxy_mode: None,
         }
     }
 }
@@ -418,6 +421,15 @@ impl Lab {
                 let env = std::fs::read_to_string(self.node(i).subnet_env_path()).unwrap_or_default();
                 let subnet = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap_or("?").to_string();
                 progress(&format!("node-{i}: subnet {subnet}"));
+            }
+        }
+        if let Some(mode) = &opts.proxy_mode {
+            for i in 1..=opts.nodes {
+                progress(&format!(
+                    "node-{i}: weft proxy --proxy-mode {mode} (log {})",
+                    self.node(i).proxy_log_path().display()
+                ));
+                self.start_proxy(i, mode, &[])?;
             }
         }
         Ok(())
