@@ -82,9 +82,12 @@ fn main() {
         Command::Routes(a) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::routes(a))).map(|_| 0),
         Command::Lab(cmd) => weft_lab::cli::run(cmd),
         Command::Proxy(args) => (|| {
-            let (opts, dataplane) = (args.options()?, args.dataplane()?);
-            runtime()?.block_on(weft_proxy::run::run(opts, dataplane))?;
-            Ok(0)
+            let opts = args.options()?;
+            runtime()?.block_on(async {
+                let dataplane = args.dataplane()?;
+                weft_proxy::run::run(opts, dataplane).await?;
+                Ok::<_, anyhow::Error>(0)
+            })
         })(),
         Command::Services(a) => runtime().and_then(|rt| rt.block_on(weft_proxy::cli::services(a))),
         Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::apply(a))).map(|_| 0),

@@ -25,7 +25,7 @@ pub enum Mode {
 pub struct ProxyArgs {
     #[command(flatten)]
     pub etcd: weft_api::EtcdArgs,
-    /// how to program services: userspace, iptables (ipvs and ebpf come later)
+    /// how to program services: userspace or iptables (ipvs and ebpf come later)
     #[arg(long, value_enum, default_value = "iptables")]
     pub proxy_mode: Mode,
     /// this node's name, as Pods' and Endpoints' nodeName carry it [default: the host name]
@@ -111,7 +111,11 @@ impl ProxyArgs {
                 };
                 Ok(Box::new(IptablesDataplane::new(CommandRunner::new(), cfg)))
             }
-            Mode::Userspace => bail!("--proxy-mode userspace is not in this build yet"),
+            // Its sockets live in this namespace and run on the daemon's runtime: call this inside it.
+            Mode::Userspace => Ok(Box::new(crate::userspace::UserspaceDataplane::new(
+                CommandRunner::new(),
+                tokio::runtime::Handle::try_current().context("the userspace mode needs the daemon's runtime")?,
+            ))),
             Mode::Ipvs | Mode::Ebpf => {
                 bail!("--proxy-mode {:?} is not implemented yet (use iptables)", self.proxy_mode)
             }

@@ -13,6 +13,7 @@ pub mod run;
 pub mod status;
 pub mod table;
 pub mod tracker;
+pub mod userspace;
 
 pub use dataplane::{Dataplane, SyncStats};
 pub use model::{Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
