@@ -10,6 +10,8 @@ use crate::model::{ServicePortName, ServiceTable};
 pub enum Error {
     #[error("iptables sync failed")]
     Iptables(#[from] crate::iptables::Error),
+    #[error("userspace sync failed")]
+    Userspace(#[from] crate::userspace::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,6 +8,7 @@ pub mod model;
 pub mod proxier;
 pub mod table;
 pub mod tracker;
+pub mod userspace;
 
 pub use dataplane::{Dataplane, SyncStats};
 pub use model::{Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
