@@ -951,4 +951,90 @@ COMMIT
         assert!(!again.text.contains("-I ") && !again.text.contains("-X "), "{}", again.text);
         assert_eq!(again.rules, first.rules);
     }
+
+    /// Records every tool run; fails `iptables-restore` while `fail` is set.
+    #[derive(Clone, Default)]
+    struct FakeRunner {
+        calls: Arc<Mutex<Vec<String>>>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Runner for FakeRunner {
+        fn run(&mut self, program: &str, _: &[&str], _: Option<&[u8]>) -> crate::iptables::Result<Vec<u8>> {
+            lock(&self.calls).push(program.to_string());
+            if program == "iptables-restore" && self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(crate::iptables::Error::Failed {
+                    program: program.into(),
+                    status: "exit status: 2".into(),
+                    stderr: "iptables-restore: line 7 failed".into(),
+                });
+            }
+            Ok(vec![])
+        }
+    }
+
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            out = format!("{out}: {c}");
+            cur = c.source();
+        }
+        out
+    }
+
+    /// The daemon calls `sync` on its own current-thread runtime: sockets are opened there without waiting
+    /// for the runtime (which would deadlock), and the relay works. Loopback only.
+    #[tokio::test(flavor = "current_thread")]
+    async fn sync_on_the_runtime_thread_binds_and_relays() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"hello").await;
+            }
+        });
+        let runner = FakeRunner::default();
+        let cfg = Config { listen_ip: Ipv4Addr::LOCALHOST, ..Config::default() };
+        let mut dp = UserspaceDataplane::new(runner.clone(), cfg, Handle::current());
+        let mut e = entry([10, 96, 0, 20], 80, &[]);
+        e.endpoints =
+            vec![Endpoint { ip: Ipv4Addr::LOCALHOST, port: backend, node_name: None, is_local: true, ready: true }];
+        let name = ServicePortName::new("default", "web", "", Protocol::Tcp);
+        let table: ServiceTable = [(name.clone(), e)].into();
+        let stats = dp.sync(&table, None).unwrap();
+        assert!(stats.full && stats.rules_written == 2, "{stats:?}");
+        let port = dp.sockets().next().unwrap().1;
+        let mut c = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.unwrap();
+        let mut got = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut c, &mut got).await.unwrap();
+        assert_eq!(got, "hello");
+
+        // A partial sync trusts what it installed; a failed restore makes the next sync read the kernel again.
+        dp.sync(&table, Some(&[name.clone()].into())).unwrap();
+        assert_eq!(*lock(&runner.calls), ["iptables-save", "iptables-restore", "iptables-restore"]);
+        runner.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        let err = dp.sync(&table, Some(&BTreeSet::new())).unwrap_err();
+        assert!(chain(&err).contains("line 7 failed"), "{}", chain(&err));
+        runner.fail.store(false, std::sync::atomic::Ordering::Relaxed);
+        lock(&runner.calls).clear();
+        assert!(dp.sync(&table, Some(&BTreeSet::new())).unwrap().full);
+        assert_eq!(*lock(&runner.calls), ["iptables-save", "iptables-restore"]);
+        assert_eq!(dp.sockets().next().unwrap().1, port, "the socket outlives a failed sync");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_bind_failure_names_the_port_and_still_syncs_the_rules() {
+        // TEST-NET-1 is on no interface here, so binding it fails with EADDRNOTAVAIL.
+        let cfg = Config { listen_ip: Ipv4Addr::new(192, 0, 2, 1), ..Config::default() };
+        let runner = FakeRunner::default();
+        let mut dp = UserspaceDataplane::new(runner.clone(), cfg, Handle::current());
+        let name = ServicePortName::new("default", "web", "http", Protocol::Udp);
+        let table: ServiceTable = [(name, entry([10, 96, 0, 20], 53, &[[10, 244, 1, 2]]))].into();
+        let err = dp.sync(&table, None).unwrap_err();
+        let text = chain(&err);
+        assert!(text.contains("UDP proxy socket of default/web:http on 192.0.2.1:0"), "{text}");
+        assert!(text.contains("ddress"), "the OS cause is kept: {text}");
+        assert_eq!(*lock(&runner.calls), ["iptables-save", "iptables-restore"], "the rules are still synced");
+    }
 }
