@@ -114,6 +114,10 @@ impl ProxyArgs {
             // Its sockets live in this namespace and run on the daemon's runtime: call this inside it.
             Mode::Userspace => Ok(Box::new(crate::userspace::UserspaceDataplane::new(
                 CommandRunner::new(),
+                crate::userspace::Config {
+                    nodeport_addresses: self.nodeport_addresses.clone(),
+                    ..crate::userspace::Config::default()
+                },
                 tokio::runtime::Handle::try_current().context("the userspace mode needs the daemon's runtime")?,
             ))),
             Mode::Ipvs | Mode::Ebpf => {

@@ -11,7 +11,7 @@ pub enum Error {
     #[error("iptables sync failed")]
     Iptables(#[from] crate::iptables::Error),
     #[error("userspace sync failed")]
-    Userspace(#[source] crate::userspace::Error),
+    Userspace(#[from] crate::userspace::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
