@@ -48,6 +48,10 @@ const PASS_ADDR: &str = "172.20.0.1";
 const TARGET_VIP_DIRECT: f64 = 0.9;
 const TARGET_FULL: f64 = 0.5;
 const TARGET_PARTIAL: f64 = 1.5;
+/// How `daemon_rss` reports a proxy that cannot list its objects (etcd-client's 4 MiB gRPC message limit).
+const TOO_LARGE: &str = "the proxy's etcd list exceeds the gRPC message limit";
+/// Below that limit with 10 endpoints per service (10,000 Endpoints objects are 4.36 MB).
+const RSS_FALLBACK_SERVICES: u32 = 9_000;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -529,6 +533,10 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
                         }
                     }
                 }
+                let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
+                if let Some(l) = log.lines().find(|l| l.contains("message length too large")) {
+                    bail!("{TOO_LARGE}: {}", l.split("error=").nth(1).unwrap_or(l));
+                }
                 if Instant::now() > deadline {
                     bail!("weft proxy did not sync every service within 240 s");
                 }
@@ -727,12 +735,27 @@ fn main() -> Result<()> {
 
     // ---- memory
     eprintln!("== memory: weft proxy ({}) fed {n} Services + Endpoints from etcd", weft_bin.display());
-    let rss = if weft_bin.exists() {
-        Some(daemon_rss(&full_table, &weft_bin)?)
+    let mut rss_notes = Vec::new();
+    let mut rss = None;
+    if !weft_bin.exists() {
+        rss_notes.push(format!("{} missing: not measured (cargo build --release builds it)", weft_bin.display()));
     } else {
-        eprintln!("  {} missing: skipped (build it with cargo build --release)", weft_bin.display());
-        None
-    };
+        match daemon_rss(&full_table, &weft_bin) {
+            Ok(r) => rss = Some((n, r)),
+            Err(e) => {
+                eprintln!("  at {n} services: {e:#}");
+                rss_notes.push(format!("at {n} services the proxy never synced: {e:#}"));
+                if format!("{e:#}").contains(TOO_LARGE) && n > RSS_FALLBACK_SERVICES {
+                    let m = RSS_FALLBACK_SERVICES;
+                    eprintln!("== memory: again with {m} Services + Endpoints");
+                    match daemon_rss(&big_table(m, 10), &weft_bin) {
+                        Ok(r) => rss = Some((m, r)),
+                        Err(e) => rss_notes.push(format!("at {m} services: {e:#}")),
+                    }
+                }
+            }
+        }
+    }
 
     // ---- summary
     let rps = |k: usize, t: &str| -> Vec<f64> { results[&(k, t)].iter().map(|w| w.rps).collect() };
@@ -876,11 +899,14 @@ fn main() -> Result<()> {
         );
     }
     println!();
-    if let Some(r) = rss {
-        println!("## Service proxy: memory");
-        println!();
+    println!("## Service proxy: memory");
+    println!();
+    for note in &rss_notes {
+        println!("- {note}");
+    }
+    if let Some((m, r)) = &rss {
         println!(
-            "`weft proxy` (iptables mode, release) fed {n} Services + {n} Endpoints (10 addresses each) from etcd in its own namespace: \
+            "`weft proxy` (iptables mode, release) fed {m} Services + {m} Endpoints (10 addresses each) from etcd in its own namespace: \
              **VmRSS {:.1} MB** (peak VmHWM {:.1} MB) once every service was in the kernel ({} WEFT-SVC chains; \
              its own metric: {} sync(s) taking {:.2} s in all).",
             r.rss_kb as f64 / 1024.0,
@@ -892,5 +918,8 @@ fn main() -> Result<()> {
         println!();
     }
     println!("(service proxy benchmark took {:.0} s)", started.elapsed().as_secs_f64());
+    if rss.is_none() {
+        bail!("the proxy's memory could not be measured");
+    }
     Ok(())
 }
