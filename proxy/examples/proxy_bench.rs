@@ -53,6 +53,21 @@ const TOO_LARGE: &str = "the proxy's etcd list exceeds the gRPC message limit";
 /// Below that limit with 10 endpoints per service (10,000 Endpoints objects are 4.36 MB).
 const RSS_FALLBACK_SERVICES: u32 = 9_000;
 
+/// Set by SIGINT/SIGTERM: the program stops at the next step and its guards remove every namespace (a
+/// Ctrl-C also reaches the running wrk or iptables-restore, whose failure ends the step early).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -349,6 +364,7 @@ fn full_syncs(
         } else {
             eprintln!("  kube-proxy layout, {kube_batches} iptables-restore --noflush into {} ...", kube_ns.name());
             for b in &kube_r.batches {
+                check_interrupted()?;
                 kube += restore(kube_ns, b, None)?.ok_or_else(|| anyhow!("restore timed out"))?;
             }
             eprintln!("  kube-proxy layout, batched: {:.2} s", kube.as_secs_f64());
@@ -519,6 +535,7 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
             let deadline = Instant::now() + Duration::from_secs(240);
             // Synced at least once, and every service is in the kernel.
             let (sync_s, syncs, svc_chains) = loop {
+                check_interrupted()?;
                 if let Some(st) = proxy.try_wait()? {
                     bail!("weft proxy exited ({st})");
                 }
@@ -595,6 +612,11 @@ fn main() -> Result<()> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/weft"));
     let started = Instant::now();
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
 
     let small = big_table(10, 10);
     let mut large = big_table(n, 10);
@@ -666,6 +688,7 @@ fn main() -> Result<()> {
             if round % 2 == 0 { (0..paths.len()).collect() } else { (0..paths.len()).rev().collect() };
         for k in order {
             for (what, url) in targets(k) {
+                check_interrupted()?;
                 let w = wrk(&paths[k].client, &url, secs, conns)?;
                 eprintln!(
                     "   round {}: {:<22} {:<6} {:>8.0} conn/s, latency avg {:.2} ms p99 {:.2} ms{}",
@@ -694,6 +717,7 @@ fn main() -> Result<()> {
         .collect();
     let mut partials = Vec::new();
     for r in 0..partial_reps {
+        check_interrupted()?;
         let p = partial_syncs(&mut large, &mut kube_state, &services_chain, &mut dp_large, &paths[4].node, n / 2 + r)?;
         eprintln!(
             "   change {}: weft partial {:.1} ms ({} B), kube-proxy minimal restore {:.1} ms ({} B), kube-proxy with KUBE-SERVICES {:.1} ms ({} B)",
@@ -714,12 +738,14 @@ fn main() -> Result<()> {
 
     let full_table = big_table(n, 10);
     for rep in 1..cp_reps {
+        check_interrupted()?;
         eprintln!("== control plane: full sync, rep {}/{cp_reps} in fresh namespaces", rep + 1);
         let (a, b) = (Netns::create("pcpw")?, Netns::create("pcpk")?);
         let (_, f) = full_syncs(&full_table, &a, &b, rep % 2 == 0)?;
         fulls.push(f);
     }
 
+    check_interrupted()?;
     // kube-proxy's own single restore: at N (given up at the limit), and at N/10 beside weft's full sync.
     eprintln!("== control plane: kube-proxy's layout in ONE restore, as kube-proxy writes it");
     let one_large = one_restore(&full_table, one_limit)?;
@@ -733,6 +759,7 @@ fn main() -> Result<()> {
         d
     };
 
+    check_interrupted()?;
     // ---- memory
     eprintln!("== memory: weft proxy ({}) fed {n} Services + Endpoints from etcd", weft_bin.display());
     let mut rss_notes = Vec::new();
