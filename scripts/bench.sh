@@ -5,6 +5,9 @@
 #    (the overlay) and node-1 → node-2 (the underlay, the same veths and bridge without weft), alternating,
 #    BENCH_ROUNDS rounds (3) of BENCH_SECS seconds (5) each. Everything runs inside the lab's namespaces.
 # 2. Convergence, single-add latency and agent memory: tests/examples/overlay_bench.rs (BENCH_REPS, 3).
+# 3. Service proxy (iptables mode, weft's dispatch vs kube-proxy's layout): proxy/examples/proxy_bench.rs —
+#    new connections with wrk through client/node/server namespaces at 10 and BENCH_SERVICES (10,000)
+#    services, full and one-endpoint syncs, and the RSS of a real `weft proxy`. BENCH_PROXY=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -105,6 +108,11 @@ throughput host-gw
 echo "== convergence: cargo run --release -p weft-lab --example overlay_bench (WEFT_BIN=$WEFT)" >&2
 WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example overlay_bench >"$OUT/converge.md" || fail "convergence benchmark failed"
 
+if [ "${BENCH_PROXY:-1}" = 1 ]; then
+  echo "== service proxy: cargo run --release -p weft-proxy --example proxy_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-proxy --example proxy_bench >"$OUT/proxy.md" || fail "service proxy benchmark failed"
+fi
+
 echo
 echo "## Overlay throughput (iperf3, 1 TCP stream, $ROUNDS alternating rounds x ${SECS}s)"
 echo
@@ -113,4 +121,5 @@ echo "|---|---|---|---|---|---|"
 for row in "${THROUGHPUT_ROWS[@]}"; do echo "$row"; done
 echo
 cat "$OUT/converge.md"
+[ -s "$OUT/proxy.md" ] && { echo; cat "$OUT/proxy.md"; }
 exit $failed

@@ -12,6 +12,8 @@ PACKAGES=(
   ethtool                            # to check checksum offload on flannel.1
   containernetworking-plugins        # bridge + host-local, the delegates of weft-cni
   iputils-ping curl socat iperf3     # test and benchmark clients
+  wrk                                # new-connection rate and latency through the service proxy (make bench)
+  haproxy                            # the userspace L4 proxy the userspace mode is compared with (make bench)
   procps                             # ps, sysctl
   openssl                            # test certificates for etcd over TLS
 )
