@@ -19,7 +19,7 @@ demo: setup
 
 lint: setup
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Tests that need root and namespaces run with everything else; each owns its namespaces and etcd.
 test: setup lint

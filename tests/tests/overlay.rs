@@ -41,7 +41,7 @@ fn weft_json(lab: &Lab, node: usize, args: &[&str]) -> Value {
     let n = lab.node(node);
     let sf = n.subnet_env_path();
     let mut cmd = n.ns().command(weft_lab::weft_bin());
-    cmd.args(args).args(["-o", "json", "--etcd-endpoints", &lab.etcd_endpoint()]);
+    cmd.args(args).args(["-o", "json", "--etcd-endpoints", lab.etcd_endpoint()]);
     if args[0] == "routes" {
         cmd.arg("--subnet-file").arg(&sf);
     }
@@ -66,7 +66,7 @@ fn put_fake_lease(lab: &Lab, subnet_key: &str, public_ip: &str, mac: &str) {
 
 #[test]
 fn pods_ping_and_connect_across_nodes() {
-    let mut lab = lab(3, "vxlan", &[]);
+    let lab = lab(3, "vxlan", &[]);
     let pods: Vec<_> = (1..=3).map(|i| lab.add_pod(i, &format!("p{i}")).expect("pod")).collect();
     // Every node's subnet is distinct and each pod's address is inside its node's subnet.
     let subnets: Vec<String> = (1..=3).map(|i| subnet(&lab, i)).collect();
@@ -179,7 +179,7 @@ fn restarted_agent_keeps_its_subnet_and_drops_no_packets() {
 
 #[test]
 fn route_deleted_by_hand_and_device_deleted_are_restored() {
-    let mut lab = lab(2, "vxlan", &["--resync", "1"]);
+    let lab = lab(2, "vxlan", &["--resync", "1"]);
     let s2 = subnet(&lab, 2);
     wait(&lab, 20, "route to node-2", || routes_on(&lab, 1, "flannel.1").contains(&s2));
     lab.node(1).ns().ip(&["route", "del", &s2]).unwrap();
@@ -265,7 +265,7 @@ fn missing_config_is_reported_then_picked_up() {
 
 #[test]
 fn host_gw_backend_routes_via_public_ips() {
-    let mut lab = lab(2, "host-gw", &[]);
+    let lab = lab(2, "host-gw", &[]);
     let s2 = subnet(&lab, 2);
     wait(&lab, 20, "host-gw route", || {
         lab.node(1).ns().ip(&["route", "show", &s2]).unwrap_or_default().contains(&format!("via {}", lab.node(2).ip()))
@@ -279,7 +279,7 @@ fn host_gw_backend_routes_via_public_ips() {
 
 #[test]
 fn ip_masq_rules_hide_pods_from_the_outside_and_come_back() {
-    let mut lab = lab(1, "vxlan", &["--ip-masq", "--iptables-resync", "1"]);
+    let lab = lab(1, "vxlan", &["--ip-masq", "--iptables-resync", "1"]);
     let p = lab.add_pod(1, "a").unwrap();
     // The fabric has no route to the pod network: only a masqueraded ping gets its reply.
     wait(&lab, 20, "a pod reaches the fabric through masquerade", || ping(&p, "192.168.56.10"));

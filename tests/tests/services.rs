@@ -108,7 +108,7 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 fn setup(mode: &'static str) -> Result<Env> {
-    let mut lab = Lab::up(LabOptions { nodes: 2, ..LabOptions::default() }, &mut |_| {})?;
+    let lab = Lab::up(LabOptions { nodes: 2, ..LabOptions::default() }, &mut |_| {})?;
     let client = lab.add_pod(1, "client")?;
     let mut servers = BTreeMap::new();
     for (name, node) in [("s1", 1), ("s2", 2), ("s3", 2)] {
@@ -136,9 +136,7 @@ fn setup(mode: &'static str) -> Result<Env> {
     yaml += &endpoints(&env, "web", &["s2", "s3"], "http", 9376, "TCP");
     yaml += &service("local", "  clusterIP: 10.96.100.2\n", "http", 80, 9376, "TCP");
     yaml += &endpoints(&env, "local", &["s1"], "http", 9376, "TCP");
-    yaml += &format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: np}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.100.3\n  ports: [{{name: http, port: 80, targetPort: 9376, nodePort: 30080}}]\n---\n"
-    );
+    yaml += "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  clusterIP: 10.96.100.3\n  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30080}]\n---\n";
     yaml += &endpoints(&env, "np", &["s1", "s2", "s3"], "http", 9376, "TCP");
     yaml += &service("ext", "  clusterIP: 10.96.100.4\n  externalIPs: [203.0.113.10]\n", "http", 80, 9376, "TCP");
     yaml += &endpoints(&env, "ext", &["s2"], "http", 9376, "TCP");
