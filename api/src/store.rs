@@ -181,6 +181,24 @@ fn release_op((key, owner): &(String, String)) -> TxnOp {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// Keys per range request when listing: one reply must stay under the client's 4 MiB message limit
+    /// (10,000 Endpoints of 10 addresses are ~4.4 MB), so lists are paged at one revision.
+    page_size: i64,
+}
+
+/// Keys per page of a list; an object is at most a few KB, so a page stays far below 4 MiB.
+pub const LIST_PAGE: i64 = 500;
+
+/// The end of the key range that holds every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the whole key space
 }
 
 fn etcd<'a>(op: &'static str, key: &'a str) -> impl FnOnce(etcd_client::Error) -> Error + 'a {
@@ -222,7 +240,13 @@ fn spec_of<K: Serialize>(obj: &K) -> Option<serde_json::Value> {
 
 impl Store {
     pub fn new(client: Client) -> Self {
-        Store { client }
+        Store { client, page_size: LIST_PAGE }
+    }
+
+    /// The same store listing `page_size` keys per request (tests use small pages).
+    pub fn with_page_size(mut self, page_size: i64) -> Self {
+        self.page_size = page_size.max(1);
+        self
     }
 
     pub fn client(&self) -> Client {
@@ -322,28 +346,46 @@ impl Store {
     /// consistent at (watch from `revision + 1`). Values that do not decode are logged and skipped.
     pub async fn list<K: Object>(&self, namespace: Option<&str>) -> Result<(Vec<K>, i64)> {
         let pfx = prefix::<K>(namespace);
-        let resp = self
-            .client
-            .clone()
-            .get(pfx.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd("list", &pfx))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let mut out = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            if parse_key::<K>(&key).is_none() {
-                tracing::warn!(key = %key, kind = K::KIND, "skipping a key that does not name an object");
-                continue;
+        let end = prefix_end(pfx.as_bytes());
+        let mut start = pfx.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            // Every page at the first page's revision, so the list is one consistent snapshot.
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(self.page_size);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
             }
-            match decode::<K>(kv) {
-                Ok(o) => out.push(o),
-                Err(e) => {
-                    tracing::warn!(key = %key, kind = K::KIND, error = %crate::error_chain(&e), "skipping an undecodable object")
+            let resp = self.client.clone().get(start.clone(), Some(opts)).await.map_err(etcd("list", &pfx))?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            for kv in resp.kvs() {
+                self.decode_listed::<K>(kv, &mut out);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
                 }
+                _ => break,
             }
         }
         Ok((out, revision))
+    }
+
+    fn decode_listed<K: Object>(&self, kv: &etcd_client::KeyValue, out: &mut Vec<K>) {
+        let key = String::from_utf8_lossy(kv.key());
+        if parse_key::<K>(&key).is_none() {
+            tracing::warn!(key = %key, kind = K::KIND, "skipping a key that does not name an object");
+            return;
+        }
+        match decode::<K>(kv) {
+            Ok(o) => out.push(o),
+            Err(e) => {
+                tracing::warn!(key = %key, kind = K::KIND, error = %crate::error_chain(&e), "skipping an undecodable object")
+            }
+        }
     }
 
     /// Compare-and-swap: writes `obj` if the stored object's revision is `obj`'s resourceVersion (or, without one,
