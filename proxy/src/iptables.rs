@@ -173,9 +173,17 @@ pub fn is_proxy_chain(name: &str) -> bool {
     FIXED.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
 }
 
-/// Parses `iptables-save` output (all tables) for our chains and hooks.
-pub fn parse_save(text: &str) -> Existing {
-    let mut out = Existing::default();
+/// A rule of a built-in chain jumping to one of ours: (table, built-in chain, rule after `-A <chain> `, target).
+pub type SavedHook = (Table, String, String, String);
+
+/// One pass over `iptables-save` output (nat and filter): the chains `owns` claims, and every rule of a
+/// built-in chain that jumps to one of them as (table, built-in chain, the rule after `-A <chain> `, target).
+/// Shared by the modes, which differ only in what they own.
+pub fn scan_save(
+    text: &str,
+    owns: impl Fn(&str) -> bool,
+) -> (BTreeSet<ChainKey>, Vec<(Table, String, String, String)>) {
+    let (mut chains, mut hooks) = (BTreeSet::new(), Vec::new());
     let mut table = None;
     for line in text.lines() {
         if let Some(t) = line.strip_prefix('*') {
@@ -188,20 +196,25 @@ pub fn parse_save(text: &str) -> Existing {
         }
         let Some(t) = table else { continue };
         if let Some(decl) = line.strip_prefix(':') {
-            if let Some(name) = decl.split_whitespace().next().filter(|n| is_proxy_chain(n)) {
-                out.chains.insert((t, name.to_string()));
+            if let Some(name) = decl.split_whitespace().next().filter(|n| owns(n)) {
+                chains.insert((t, name.to_string()));
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
-            let mut words = rule.split_whitespace();
-            let chain = words.next().unwrap_or_default();
-            let words: Vec<&str> = words.collect();
+            let Some((chain, rest)) = rule.split_once(' ') else { continue };
+            let words: Vec<&str> = rest.split_whitespace().collect();
             let target = words.windows(2).find(|w| w[0] == "-j").map(|w| w[1]).unwrap_or_default();
-            if !chain.starts_with(PREFIX) && is_proxy_chain(target) {
-                out.hooks.insert((t, chain.to_string(), target.to_string()));
+            if !chain.starts_with(PREFIX) && owns(target) {
+                hooks.push((t, chain.to_string(), rest.to_string(), target.to_string()));
             }
         }
     }
-    out
+    (chains, hooks)
+}
+
+/// Parses `iptables-save` output (all tables) for our chains and hooks.
+pub fn parse_save(text: &str) -> Existing {
+    let (chains, hooks) = scan_save(text, is_proxy_chain);
+    Existing { chains, hooks: hooks.into_iter().map(|(t, chain, _, target)| (t, chain, target)).collect() }
 }
 
 /// The jumps from built-in chains into ours, as kube-proxy installs them (inserted first).

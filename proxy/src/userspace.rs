@@ -191,30 +191,8 @@ fn table_name(t: Table) -> &'static str {
 
 /// Parses `iptables-save` output for our chains and the rules that jump to them.
 pub fn parse_save(text: &str) -> Existing {
-    let mut out = Existing::default();
-    let mut table = None;
-    for line in text.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = match t.trim() {
-                "nat" => Some(Table::Nat),
-                "filter" => Some(Table::Filter),
-                _ => None,
-            };
-            continue;
-        }
-        let Some(t) = table else { continue };
-        if let Some(decl) = line.strip_prefix(':') {
-            if let Some(name) = decl.split_whitespace().next().filter(|n| n.starts_with(PREFIX)) {
-                out.chains.insert((t, name.to_string()));
-            }
-        } else if let Some(rule) = line.strip_prefix("-A ") {
-            let Some((chain, rest)) = rule.split_once(' ') else { continue };
-            if !chain.starts_with(PREFIX) && jump_target(rest).is_some_and(|j| j.starts_with(PREFIX)) {
-                out.hooks.push((t, chain.to_string(), rest.to_string()));
-            }
-        }
-    }
-    out
+    let (chains, hooks) = crate::iptables::scan_save(text, |n| n.starts_with(PREFIX));
+    Existing { chains, hooks: hooks.into_iter().map(|(t, chain, rest, _)| (t, chain, rest)).collect() }
 }
 
 /// Our chains and the jumps into them, inserted first in the built-in chains as kube-proxy does.
