@@ -179,10 +179,7 @@ pub type SavedHook = (Table, String, String, String);
 /// One pass over `iptables-save` output (nat and filter): the chains `owns` claims, and every rule of a
 /// built-in chain that jumps to one of them as (table, built-in chain, the rule after `-A <chain> `, target).
 /// Shared by the modes, which differ only in what they own.
-pub fn scan_save(
-    text: &str,
-    owns: impl Fn(&str) -> bool,
-) -> (BTreeSet<ChainKey>, Vec<(Table, String, String, String)>) {
+pub fn scan_save(text: &str, owns: impl Fn(&str) -> bool) -> (BTreeSet<ChainKey>, Vec<SavedHook>) {
     let (mut chains, mut hooks) = (BTreeSet::new(), Vec::new());
     let mut table = None;
     for line in text.lines() {
