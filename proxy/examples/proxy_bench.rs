@@ -73,7 +73,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 /// `n` services with random-looking VIPs in 10.96.0.0/12 (as an allocator spreads them), `eps` endpoints
-/// each, port 80 → 8080 (the generator of proxy/tests/scale.rs).
+/// each, port 80 → 8080.
 fn big_table(n: u32, eps: u32) -> ServiceTable {
     let mut t = ServiceTable::new();
     let mut used = BTreeSet::new();
