@@ -95,16 +95,7 @@ fn big_table(n: u32, eps: u32) -> ServiceTable {
                 ready: true,
             })
             .collect();
-        let port = ServicePort {
-            cluster_ip: Some(vip),
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            session_affinity: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-        };
+        let port = ServicePort::cluster_ip(vip, 80);
         t.insert(spn(i), ServiceEntry { port, endpoints });
     }
     t

@@ -77,20 +77,8 @@ mod tests {
 
     fn entry(node_port: Option<u16>, eps: &[[u8; 4]]) -> ServiceEntry {
         ServiceEntry {
-            port: ServicePort {
-                cluster_ip: Some([10, 96, 0, 10].into()),
-                port: 53,
-                node_port,
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                session_affinity: None,
-                external_policy_local: false,
-                internal_policy_local: false,
-            },
-            endpoints: eps
-                .iter()
-                .map(|ip| Endpoint { ip: (*ip).into(), port: 53, node_name: None, is_local: false, ready: true })
-                .collect(),
+            port: ServicePort { node_port, ..ServicePort::cluster_ip([10, 96, 0, 10].into(), 53) },
+            endpoints: eps.iter().map(|ip| Endpoint::ready((*ip).into(), 53)).collect(),
         }
     }
 

@@ -1014,16 +1014,7 @@ mod tests {
     }
 
     fn port(ip: [u8; 4]) -> ServicePort {
-        ServicePort {
-            cluster_ip: Some(ip.into()),
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            session_affinity: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-        }
+        ServicePort::cluster_ip(ip.into(), 80)
     }
 
     /// `n` services in 10.96.0.0/12 spread like a random allocator would, 10 endpoints each.

@@ -93,6 +93,21 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A plain ClusterIP port: no node port, external or LB IPs, affinity or Local policies. The base
+    /// that variants are built from (`ServicePort { node_port: Some(..), ..ServicePort::cluster_ip(..) }`).
+    pub fn cluster_ip(ip: Ipv4Addr, port: u16) -> ServicePort {
+        ServicePort {
+            cluster_ip: Some(ip),
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            session_affinity: None,
+            external_policy_local: false,
+            internal_policy_local: false,
+        }
+    }
+
     /// Reachable from outside the cluster (node port, external or load-balancer IPs).
     pub fn is_external(&self) -> bool {
         self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
@@ -108,6 +123,13 @@ pub struct Endpoint {
     /// Runs on this node (its `nodeName` is ours).
     pub is_local: bool,
     pub ready: bool,
+}
+
+impl Endpoint {
+    /// A ready endpoint on no particular node.
+    pub fn ready(ip: Ipv4Addr, port: u16) -> Endpoint {
+        Endpoint { ip, port, node_name: None, is_local: false, ready: true }
+    }
 }
 
 impl fmt::Display for Endpoint {

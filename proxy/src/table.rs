@@ -237,16 +237,7 @@ mod tests {
         Endpoint { ip: ip.into(), port, node_name: node.map(Into::into), is_local: local, ready: true }
     }
     fn base(ip: [u8; 4], port: u16) -> ServicePort {
-        ServicePort {
-            cluster_ip: Some(ip.into()),
-            port,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            session_affinity: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-        }
+        ServicePort::cluster_ip(ip.into(), port)
     }
     fn my_service_endpoints() -> Endpoints {
         eps(json!({"metadata": {"name": "my-service", "namespace": "default"},

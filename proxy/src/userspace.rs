@@ -817,20 +817,8 @@ mod tests {
 
     fn entry(vip: [u8; 4], port: u16, eps: &[[u8; 4]]) -> ServiceEntry {
         ServiceEntry {
-            port: ServicePort {
-                cluster_ip: Some(vip.into()),
-                port,
-                node_port: None,
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                session_affinity: None,
-                external_policy_local: false,
-                internal_policy_local: false,
-            },
-            endpoints: eps
-                .iter()
-                .map(|ip| Endpoint { ip: (*ip).into(), port: 8080, node_name: None, is_local: false, ready: true })
-                .collect(),
+            port: ServicePort::cluster_ip(vip.into(), port),
+            endpoints: eps.iter().map(|ip| Endpoint::ready((*ip).into(), 8080)).collect(),
         }
     }
 

@@ -87,20 +87,8 @@ fn spn(name: &str) -> ServicePortName {
 
 fn entry(vip: [u8; 4], backends: &[[u8; 4]]) -> ServiceEntry {
     ServiceEntry {
-        port: ServicePort {
-            cluster_ip: Some(vip.into()),
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            session_affinity: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-        },
-        endpoints: backends
-            .iter()
-            .map(|ip| Endpoint { ip: (*ip).into(), port: 8080, node_name: None, is_local: false, ready: true })
-            .collect(),
+        port: ServicePort::cluster_ip(vip.into(), 80),
+        endpoints: backends.iter().map(|ip| Endpoint::ready((*ip).into(), 8080)).collect(),
     }
 }
 

@@ -131,20 +131,8 @@ fn spn(name: &str, protocol: Protocol) -> ServicePortName {
 
 fn entry(vip: [u8; 4], port: u16, backends: &[([u8; 4], u16)]) -> ServiceEntry {
     ServiceEntry {
-        port: ServicePort {
-            cluster_ip: Some(vip.into()),
-            port,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            session_affinity: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-        },
-        endpoints: backends
-            .iter()
-            .map(|(ip, port)| Endpoint { ip: (*ip).into(), port: *port, node_name: None, is_local: false, ready: true })
-            .collect(),
+        port: ServicePort::cluster_ip(vip.into(), port),
+        endpoints: backends.iter().map(|(ip, port)| Endpoint::ready((*ip).into(), *port)).collect(),
     }
 }
 
