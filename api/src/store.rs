@@ -168,6 +168,17 @@ pub struct Claims {
     pub release: Vec<(String, String)>,
 }
 
+impl Claims {
+    /// Adds the claims (create-if-absent) and releases to a transaction writing an object.
+    fn add_to(&self, when: &mut Vec<Compare>, ops: &mut Vec<TxnOp>) {
+        for (k, v) in &self.claim {
+            when.push(Compare::version(k.clone(), CompareOp::Equal, 0));
+            ops.push(TxnOp::put(k.clone(), v.clone(), None));
+        }
+        ops.extend(self.release.iter().map(release_op));
+    }
+}
+
 fn release_op((key, owner): &(String, String)) -> TxnOp {
     // Nested so that a key someone else holds is left alone without failing the whole write.
     TxnOp::txn(
@@ -298,11 +309,7 @@ impl Store {
         let value = Self::encode(&key, &obj)?;
         let mut when = vec![Compare::version(path.clone(), CompareOp::Equal, 0)];
         let mut ops = vec![TxnOp::put(path.clone(), value, None)];
-        for (k, v) in &claims.claim {
-            when.push(Compare::version(k.clone(), CompareOp::Equal, 0));
-            ops.push(TxnOp::put(k.clone(), v.clone(), None));
-        }
-        ops.extend(claims.release.iter().map(release_op));
+        claims.add_to(&mut when, &mut ops);
         let resp = self.client.clone().txn(Txn::new().when(when).and_then(ops)).await.map_err(etcd("txn", &path))?;
         if !resp.succeeded() {
             if self.exists(&path).await? {
@@ -435,11 +442,7 @@ impl Store {
         let value = Self::encode(&key, &new)?;
         let mut when = vec![Compare::mod_revision(path.clone(), CompareOp::Equal, current_rev)];
         let mut ops = vec![TxnOp::put(path.clone(), value, None)];
-        for (k, v) in &claims.claim {
-            when.push(Compare::version(k.clone(), CompareOp::Equal, 0));
-            ops.push(TxnOp::put(k.clone(), v.clone(), None));
-        }
-        ops.extend(claims.release.iter().map(release_op));
+        claims.add_to(&mut when, &mut ops);
         let resp = self.client.clone().txn(Txn::new().when(when).and_then(ops)).await.map_err(etcd("txn", &path))?;
         if !resp.succeeded() {
             let now: K = self.get(key.namespace.as_deref(), &key.name).await?;
