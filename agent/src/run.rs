@@ -268,18 +268,23 @@ impl Agent {
         }
     }
 
-    /// Desired kernel objects for the current leases.
-    fn desired(&self) -> KernelState {
-        let leases = self.table.valid(&self.cfg);
+    /// Desired kernel objects for these (valid) leases.
+    fn desired(&self, leases: &[Lease]) -> KernelState {
         match &self.dataplane {
-            Dataplane::Vxlan { spec, ifindex } => plan::desired_vxlan(self.lease.subnet, spec.vni, *ifindex, &leases),
-            Dataplane::HostGw { ifindex } => plan::desired_host_gw(self.lease.subnet, *ifindex, &leases),
+            Dataplane::Vxlan { spec, ifindex } => plan::desired_vxlan(self.lease.subnet, spec.vni, *ifindex, leases),
+            Dataplane::HostGw { ifindex } => plan::desired_host_gw(self.lease.subnet, *ifindex, leases),
         }
     }
 
     /// Makes the kernel match the leases. `full` re-reads the kernel (and re-creates the device if it
     /// vanished) instead of trusting what the last apply left.
     async fn reconcile(&mut self, full: bool) {
+        let leases = self.table.valid(&self.cfg);
+        self.reconcile_with(full, &leases).await;
+    }
+
+    /// `reconcile` with the valid leases already at hand (validating is O(leases), once per batch).
+    async fn reconcile_with(&mut self, full: bool, leases: &[Lease]) {
         if full {
             if let Dataplane::Vxlan { spec, ifindex } = &mut self.dataplane {
                 match self.nl.ensure_vxlan(spec).await {
@@ -293,7 +298,7 @@ impl Agent {
                 }
             }
         }
-        let desired = self.desired();
+        let desired = self.desired(leases);
         let observed = if full {
             let r = match &self.dataplane {
                 Dataplane::Vxlan { ifindex, .. } => self.nl.observe_vxlan(*ifindex).await,
@@ -341,15 +346,24 @@ impl Agent {
         };
         self.etcd_log.ok("etcd");
         self.table = table;
-        if !self.table_has_own_lease() {
-            self.reacquire().await;
-        }
-        self.reconcile(false).await;
+        self.reacquire_if_lost_then_reconcile().await;
         Some(watch)
     }
 
-    fn table_has_own_lease(&self) -> bool {
-        self.table.valid(&self.cfg).iter().any(|l| l.subnet == self.lease.subnet && l.attrs.public_ip == self.public_ip)
+    fn holds_own_lease(&self, leases: &[Lease]) -> bool {
+        leases.iter().any(|l| l.subnet == self.lease.subnet && l.attrs.public_ip == self.public_ip)
+    }
+
+    /// Level-triggered: whether our key was deleted, expired or overwritten, the valid leases no longer
+    /// show ours, and we take one again before programming the kernel.
+    async fn reacquire_if_lost_then_reconcile(&mut self) {
+        let leases = self.table.valid(&self.cfg);
+        if self.holds_own_lease(&leases) {
+            self.reconcile_with(false, &leases).await;
+        } else {
+            self.reacquire().await;
+            self.reconcile(false).await;
+        }
     }
 
     /// Our lease vanished (deleted by hand, or expired while etcd was away): take a subnet again,
@@ -436,12 +450,7 @@ impl Agent {
         for ev in &events {
             self.table.apply(ev);
         }
-        // Level-triggered: whether our key was deleted, expired or overwritten, the table no longer
-        // shows our lease, and we take one again.
-        if !self.table_has_own_lease() {
-            self.reacquire().await;
-        }
-        self.reconcile(false).await;
+        self.reacquire_if_lost_then_reconcile().await;
     }
 
     /// Renews the lease; returns when to renew next (sooner after a failure).
