@@ -1,7 +1,7 @@
 //! `weft proxy` (kube-proxy's flags) and `weft services` (what the proxy on this node serves and has
 //! programmed). Flag parsing and reports are pure; the daemon lives in `run`.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -219,15 +219,6 @@ pub async fn services(args: ServicesArgs) -> Result<i32> {
         Output::Table => print!("{}", render_services(&status)),
     }
     Ok(if missing > 0 { 1 } else { 0 })
-}
-
-/// The node's IPv4 addresses are not needed by the iptables mode (it uses `addrtype LOCAL`); kept
-/// as a helper for modes that must bind per address.
-pub fn parse_ipv4_list(s: &str) -> Result<Vec<Ipv4Addr>> {
-    s.split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.trim().parse().with_context(|| format!("{p:?} is not IPv4")))
-        .collect()
 }
 
 #[cfg(test)]
