@@ -87,18 +87,29 @@ fn big_table(n: u32, eps: u32) -> ServiceTable {
             }
         };
         let endpoints = (0..eps)
-            .map(|j| Endpoint {
-                ip: Ipv4Addr::from(0x0AF4_0000 + i * eps + j),
-                port: HTTP_PORT,
-                node_name: None,
-                is_local: false,
-                ready: true,
+            .map(|j| {
+                let k = i * eps + j;
+                Endpoint {
+                    ip: Ipv4Addr::from(0x0AF4_0000 + k),
+                    port: HTTP_PORT,
+                    node_name: Some(node_of(k)),
+                    is_local: node_of(k) == BENCH_NODE,
+                    ready: true,
+                }
             })
             .collect();
         let port = ServicePort::cluster_ip(vip, 80);
         t.insert(spn(i), ServiceEntry { port, endpoints });
     }
     t
+}
+
+/// The endpoints' pods are spread over `NODES` nodes, as the Endpoints controller names them; the
+/// measured node is one of them (so 1 % of the endpoints are local and get a hairpin rule in weft's layout).
+const NODES: u32 = 100;
+const BENCH_NODE: &str = "node-0";
+fn node_of(k: u32) -> String {
+    format!("node-{}", k % NODES)
 }
 
 fn spn(i: u32) -> ServicePortName {
@@ -109,9 +120,9 @@ fn tree_cfg() -> Config {
     Config::default()
 }
 
-/// kube-proxy's layout, written in one restore as kube-proxy does.
+/// kube-proxy's layout (a linear service list, a SEP chain per endpoint), written in one restore as kube-proxy does.
 fn linear_cfg() -> Config {
-    Config { dispatch_leaf: usize::MAX, restore_batch_rules: usize::MAX, ..Config::default() }
+    Config { dispatch_leaf: usize::MAX, restore_batch_rules: usize::MAX, endpoint_chains: true, ..Config::default() }
 }
 
 /// The service whose VIP is the median address: kube-proxy's list (sorted here) is walked half-way.
@@ -493,7 +504,11 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
             let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name.name, "namespace": name.namespace},
                 "spec": {"clusterIP": vip.to_string(), "ports": [{"port": e.port.port, "protocol": "TCP"}]}});
-            let addrs: Vec<_> = e.endpoints.iter().map(|ep| serde_json::json!({"ip": ep.ip.to_string()})).collect();
+            let addrs: Vec<_> = e
+                .endpoints
+                .iter()
+                .map(|ep| serde_json::json!({"ip": ep.ip.to_string(), "nodeName": ep.node_name}))
+                .collect();
             let eps = serde_json::json!({"apiVersion": "v1", "kind": "Endpoints",
                 "metadata": {"name": name.name, "namespace": name.namespace},
                 "subsets": [{"addresses": addrs, "ports": [{"port": HTTP_PORT, "protocol": "TCP"}]}]});
@@ -514,7 +529,7 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
         let log = std::fs::File::create(dir.path().join("proxy.log"))?;
         let mut proxy = ns
             .command(weft_bin)
-            .args(["proxy", "--proxy-mode", "iptables", "--hostname-override", "bench-node"])
+            .args(["proxy", "--proxy-mode", "iptables", "--hostname-override", BENCH_NODE])
             .args(["--etcd-endpoints", "http://127.0.0.1:2379", "--cluster-cidr", "10.244.0.0/15"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

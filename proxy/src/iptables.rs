@@ -2,10 +2,18 @@
 //! `iptables-restore --noflush` per sync through a `Runner` (the only thing here that touches the kernel).
 //!
 //! Chains follow kube-proxy's design with the `WEFT-` prefix: WEFT-SVC-<hash> per service port
-//! (statistic-mode balancing, `recent` ClientIP affinity), WEFT-SEP-<hash> per endpoint (hairpin masquerade
-//! mark + DNAT), WEFT-SVL-<hash> (local endpoints only), WEFT-EXT-<hash> (NodePort / external / LB
-//! traffic), WEFT-NODEPORTS, WEFT-MARK-MASQ, WEFT-POSTROUTING, and in the filter table WEFT-SERVICES /
-//! WEFT-EXTERNAL-SERVICES (REJECT or DROP for ports without endpoints) and WEFT-FORWARD.
+//! (statistic-mode balancing, `recent` ClientIP affinity), WEFT-SEP-<hash> per endpoint of a ClientIP-affinity
+//! service (`recent --set` + DNAT), WEFT-SVL-<hash> (local endpoints only), WEFT-EXT-<hash> (NodePort /
+//! external / LB traffic), WEFT-NODEPORTS, WEFT-MARK-MASQ, WEFT-POSTROUTING, and in the filter table
+//! WEFT-SERVICES / WEFT-EXTERNAL-SERVICES (REJECT or DROP for ports without endpoints) and WEFT-FORWARD.
+//!
+//! Where kube-proxy writes a SEP chain for every endpoint of every service (its hairpin mark and the
+//! DNAT), a service without affinity DNATs straight from its SVC chain, and hairpin traffic (a pod reaching
+//! itself through a service) is masqueraded in WEFT-HAIRPIN, jumped to from WEFT-POSTROUTING for DNATed
+//! connections: `-s X -d X -j MASQUERADE` for each endpoint address that may be on this node (its
+//! nodeName is ours, or it has none), split by source prefix (WEFT-HP-<prefix>-<len>) like the dispatch
+//! tree below. At 10,000 services × 10 endpoints that is 100,000 chains and 200,000 rules fewer, which is
+//! what a full sync's time is made of (`Config::endpoint_chains` renders kube-proxy's layout, for benchmarks).
 //!
 //! Where we differ is the dispatch. kube-proxy's KUBE-SERVICES is one linear list of `-d VIP --dport`
 //! rules, so at 10,000 services every new connection through the node — to a service or not — walks
@@ -67,6 +75,7 @@ const NODEPORTS: &str = "WEFT-NODEPORTS";
 const POSTROUTING: &str = "WEFT-POSTROUTING";
 const MARK_MASQ: &str = "WEFT-MARK-MASQ";
 const FORWARD: &str = "WEFT-FORWARD";
+const HAIRPIN: &str = "WEFT-HAIRPIN";
 
 /// Node-wide settings of the renderer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +92,11 @@ pub struct Config {
     /// A sync writing more rules than this is split into several `iptables-restore` runs at service
     /// boundaries: iptables-nft 1.8.9's `--noflush` restore costs grow quadratically with its input size.
     pub restore_batch_rules: usize,
+    /// kube-proxy's endpoint chains: a WEFT-SEP chain (hairpin mark + DNAT) for every endpoint of every
+    /// service. Off (weft's layout), only ClientIP-affinity services get SEP chains (`recent` needs them);
+    /// the others DNAT from the SVC chain and hairpin is masqueraded in WEFT-HAIRPIN. On: the layout
+    /// benchmarks compare against.
+    pub endpoint_chains: bool,
 }
 
 impl Default for Config {
@@ -93,6 +107,7 @@ impl Default for Config {
             masquerade_bit: 14,
             dispatch_leaf: 16,
             restore_batch_rules: 2_000,
+            endpoint_chains: false,
         }
     }
 }
@@ -168,8 +183,8 @@ pub struct Existing {
 /// their own in the same tables (the agent's ip-masq `WEFT-POSTRTG`/`WEFT-FWD`, the userspace mode's
 /// portals), so ownership is by exact name or hashed family, never by the prefix alone.
 pub fn is_proxy_chain(name: &str) -> bool {
-    const FIXED: [&str; 6] = [SERVICES, EXTERNAL_SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, FORWARD];
-    const FAMILIES: [&str; 5] = ["WEFT-SVC-", "WEFT-SVL-", "WEFT-EXT-", "WEFT-SEP-", "WEFT-D-"];
+    const FIXED: [&str; 7] = [SERVICES, EXTERNAL_SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, FORWARD, HAIRPIN];
+    const FAMILIES: [&str; 6] = ["WEFT-SVC-", "WEFT-SVL-", "WEFT-EXT-", "WEFT-SEP-", "WEFT-D-", "WEFT-HP-"];
     FIXED.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
 }
 
@@ -284,7 +299,7 @@ fn proto_match(spn: &ServicePortName, port: u16) -> String {
     format!("-p {p} -m {p} --dport {port}")
 }
 
-/// One destination-address rule for the dispatch tree.
+/// One address rule for a prefix tree (the dispatch tree: destinations; the hairpin tree: sources).
 struct VipRule {
     addr: Ipv4Addr,
     rule: String,
@@ -293,6 +308,9 @@ struct VipRule {
 /// The shared lists every service port adds rules to.
 struct Lists {
     vips: Vec<VipRule>,
+    /// Endpoint addresses that may be on this node: a connection from one of them to itself through a
+    /// service (hairpin) must be masqueraded, or its replies would bypass the node's conntrack.
+    hairpin: Vec<Ipv4Addr>,
     nodeports: Chain,
     filter_services: Chain,
     filter_external: Chain,
@@ -316,7 +334,7 @@ fn render_service(
     lists: &mut Lists,
     want_chains: bool,
 ) -> Vec<Chain> {
-    let Lists { vips, nodeports, filter_services, filter_external } = lists;
+    let Lists { vips, hairpin, nodeports, filter_services, filter_external } = lists;
     let names = service_chains(spn);
     let name = spn.to_string();
     let sp = &e.port;
@@ -398,6 +416,11 @@ fn render_service(
         }
     }
 
+    if !cfg.endpoint_chains {
+        // Only an endpoint on this node can reach itself through this node's rules; an endpoint without
+        // a node name (hand-written Endpoints) might be here.
+        hairpin.extend(e.endpoints.iter().filter(|ep| ep.is_local || ep.node_name.is_none()).map(|ep| ep.ip));
+    }
     if all.is_empty() || !want_chains {
         return chains;
     }
@@ -413,34 +436,61 @@ fn render_service(
     if !sp.internal_policy_local {
         masq_cluster_ip(&mut svc);
     }
-    balance(&mut svc, spn, &name, &all, sp.session_affinity.map(|d| d.as_secs()));
+    balance(&mut svc, spn, &name, &all, sp.session_affinity.map(|d| d.as_secs()), cfg);
     chains.push(svc);
     if (sp.internal_policy_local || sp.external_policy_local) && !local.is_empty() {
         let mut svl = Chain::new(Table::Nat, &names.svl);
         if sp.internal_policy_local {
             masq_cluster_ip(&mut svl);
         }
-        balance(&mut svl, spn, &name, &local, sp.session_affinity.map(|d| d.as_secs()));
+        balance(&mut svl, spn, &name, &local, sp.session_affinity.map(|d| d.as_secs()), cfg);
         chains.push(svl);
     }
-    let p = spn.protocol.lower();
+    if !uses_endpoint_chains(sp.session_affinity.is_some(), cfg) {
+        return chains;
+    }
     for ep in &all {
         let sep = endpoint_chain(spn, ep);
         let mut c = Chain::new(Table::Nat, &sep);
-        c.rules.push(format!("{} -s {}/32 -j {MARK_MASQ}", comment(&name), ep.ip));
+        if cfg.endpoint_chains {
+            c.rules.push(format!("{} -s {}/32 -j {MARK_MASQ}", comment(&name), ep.ip));
+        }
         let recent = match sp.session_affinity {
             Some(_) => format!(" -m recent --name {sep} --set"),
             None => String::new(),
         };
-        c.rules.push(format!("{}{recent} -p {p} -m {p} -j DNAT --to-destination {ep}", comment(&name)));
+        c.rules.push(format!("{}{recent} {}", comment(&name), dnat(spn, ep)));
         chains.push(c);
     }
     chains
 }
 
+fn uses_endpoint_chains(affinity: bool, cfg: &Config) -> bool {
+    affinity || cfg.endpoint_chains
+}
+
+fn dnat(spn: &ServicePortName, ep: &Endpoint) -> String {
+    let p = spn.protocol.lower();
+    format!("-p {p} -m {p} -j DNAT --to-destination {ep}")
+}
+
 /// Affinity checks first, then kube-proxy's statistic chain: endpoint i of n is taken with
-/// probability 1/(n-i), so each ends up with 1/n.
-fn balance(chain: &mut Chain, spn: &ServicePortName, name: &str, eps: &[&Endpoint], affinity: Option<u64>) {
+/// probability 1/(n-i), so each ends up with 1/n. Without endpoint chains the chosen rule DNATs itself.
+fn balance(
+    chain: &mut Chain,
+    spn: &ServicePortName,
+    name: &str,
+    eps: &[&Endpoint],
+    affinity: Option<u64>,
+    cfg: &Config,
+) {
+    let to = |ep: &Endpoint| {
+        if uses_endpoint_chains(affinity.is_some(), cfg) {
+            format!("-j {}", endpoint_chain(spn, ep))
+        } else {
+            dnat(spn, ep)
+        }
+    };
     if let Some(secs) = affinity {
         for ep in eps {
             let sep = endpoint_chain(spn, ep);
@@ -450,23 +500,47 @@ fn balance(chain: &mut Chain, spn: &ServicePortName, name: &str, eps: &[&Endpoin
     }
     let n = eps.len();
     for (i, ep) in eps.iter().enumerate() {
-        let sep = endpoint_chain(spn, ep);
         let c = comment(&format!("{name} -> {ep}"));
+        let to = to(ep);
         if i + 1 < n {
             let prob = 1.0 / (n - i) as f64;
-            chain.rules.push(format!("{c} -m statistic --mode random --probability {prob:.10} -j {sep}"));
+            chain.rules.push(format!("{c} -m statistic --mode random --probability {prob:.10} {to}"));
         } else {
-            chain.rules.push(format!("{c} -j {sep}"));
+            chain.rules.push(format!("{c} {to}"));
         }
     }
 }
 
-fn dispatch_name(net: u32, len: u8) -> String {
-    format!("WEFT-D-{}-{len}", Ipv4Addr::from(net))
+/// Which address a prefix tree splits on, and what its sub-chains are called.
+#[derive(Clone, Copy)]
+enum Tree {
+    /// The dispatch tree (WEFT-D-<net>-<len>): destination addresses.
+    Dispatch,
+    /// The hairpin tree (WEFT-HP-<net>-<len>): source addresses.
+    Hairpin,
+}
+
+impl Tree {
+    fn chain_name(self, net: u32, len: u8) -> String {
+        let family = match self {
+            Tree::Dispatch => "WEFT-D-",
+            Tree::Hairpin => "WEFT-HP-",
+        };
+        format!("{family}{}-{len}", Ipv4Addr::from(net))
+    }
+    fn flag(self) -> &'static str {
+        match self {
+            Tree::Dispatch => "-d",
+            Tree::Hairpin => "-s",
+        }
+    }
+    fn owns(name: &str) -> bool {
+        name.starts_with("WEFT-D-") || name.starts_with("WEFT-HP-")
+    }
 }
 
 /// Fills `chain` with the rules for `vips` (sorted by address), splitting into sub-chains when large.
-fn dispatch_tree(chain: &mut Chain, vips: &[VipRule], leaf: usize, out: &mut Vec<Chain>) {
+fn dispatch_tree(tree: Tree, chain: &mut Chain, vips: &[VipRule], leaf: usize, out: &mut Vec<Chain>) {
     let first = u32::from(vips[0].addr);
     let last = u32::from(vips[vips.len() - 1].addr);
     if vips.len() <= leaf || first == last {
@@ -485,10 +559,10 @@ fn dispatch_tree(chain: &mut Chain, vips: &[VipRule], leaf: usize, out: &mut Vec
             // A jump to a chain of one or two rules costs more than the rules themselves.
             chain.rules.extend(group.iter().map(|v| v.rule.clone()));
         } else {
-            let name = dispatch_name(net, len);
-            chain.rules.push(format!("-d {}/{len} -j {name}", Ipv4Addr::from(net)));
+            let name = tree.chain_name(net, len);
+            chain.rules.push(format!("{} {}/{len} -j {name}", tree.flag(), Ipv4Addr::from(net)));
             let mut child = Chain::new(Table::Nat, name);
-            dispatch_tree(&mut child, group, leaf, out);
+            dispatch_tree(tree, &mut child, group, leaf, out);
             out.push(child);
         }
         start = end;
@@ -498,6 +572,7 @@ fn dispatch_tree(chain: &mut Chain, vips: &[VipRule], leaf: usize, out: &mut Vec
 fn desired(table: &ServiceTable, cfg: &Config, only: Option<&BTreeSet<ServicePortName>>) -> Desired {
     let mut lists = Lists {
         vips: Vec::new(),
+        hairpin: Vec::new(),
         nodeports: Chain::new(Table::Nat, NODEPORTS),
         filter_services: Chain::new(Table::Filter, SERVICES),
         filter_external: Chain::new(Table::Filter, EXTERNAL_SERVICES),
@@ -511,13 +586,30 @@ fn desired(table: &ServiceTable, cfg: &Config, only: Option<&BTreeSet<ServicePor
             services.insert(spn.clone(), chains);
         }
     }
-    let Lists { mut vips, nodeports, filter_services, filter_external } = lists;
+    let Lists { mut vips, mut hairpin, nodeports, filter_services, filter_external } = lists;
     let mark = cfg.mark();
     let mut base = Vec::new();
     let mut mm = Chain::new(Table::Nat, MARK_MASQ);
     mm.rules.push(format!("-j MARK --or-mark {mark}"));
     base.push(mm);
     let mut post = Chain::new(Table::Nat, POSTROUTING);
+    if !cfg.endpoint_chains {
+        // A pod reaching itself through a service: after DNAT its source and destination are equal,
+        // which iptables cannot compare, so one rule per address that may be local, in a source tree.
+        hairpin.sort();
+        hairpin.dedup();
+        let rules: Vec<VipRule> = hairpin
+            .iter()
+            .map(|ip| VipRule { addr: *ip, rule: format!("-s {ip}/32 -d {ip}/32 -j MASQUERADE") })
+            .collect();
+        let mut hp = Chain::new(Table::Nat, HAIRPIN);
+        if !rules.is_empty() {
+            dispatch_tree(Tree::Hairpin, &mut hp, &rules, cfg.dispatch_leaf.max(1), &mut base);
+        }
+        base.push(hp);
+        let c = comment("hairpin: an endpoint reaching itself through a service");
+        post.rules.push(format!("-m conntrack --ctstate DNAT {c} -j {HAIRPIN}"));
+    }
     post.rules.push(format!("-m mark ! --mark {mark}/{mark} -j RETURN"));
     post.rules.push(format!("-j MARK --xor-mark {mark}"));
     post.rules.push(format!("{} -j MASQUERADE --random-fully", comment("weft service traffic requiring SNAT")));
@@ -536,7 +628,7 @@ fn desired(table: &ServiceTable, cfg: &Config, only: Option<&BTreeSet<ServicePor
     vips.sort_by_key(|v| v.addr);
     let mut dispatch = Vec::new();
     if !vips.is_empty() {
-        dispatch_tree(&mut root, &vips, cfg.dispatch_leaf.max(1), &mut dispatch);
+        dispatch_tree(Tree::Dispatch, &mut root, &vips, cfg.dispatch_leaf.max(1), &mut dispatch);
     }
     let np = comment("weft service nodeports; NOTE: this must be the last rule in this chain");
     if cfg.nodeport_addresses.is_empty() {
@@ -654,6 +746,8 @@ pub fn render_sync_full(table: &ServiceTable, cfg: &Config, existing: &Existing)
     let mut r = Restore::new(cfg.restore_batch_rules);
     let mut state = ChainState::default();
     for c in &d.base {
+        // Base chains are written children first, so any chain boundary is safe.
+        r.boundary();
         r.write(c);
         state.chains.insert(c.key(), c.hash());
     }
@@ -665,8 +759,8 @@ pub fn render_sync_full(table: &ServiceTable, cfg: &Config, existing: &Existing)
         }
         state.owners.insert(spn.clone(), chains.iter().map(Chain::key).collect());
     }
-    r.boundary();
     for c in &d.dispatch {
+        r.boundary();
         r.write(c);
         state.chains.insert(c.key(), c.hash());
     }
@@ -699,6 +793,8 @@ pub fn render_partial(
     let d = desired(table, cfg, Some(changed));
     let mut r = Restore::new(cfg.restore_batch_rules);
     let mut state = previous.clone();
+    // The trees' shapes may change: forget every old tree chain, then claim the current ones.
+    state.chains.retain(|(t, n), _| !(*t == Table::Nat && Tree::owns(n)));
     let emit = |c: &Chain, r: &mut Restore, state: &mut ChainState| {
         let h = c.hash();
         if previous.chains.get(&c.key()) != Some(&h) {
@@ -707,6 +803,7 @@ pub fn render_partial(
         state.chains.insert(c.key(), h);
     };
     for c in &d.base {
+        r.boundary();
         emit(c, &mut r, &mut state);
     }
     for spn in changed {
@@ -722,10 +819,8 @@ pub fn render_partial(
             state.owners.insert(spn.clone(), chains.iter().map(Chain::key).collect());
         }
     }
-    r.boundary();
-    // The dispatch tree's shape may change: forget every old dispatch chain, then claim the current ones.
-    state.chains.retain(|(t, n), _| !(*t == Table::Nat && n.starts_with("WEFT-D-")));
     for c in &d.dispatch {
+        r.boundary();
         emit(c, &mut r, &mut state);
     }
     // Sweep: whatever we had written and nobody claims any more.
@@ -1035,8 +1130,9 @@ mod tests {
                 .map(|j| Endpoint {
                     ip: Ipv4Addr::from(0x0AF4_0000 + i * 10 + j),
                     port: 8080,
-                    node_name: None,
-                    is_local: false,
+                    // Ten nodes; this one is node-0.
+                    node_name: Some(format!("node-{j}")),
+                    is_local: j == 0,
                     ready: true,
                 })
                 .collect();
@@ -1110,18 +1206,42 @@ mod tests {
         let mut after = before.clone();
         let spn = ServicePortName::new("bench", "svc-7", "", Protocol::Tcp);
         after.get_mut(&spn).unwrap().endpoints.pop();
-        let full = render_sync_full(&before, &Config::default(), &Existing::default());
-        let p = render_partial(&after, &[spn.clone()].into(), &Config::default(), &full.state);
         let svc = service_chains(&spn).svc;
-        let declared: Vec<&str> = p.text.lines().filter(|l| l.starts_with(':')).collect();
-        assert_eq!(p.stats.chains_written, 1, "{}", p.text);
-        assert_eq!(p.stats.chains_deleted, 1, "{}", p.text);
-        assert_eq!(declared.len(), 2, "{declared:?}");
-        assert!(declared.contains(&format!(":{svc} - [0:0]").as_str()));
-        assert!(p.text.contains("-X WEFT-SEP-"));
-        // Nothing changed: nothing written.
-        let again = render_partial(&after, &[spn].into(), &Config::default(), &p.state);
-        assert_eq!(again.text, "");
+        // weft's layout: the SVC chain alone; kube-proxy's: the SVC chain, and the SEP chain deleted.
+        for (cfg, deleted) in [(Config::default(), 0), (Config { endpoint_chains: true, ..Config::default() }, 1)] {
+            let full = render_sync_full(&before, &cfg, &Existing::default());
+            let p = render_partial(&after, &[spn.clone()].into(), &cfg, &full.state);
+            let declared: Vec<&str> = p.text.lines().filter(|l| l.starts_with(':')).collect();
+            assert_eq!(p.stats.chains_written, 1, "{}", p.text);
+            assert_eq!(p.stats.chains_deleted, deleted, "{}", p.text);
+            assert_eq!(declared.len(), 1 + deleted, "{declared:?}");
+            assert!(declared.contains(&format!(":{svc} - [0:0]").as_str()));
+            assert_eq!(p.text.contains("-X WEFT-SEP-"), deleted == 1);
+            // Nothing changed: nothing written.
+            let again = render_partial(&after, &[spn.clone()].into(), &cfg, &p.state);
+            assert_eq!(again.text, "");
+        }
+    }
+
+    #[test]
+    fn hairpin_rules_follow_the_local_endpoints() {
+        let before = big_table(2000);
+        let spn = ServicePortName::new("bench", "svc-7", "", Protocol::Tcp);
+        let local = before[&spn].endpoints[0].ip;
+        let full = render_sync_full(&before, &Config::default(), &Existing::default());
+        let rule = format!("-s {local}/32 -d {local}/32 -j MASQUERADE");
+        assert!(full.text.contains(&rule), "a local endpoint gets a hairpin rule");
+        let remote = before[&spn].endpoints[1].ip;
+        assert!(!full.text.contains(&format!("-s {remote}/32 -d {remote}/32")), "a remote endpoint does not");
+        // The local endpoint goes: only the hairpin leaf holding it and the service chain are rewritten.
+        let mut after = before.clone();
+        after.get_mut(&spn).unwrap().endpoints.remove(0);
+        let p = render_partial(&after, &[spn].into(), &Config::default(), &full.state);
+        assert_eq!(p.stats.chains_written, 2, "{}", p.text);
+        assert!(p.text.contains(":WEFT-HP-") && !p.text.contains(&rule), "{}", p.text);
+        // kube-proxy's layout marks hairpin traffic in the SEP chains instead.
+        let kube = render_full(&before, &Config { endpoint_chains: true, ..Config::default() });
+        assert!(!kube.contains("WEFT-HAIRPIN") && kube.contains(&format!("-s {remote}/32 -j WEFT-MARK-MASQ")));
     }
 
     #[test]

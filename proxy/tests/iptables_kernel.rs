@@ -158,12 +158,20 @@ fn iptables_dataplane_serves_rejects_and_sweeps_in_a_real_kernel() -> Result<()>
     let changed: BTreeSet<_> = [spn("web"), spn("gone")].into();
     let stats = dp.sync(&table, Some(&changed))?;
     assert!(!stats.full);
-    assert!(stats.chains_written <= 2, "{stats:?}"); // web's SVC chain and WEFT-SERVICES
-    assert!(stats.chains_deleted >= 3, "{stats:?}"); // gone's SVC + SEP, web's SEP for server-b
+    // web's SVC chain, WEFT-SERVICES, and WEFT-HAIRPIN (server-b, without a node name, might be local).
+    assert!(stats.chains_written <= 3, "{stats:?}");
+    assert!(stats.chains_deleted >= 1, "{stats:?}"); // gone's SVC chain
     let after = save(&lab.node)?;
     assert!(!after.contains(&format!(":{gone} ")), "gone's chain was swept:\n{after}");
+    // Services without affinity DNAT from their SVC chain: no endpoint chains at all.
     let web_b = endpoint_chain(&spn("web"), &entry([0; 4], &[B]).endpoints[0]);
-    assert!(before.contains(&format!(":{web_b} ")) && !after.contains(&format!(":{web_b} ")));
+    assert!(!before.contains(&format!(":{web_b} ")) && !before.contains(":WEFT-SEP-"), "{before}");
+    let b = std::net::Ipv4Addr::from(B);
+    assert!(chain_lines(&before, &web).iter().any(|l| l.contains(&format!("--to-destination {b}:"))));
+    assert!(!chain_lines(&after, &web).iter().any(|l| l.contains(&format!("--to-destination {b}:"))));
+    let hairpin =
+        |save: &str| chain_lines(save, "WEFT-HAIRPIN").iter().any(|l| l.contains(&format!("-s {b}/32 -d {b}/32")));
+    assert!(hairpin(&before) && hairpin(&after), "server-b still serves `other`");
     // other's chains were not rewritten: their counters survived.
     assert_eq!(chain_lines(&before, &other), chain_lines(&after, &other));
     assert_ne!(chain_lines(&before, &web), chain_lines(&after, &web));
@@ -180,6 +188,7 @@ fn iptables_dataplane_serves_rejects_and_sweeps_in_a_real_kernel() -> Result<()>
     let swept = save(&lab.node)?;
     assert!(!swept.contains(&format!(":{other} ")), "{swept}");
     assert!(swept.contains(&format!(":{web} ")));
+    assert!(!hairpin(&swept), "server-b serves nothing any more: no hairpin rule");
     // Hooks were not added twice.
     assert_eq!(swept.matches("-j WEFT-POSTROUTING").count(), 1, "{swept}");
     assert_eq!(fetch(&lab.client, "10.96.0.10", 80)?, "server-a");

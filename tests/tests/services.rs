@@ -155,6 +155,8 @@ fn setup(mode: &'static str) -> Result<Env> {
     yaml += &endpoints(&env, "my-service", &["s3"], "http", 9376, "TCP");
     yaml += &service("headless", "  clusterIP: None\n  selector: {app: h}\n", "http", 80, 9376, "TCP");
     yaml += &endpoints(&env, "headless", &["s1"], "http", 9376, "TCP");
+    yaml += &service("hairpin", "  clusterIP: 10.96.100.12\n", "http", 80, 9376, "TCP");
+    yaml += &endpoints(&env, "hairpin", &["s1"], "http", 9376, "TCP");
     yaml += &service("long", "  clusterIP: 10.96.100.11\n", "echo", 7000, 7000, "TCP");
     yaml += &endpoints(&env, "long", &["s2"], "echo", 7000, "TCP");
     apply(&env, &yaml)?;
@@ -186,6 +188,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     }),
     ("pod to a backend on its own node", |env| {
         ensure!(fetch(env.client.ns(), sa("10.96.100.2:80"))? == "s1");
+        Ok(())
+    }),
+    ("a pod reaches itself through its own service (hairpin)", |env| {
+        ensure!(fetch(env.servers["s1"].ns(), sa("10.96.100.12:80"))? == "s1");
         Ok(())
     }),
     ("NodePort from an outside host, on each node", |env| {
