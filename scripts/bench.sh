@@ -8,6 +8,8 @@
 # 3. Service proxy (iptables mode, weft's dispatch vs kube-proxy's layout): proxy/examples/proxy_bench.rs —
 #    new connections with wrk through client/node/server namespaces at 10 and BENCH_SERVICES (10,000)
 #    services, full and one-endpoint syncs, and the RSS of a real `weft proxy`. BENCH_PROXY=0 skips it.
+# 4. Userspace mode beside HAProxy (same node, same 10 backends): proxy/examples/userspace_bench.rs.
+#    BENCH_USERSPACE=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -113,6 +115,11 @@ if [ "${BENCH_PROXY:-1}" = 1 ]; then
   WEFT_BIN="$WEFT" cargo run -q --release -p weft-proxy --example proxy_bench >"$OUT/proxy.md" || fail "service proxy benchmark failed"
 fi
 
+if [ "${BENCH_USERSPACE:-1}" = 1 ]; then
+  echo "== userspace vs HAProxy: cargo run --release -p weft-proxy --example userspace_bench" >&2
+  cargo run -q --release -p weft-proxy --example userspace_bench >"$OUT/userspace.md" || fail "userspace benchmark failed"
+fi
+
 echo
 echo "## Overlay throughput (iperf3, 1 TCP stream, $ROUNDS alternating rounds x ${SECS}s)"
 echo
@@ -122,4 +129,5 @@ for row in "${THROUGHPUT_ROWS[@]}"; do echo "$row"; done
 echo
 cat "$OUT/converge.md"
 [ -s "$OUT/proxy.md" ] && { echo; cat "$OUT/proxy.md"; }
+[ -s "$OUT/userspace.md" ] && { echo; echo "## Userspace mode vs HAProxy"; echo; cat "$OUT/userspace.md"; }
 exit $failed

@@ -83,7 +83,9 @@ fn main() {
         Command::Lab(cmd) => weft_lab::cli::run(cmd),
         Command::Proxy(args) => (|| {
             let opts = args.options()?;
-            runtime()?.block_on(async {
+            // Worker threads on every core: the userspace mode relays every connection in this process.
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
                 let dataplane = args.dataplane()?;
                 weft_proxy::run::run(opts, dataplane).await?;
                 Ok::<_, anyhow::Error>(0)

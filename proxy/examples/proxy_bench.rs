@@ -24,11 +24,10 @@
 //! only when a measurement could not be taken (never because a target was missed).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -37,9 +36,10 @@ use weft_proxy::iptables::{
     endpoint_chain, render_partial, render_sync_full, service_chains, CommandRunner, Config, Existing,
     IptablesDataplane,
 };
+mod common;
+use common::{env_or, median, spread, tw_sysctls, wrk, HttpServer, Wrk, HTTP_PORT};
 use weft_proxy::{Dataplane, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
 
-const HTTP_PORT: u16 = 8080;
 /// Endpoint addresses (`big_table`: 10.244.0.0 + i * eps + j) all answer in the server namespace.
 const ENDPOINT_NET: &str = "10.244.0.0/15";
 /// Addresses that are no service: routed to the server, which answers on them too.
@@ -66,10 +66,6 @@ fn check_interrupted() -> Result<()> {
         bail!("interrupted");
     }
     Ok(())
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// `n` services with random-looking VIPs in 10.96.0.0/12 (as an allocator spreads them), `eps` endpoints
@@ -172,70 +168,6 @@ fn count_chains(ns: &Netns, prefix: &str) -> Result<usize> {
 // ---------------------------------------------------------------------------------------------------------
 // Topology
 
-/// The tiny HTTP server: answers every connection with one fixed response and closes. Two threads
-/// accept on one listener bound (inside the server namespace) to 0.0.0.0:8080.
-struct HttpServer {
-    listener: TcpListener,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl HttpServer {
-    fn start(ns: &Netns) -> Result<HttpServer> {
-        let path = ns.path();
-        let listener = std::thread::spawn(move || -> Result<TcpListener> {
-            weft_lab::netns::enter(&path)?;
-            Ok(TcpListener::bind(("0.0.0.0", HTTP_PORT))?)
-        })
-        .join()
-        .map_err(|_| anyhow!("server thread panicked"))??;
-        listener.set_nonblocking(false)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for _ in 0..2 {
-            let l = listener.try_clone()?;
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((mut s, _)) = l.accept() else { continue };
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut got = Vec::new();
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                        if got.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let _ = s.write_all(RESP);
-                            break;
-                        }
-                    }
-                }
-            }));
-        }
-        Ok(HttpServer { listener, stop, threads })
-    }
-
-    /// Wakes the accepting threads (shutdown(2) on a listening socket fails every accept) and joins them.
-    fn stop(self) {
-        use std::os::fd::AsRawFd;
-        self.stop.store(true, Ordering::Relaxed);
-        // SAFETY: shutdown(2) on a socket we own.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
-}
-
-fn tw_sysctls(ns: &Netns) -> Result<()> {
-    ns.sysctl("net.ipv4.tcp_max_tw_buckets", "1024")?;
-    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
-}
-
 /// One node namespace with its client namespace, linked to the shared server namespace.
 struct Path {
     label: &'static str,
@@ -276,51 +208,6 @@ fn node_conntrack_sysctl(node: &Netns) {
     if let Err(e) = node.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1") {
         eprintln!("  note: {}: {e:#}", node.name());
     }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Wrk {
-    rps: f64,
-    lat_avg_ms: f64,
-    lat_p99_ms: f64,
-    errors: u64,
-}
-
-fn parse_ms(s: &str) -> Option<f64> {
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
-    let v: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => v / 1000.0,
-        "ms" => v,
-        "s" => v * 1000.0,
-        "m" => v * 60_000.0,
-        _ => return None,
-    })
-}
-
-fn wrk(client: &Netns, url: &str, secs: u64, conns: u32) -> Result<Wrk> {
-    let out = client.exec(
-        "wrk",
-        &["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "-H", "Connection: close", url],
-    )?;
-    let mut w = Wrk::default();
-    for line in out.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["Requests/sec:", v, ..] => w.rps = v.parse()?,
-            ["Latency", avg, ..] if parse_ms(avg).is_some() => w.lat_avg_ms = parse_ms(avg).unwrap_or(f64::NAN),
-            ["99%", v] => w.lat_p99_ms = parse_ms(v).unwrap_or(f64::NAN),
-            ["Socket", "errors:", rest @ ..] => {
-                w.errors = rest.iter().filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok()).sum()
-            }
-            ["Non-2xx", "or", "3xx", "responses:", n] => w.errors += n.parse::<u64>().unwrap_or(0),
-            _ => {}
-        }
-    }
-    if w.rps <= 0.0 {
-        bail!("wrk {url} gave no rate:\n{out}");
-    }
-    Ok(w)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -587,24 +474,6 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
 
 // ---------------------------------------------------------------------------------------------------------
 // Summary helpers
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn spread(v: &[f64]) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.2}–{max:.2}")
-}
 
 fn main() -> Result<()> {
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
