@@ -266,7 +266,7 @@ fn full_syncs(
 /// into a fresh namespace, given up after `limit` (None: it did not finish in time).
 fn one_restore(table: &ServiceTable, limit: Duration) -> Result<Option<Duration>> {
     let ns = Netns::create("pone")?;
-    let text = render_sync_full(table, &linear_cfg(), &Existing::default()).text;
+    let text = render_sync_full(table, &linear_cfg(), &Existing::default()).text();
     eprintln!("  kube-proxy layout, ONE iptables-restore --noflush ({} bytes), limit {limit:?} ...", text.len());
     let r = restore(&ns, &text, Some(limit))?;
     match r {
@@ -304,27 +304,27 @@ fn partial_syncs(
         bail!("weft's partial sync went full");
     }
     let p = render_partial(table, &changed, &linear_cfg(), kube_state);
+    let text = p.text();
     // What kube-proxy's minimal form is: only the changed chains, nothing else.
     let svc = service_chains(&name).svc;
     let sep = endpoint_chain(&name, &removed);
-    if !(p.text.contains(&format!(":{svc} ")) && p.text.contains(&format!("-X {sep}")))
-        || p.text.contains(":WEFT-SERVICES ")
+    if !(text.contains(&format!(":{svc} ")) && text.contains(&format!("-X {sep}"))) || text.contains(":WEFT-SERVICES ")
     {
-        bail!("unexpected minimal restore:\n{}", p.text);
+        bail!("unexpected minimal restore:\n{}", text);
     }
     *kube_state = p.state;
     let done = |d: Option<Duration>| d.ok_or_else(|| anyhow!("restore timed out"));
-    let kube_min = done(restore(kube_ns, &p.text, None)?)?;
+    let kube_min = done(restore(kube_ns, &text, None)?)?;
     // kube-proxy (≥ 1.27, MinimizeIPTablesRestore) still rewrites its top-level chains, KUBE-SERVICES
     // included, on every partial sync. Same change again (a no-op for the kernel) with that chain added.
-    let real = p.text.replacen("*nat\n", &format!("*nat\n:WEFT-SERVICES - [0:0]\n{services_chain}"), 1);
+    let real = text.replacen("*nat\n", &format!("*nat\n:WEFT-SERVICES - [0:0]\n{services_chain}"), 1);
     let kube_real = done(restore(kube_ns, &real, None)?)?;
     Ok(Partial {
         weft: stats.duration,
         kube_min,
         kube_real,
         weft_bytes: stats.bytes,
-        kube_min_bytes: p.text.len(),
+        kube_min_bytes: text.len(),
         kube_real_bytes: real.len(),
     })
 }
@@ -585,7 +585,7 @@ fn main() -> Result<()> {
     eprintln!("== control plane: {partial_reps} single-endpoint changes at {n} services, alternating");
     let mut kube_state = render_sync_full(&large, &linear_cfg(), &Existing::default()).state;
     let services_chain: String = render_sync_full(&large, &linear_cfg(), &Existing::default())
-        .text
+        .text()
         .lines()
         .filter(|l| l.starts_with("-A WEFT-SERVICES "))
         .map(|l| format!("{l}\n"))

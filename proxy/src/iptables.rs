@@ -722,21 +722,26 @@ impl Restore {
             })
             .filter(|s| !s.is_empty())
             .collect();
-        let text = batches.concat();
-        self.stats.bytes = text.len();
-        Rendered { text, batches, state, stats: self.stats }
+        self.stats.bytes = batches.iter().map(String::len).sum();
+        Rendered { batches, state, stats: self.stats }
     }
 }
 
 /// A rendered sync: the `iptables-restore --noflush` input, the state it leaves, and its counts.
 #[derive(Debug, Clone)]
 pub struct Rendered {
-    /// Everything, as one restore input (what golden files hold).
-    pub text: String,
-    /// The same split into the restore inputs the dataplane runs, in order (see `Config::restore_batch_rules`).
+    /// The restore inputs the dataplane runs, in order (see `Config::restore_batch_rules`).
     pub batches: Vec<String>,
     pub state: ChainState,
     pub stats: SyncStats,
+}
+
+impl Rendered {
+    /// Everything as one restore input (what golden files hold). Built on demand: at 10,000 services the
+    /// ruleset is tens of megabytes, and the dataplane only needs the batches.
+    pub fn text(&self) -> String {
+        self.batches.concat()
+    }
 }
 
 /// Full sync: every chain, the hooks `existing` lacks, and every `WEFT-` chain in `existing` that
@@ -779,7 +784,7 @@ pub fn render_sync_full(table: &ServiceTable, cfg: &Config, existing: &Existing)
 
 /// Everything for a fresh node: all chains and hooks (what the golden files hold).
 pub fn render_full(table: &ServiceTable, cfg: &Config) -> String {
-    render_sync_full(table, cfg, &Existing::default()).text
+    render_sync_full(table, cfg, &Existing::default()).text()
 }
 
 /// Partial sync: rewrites the chains of `changed` ports and the shared chains whose rules differ from
@@ -1062,7 +1067,7 @@ mod tests {
         let full = render_sync_full(&before, &golden_cfg(), &Existing::default());
         let changed = changed_between(&before, &after);
         let partial = render_partial(&after, &changed, &golden_cfg(), &full.state);
-        check_golden("partial.golden", &partial.text);
+        check_golden("partial.golden", &partial.text());
         // The state after a partial is what a full render of the new table would leave.
         let fresh = render_sync_full(&after, &golden_cfg(), &Existing::default());
         assert_eq!(partial.state, fresh.state);
@@ -1073,7 +1078,7 @@ mod tests {
         let cfg = Config { restore_batch_rules: 5, ..golden_cfg() };
         let r = render_sync_full(&golden_table(0), &cfg, &Existing::default());
         assert!(r.batches.len() > 3, "{}", r.batches.len());
-        assert_eq!(r.batches.concat(), r.text);
+        assert_eq!(r.batches.concat(), r.text());
         let mut declared = BTreeSet::new();
         for b in &r.batches {
             declared.extend(b.lines().filter_map(|l| l.strip_prefix(':')?.split_whitespace().next()));
@@ -1211,15 +1216,16 @@ mod tests {
         for (cfg, deleted) in [(Config::default(), 0), (Config { endpoint_chains: true, ..Config::default() }, 1)] {
             let full = render_sync_full(&before, &cfg, &Existing::default());
             let p = render_partial(&after, &[spn.clone()].into(), &cfg, &full.state);
-            let declared: Vec<&str> = p.text.lines().filter(|l| l.starts_with(':')).collect();
-            assert_eq!(p.stats.chains_written, 1, "{}", p.text);
-            assert_eq!(p.stats.chains_deleted, deleted, "{}", p.text);
+            let text = p.text();
+            let declared: Vec<&str> = text.lines().filter(|l| l.starts_with(':')).collect();
+            assert_eq!(p.stats.chains_written, 1, "{}", p.text());
+            assert_eq!(p.stats.chains_deleted, deleted, "{}", p.text());
             assert_eq!(declared.len(), 1 + deleted, "{declared:?}");
             assert!(declared.contains(&format!(":{svc} - [0:0]").as_str()));
-            assert_eq!(p.text.contains("-X WEFT-SEP-"), deleted == 1);
+            assert_eq!(p.text().contains("-X WEFT-SEP-"), deleted == 1);
             // Nothing changed: nothing written.
             let again = render_partial(&after, &[spn.clone()].into(), &cfg, &p.state);
-            assert_eq!(again.text, "");
+            assert_eq!(again.text(), "");
         }
     }
 
@@ -1230,15 +1236,15 @@ mod tests {
         let local = before[&spn].endpoints[0].ip;
         let full = render_sync_full(&before, &Config::default(), &Existing::default());
         let rule = format!("-s {local}/32 -d {local}/32 -j MASQUERADE");
-        assert!(full.text.contains(&rule), "a local endpoint gets a hairpin rule");
+        assert!(full.text().contains(&rule), "a local endpoint gets a hairpin rule");
         let remote = before[&spn].endpoints[1].ip;
-        assert!(!full.text.contains(&format!("-s {remote}/32 -d {remote}/32")), "a remote endpoint does not");
+        assert!(!full.text().contains(&format!("-s {remote}/32 -d {remote}/32")), "a remote endpoint does not");
         // The local endpoint goes: only the hairpin leaf holding it and the service chain are rewritten.
         let mut after = before.clone();
         after.get_mut(&spn).unwrap().endpoints.remove(0);
         let p = render_partial(&after, &[spn].into(), &Config::default(), &full.state);
-        assert_eq!(p.stats.chains_written, 2, "{}", p.text);
-        assert!(p.text.contains(":WEFT-HP-") && !p.text.contains(&rule), "{}", p.text);
+        assert_eq!(p.stats.chains_written, 2, "{}", p.text());
+        assert!(p.text().contains(":WEFT-HP-") && !p.text().contains(&rule), "{}", p.text());
         // kube-proxy's layout marks hairpin traffic in the SEP chains instead.
         let kube = render_full(&before, &Config { endpoint_chains: true, ..Config::default() });
         assert!(!kube.contains("WEFT-HAIRPIN") && kube.contains(&format!("-s {remote}/32 -j WEFT-MARK-MASQ")));
@@ -1292,11 +1298,11 @@ mod tests {
         assert_eq!(existing.chains.len(), 3);
         assert!(existing.hooks.contains(&(Table::Nat, "PREROUTING".into(), SERVICES.into())));
         let r = render_sync_full(&ServiceTable::new(), &Config::default(), &existing);
-        assert!(r.text.contains("-X WEFT-SVC-OLDOLDOLDOLDOLD"));
-        assert!(!r.text.contains("-X WEFT-SERVICES"));
-        assert!(!r.text.contains("-I PREROUTING"));
-        assert!(r.text.contains("-I OUTPUT -m comment --comment \"weft service portals\" -j WEFT-SERVICES"));
-        assert!(!r.text.contains("KUBE-"));
+        assert!(r.text().contains("-X WEFT-SVC-OLDOLDOLDOLDOLD"));
+        assert!(!r.text().contains("-X WEFT-SERVICES"));
+        assert!(!r.text().contains("-I PREROUTING"));
+        assert!(r.text().contains("-I OUTPUT -m comment --comment \"weft service portals\" -j WEFT-SERVICES"));
+        assert!(!r.text().contains("KUBE-"));
     }
 
     #[test]
@@ -1310,7 +1316,7 @@ mod tests {
         assert!(existing.hooks.is_empty(), "{:?}", existing.hooks);
         let r = render_sync_full(&ServiceTable::new(), &Config::default(), &existing);
         for foreign in ["WEFT-POSTRTG", "WEFT-FWD", "WEFT-PORTALS-HOST"] {
-            assert!(!r.text.contains(foreign), "{foreign} touched:\n{}", r.text);
+            assert!(!r.text().contains(foreign), "{foreign} touched:\n{}", r.text());
         }
     }
 }

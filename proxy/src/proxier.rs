@@ -4,6 +4,7 @@
 //! calling `sync` from a `BoundedRunner` is the daemon's job.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 
@@ -32,10 +33,11 @@ pub struct SyncOutcome {
 
 pub struct Proxier<D> {
     node_name: String,
-    services: BTreeMap<ObjectKey, Service>,
-    endpoints: BTreeMap<ObjectKey, Endpoints>,
-    service_changes: ChangeTracker<Service>,
-    endpoints_changes: ChangeTracker<Endpoints>,
+    // The informer's shared objects: the proxy holds no copies of its own.
+    services: BTreeMap<ObjectKey, Arc<Service>>,
+    endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
+    service_changes: ChangeTracker<Arc<Service>>,
+    endpoints_changes: ChangeTracker<Arc<Endpoints>>,
     /// The table the dataplane was last synced to successfully.
     synced: Option<ServiceTable>,
     dataplane: D,
@@ -55,7 +57,7 @@ impl<D: Dataplane> Proxier<D> {
     }
 
     /// A Service was added or updated (`Some`) or deleted (`None`).
-    pub fn on_service(&mut self, key: ObjectKey, current: Option<Service>) {
+    pub fn on_service(&mut self, key: ObjectKey, current: Option<Arc<Service>>) {
         let previous = match &current {
             Some(s) => self.services.insert(key.clone(), s.clone()),
             None => self.services.remove(&key),
@@ -64,7 +66,7 @@ impl<D: Dataplane> Proxier<D> {
     }
 
     /// An Endpoints object was added or updated (`Some`) or deleted (`None`).
-    pub fn on_endpoints(&mut self, key: ObjectKey, current: Option<Endpoints>) {
+    pub fn on_endpoints(&mut self, key: ObjectKey, current: Option<Arc<Endpoints>>) {
         let previous = match &current {
             Some(e) => self.endpoints.insert(key.clone(), e.clone()),
             None => self.endpoints.remove(&key),
@@ -90,8 +92,8 @@ impl<D: Dataplane> Proxier<D> {
     pub fn sync(&mut self, full: bool) -> Result<SyncOutcome> {
         let mut touched = self.service_changes.take();
         touched.extend(self.endpoints_changes.take());
-        let services: Vec<Service> = self.services.values().cloned().collect();
-        let endpoints: Vec<Endpoints> = self.endpoints.values().cloned().collect();
+        let services: Vec<&Service> = self.services.values().map(|s| &**s).collect();
+        let endpoints: Vec<&Endpoints> = self.endpoints.values().map(|e| &**e).collect();
         let (table, skipped) = desired_table(&services, &endpoints, &self.node_name);
         let changed: Option<BTreeSet<ServicePortName>> = match (&self.synced, full) {
             // Only ports whose entry really differs: an annotation-only update rewrites nothing.
@@ -140,14 +142,16 @@ mod tests {
         }
     }
 
-    fn svc(name: &str, ip: &str, annotation: &str) -> Service {
+    fn svc(name: &str, ip: &str, annotation: &str) -> Arc<Service> {
         serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns", "annotations": {"a": annotation}},
             "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
+        .map(Arc::new)
         .unwrap()
     }
-    fn eps(name: &str, ip: &str) -> Endpoints {
+    fn eps(name: &str, ip: &str) -> Arc<Endpoints> {
         serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns"},
             "subsets": [{"addresses": [{"ip": ip}], "ports": [{"port": 8080}]}]}))
+        .map(Arc::new)
         .unwrap()
     }
     fn k(name: &str) -> ObjectKey {

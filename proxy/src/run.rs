@@ -82,10 +82,10 @@ pub async fn run(opts: ProxyOptions, dataplane: Box<dyn Dataplane + Send>) -> Re
             loop {
                 tokio::select! {
                     Some(InformerEvent { key: k, new, .. }) = svc_events.recv() => {
-                        proxier.lock().unwrap_or_else(|p| p.into_inner()).on_service(key(&k), new.map(|s| (*s).clone()));
+                        proxier.lock().unwrap_or_else(|p| p.into_inner()).on_service(key(&k), new);
                     }
                     Some(InformerEvent { key: k, new, .. }) = ep_events.recv() => {
-                        proxier.lock().unwrap_or_else(|p| p.into_inner()).on_endpoints(key(&k), new.map(|e| (*e).clone()));
+                        proxier.lock().unwrap_or_else(|p| p.into_inner()).on_endpoints(key(&k), new);
                     }
                     else => break,
                 }

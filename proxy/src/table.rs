@@ -1,6 +1,7 @@
 //! Services + Endpoints → this node's desired `ServiceTable`: a pure function, no I/O.
 //! Bad input is skipped with a reason (to be logged by the caller); every valid port is still served.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -46,16 +47,20 @@ fn port_u16(p: i32) -> Option<u16> {
 }
 
 /// Builds the desired table for `node_name`. Deterministic: the same input gives the same table.
-pub fn desired_table(services: &[Service], endpoints: &[Endpoints], node_name: &str) -> (ServiceTable, Vec<Skipped>) {
+pub fn desired_table<S: Borrow<Service>, E: Borrow<Endpoints>>(
+    services: &[S],
+    endpoints: &[E],
+    node_name: &str,
+) -> (ServiceTable, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut by_name: BTreeMap<(&str, &str), &Endpoints> = BTreeMap::new();
-    for ep in endpoints {
+    for ep in endpoints.iter().map(Borrow::borrow) {
         if let Some(name) = ep.metadata.name.as_deref() {
             by_name.insert((ep.metadata.namespace.as_deref().unwrap_or("default"), name), ep);
         }
     }
     let mut table = ServiceTable::new();
-    for svc in services {
+    for svc in services.iter().map(Borrow::borrow) {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
         let Some(name) = svc.metadata.name.as_deref() else {
             skip(&mut skipped, format!("Service {ns}/?"), "no metadata.name");

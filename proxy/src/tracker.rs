@@ -41,6 +41,13 @@ impl Tracked for Service {
     }
 }
 
+// The proxy keeps the informer's shared objects rather than copies.
+impl<T: Tracked> Tracked for std::sync::Arc<T> {
+    fn port_names(&self, key: &ObjectKey) -> Vec<ServicePortName> {
+        (**self).port_names(key)
+    }
+}
+
 impl Tracked for Endpoints {
     fn port_names(&self, key: &ObjectKey) -> Vec<ServicePortName> {
         let ports = self.subsets.iter().flatten().flat_map(|s| s.ports.iter().flatten());
