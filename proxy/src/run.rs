@@ -138,6 +138,9 @@ fn sync_once(
             }
             s.metrics.observe_sync(took, &outcome.stats, SystemTime::now());
             s.last_ok = Some(Instant::now());
+            if outcome.stats.full {
+                release_freed_memory();
+            }
             tracing::debug!(full = outcome.stats.full, changed = outcome.changed, ?took, "synced");
             Ok(())
         }
@@ -146,6 +149,16 @@ fn sync_once(
             warn!("sync failed (next sync is full): {}", weft_api::error_chain(&e));
             Err(())
         }
+    }
+}
+
+/// A full sync builds the whole ruleset as text (tens of megabytes at 10,000 services) and frees it; glibc
+/// keeps freed memory in its arenas, so without this the process's RSS stays at that peak until the next one.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
