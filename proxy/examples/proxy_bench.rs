@@ -20,7 +20,7 @@
 //!
 //! `WEFT_BIN=target/release/weft cargo run --release -p weft-proxy --example proxy_bench`
 //! Env: BENCH_ROUNDS (3), BENCH_SECS (5), BENCH_SERVICES (10000), BENCH_CP_REPS (2: full syncs),
-//! BENCH_PARTIAL_REPS (5), BENCH_WRK_CONNS (16). Markdown on stdout, progress on stderr; exits non-zero
+//! BENCH_PARTIAL_REPS (5), BENCH_WRK_CONNS (16), BENCH_ONLY=memory (just part 3). Markdown on stdout, progress on stderr; exits non-zero
 //! only when a measurement could not be taken (never because a target was missed).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -335,6 +335,8 @@ fn partial_syncs(
 struct Rss {
     rss_kb: u64,
     hwm_kb: u64,
+    /// VmRSS 15 s later (steady state: no change in between).
+    later_kb: u64,
     sync_s: f64,
     syncs: f64,
     svc_chains: usize,
@@ -455,7 +457,9 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
             std::thread::sleep(Duration::from_secs(2));
             let rss_kb = proc_status_kb(pid, "VmRSS:")?;
             let hwm_kb = proc_status_kb(pid, "VmHWM:")?;
-            Ok(Rss { rss_kb, hwm_kb, sync_s, syncs, svc_chains })
+            std::thread::sleep(Duration::from_secs(15));
+            let later_kb = proc_status_kb(pid, "VmRSS:")?;
+            Ok(Rss { rss_kb, hwm_kb, later_kb, sync_s, syncs, svc_chains })
         })();
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -493,6 +497,20 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
     }
 
+    // BENCH_ONLY=memory: just the daemon's memory (section 3), for checking a change to it.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("memory") {
+        let r = daemon_rss(&big_table(n, 10), &weft_bin)?;
+        println!(
+            "weft proxy at {n} services x 10: VmRSS {:.1} MB, VmHWM {:.1} MB, VmRSS 15 s later {:.1} MB ({} chains, {} syncs, {:.2} s)",
+            r.rss_kb as f64 / 1024.0,
+            r.hwm_kb as f64 / 1024.0,
+            r.later_kb as f64 / 1024.0,
+            r.svc_chains,
+            r.syncs,
+            r.sync_s
+        );
+        return Ok(());
+    }
     let small = big_table(10, 10);
     let mut large = big_table(n, 10);
 
@@ -809,10 +827,11 @@ fn main() -> Result<()> {
     if let Some((m, r)) = &rss {
         println!(
             "`weft proxy` (iptables mode, release) fed {m} Services + {m} Endpoints (10 addresses each) from etcd in its own namespace: \
-             **VmRSS {:.1} MB** (peak VmHWM {:.1} MB) once every service was in the kernel ({} WEFT-SVC chains; \
-             its own metric: {} sync(s) taking {:.2} s in all).",
+             **VmRSS {:.1} MB** (peak VmHWM {:.1} MB; 15 s later {:.1} MB) once every service was in the kernel \
+             ({} WEFT-SVC chains; its own metric: {} sync(s) taking {:.2} s in all).",
             r.rss_kb as f64 / 1024.0,
             r.hwm_kb as f64 / 1024.0,
+            r.later_kb as f64 / 1024.0,
             r.svc_chains,
             r.syncs,
             r.sync_s
