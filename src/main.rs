@@ -31,8 +31,18 @@ enum Command {
     Apply(weft_api::cli::ApplyArgs),
     /// Show objects (kubectl get)
     Get(weft_api::cli::GetArgs),
+    /// Show an object in detail, with related objects and events (kubectl describe)
+    Describe(weft_api::describe::DescribeArgs),
     /// Delete objects (kubectl delete)
     Delete(weft_api::cli::DeleteArgs),
+    /// Set the number of replicas of a deployment, replica set or replication controller (kubectl scale)
+    Scale(weft_api::scale::ScaleArgs),
+    /// Change a field of objects (kubectl set)
+    #[command(subcommand)]
+    Set(weft_api::scale::SetCommand),
+    /// Manage the rollout of a deployment (kubectl rollout)
+    #[command(subcommand)]
+    Rollout(weft_api::rollout::RolloutCommand),
 }
 
 fn invoked_as_cni() -> bool {
@@ -93,8 +103,12 @@ fn main() {
         })(),
         Command::Services(a) => runtime().and_then(|rt| rt.block_on(weft_proxy::cli::services(a))),
         Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::apply(a))).map(|_| 0),
-        Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::get(a))).map(|_| 0),
-        Command::Delete(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::delete(a))).map(|_| 0),
+        Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::get(a))),
+        Command::Describe(a) => runtime().and_then(|rt| rt.block_on(weft_api::describe::describe(a))),
+        Command::Delete(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::delete(a))),
+        Command::Scale(a) => runtime().and_then(|rt| rt.block_on(weft_api::scale::scale(a))),
+        Command::Set(cmd) => runtime().and_then(|rt| rt.block_on(weft_api::scale::set(cmd))),
+        Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_api::rollout::run(cmd))),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,16 +1,22 @@
 //! Kubernetes API objects in etcd for every weft component: the etcd connection flags, a typed object store
 //! (create/get/list/update/delete/watch with optimistic concurrency), informers (list + watch → local cache and
 //! change events), what the API server does for Services (validation, ClusterIP and NodePort allocation),
-//! manifests, and the library side of `weft apply|get|delete`.
+//! manifests, and the library side of the kubectl-like commands (`apply`, `get`, `describe`, `delete`, `scale`,
+//! `set image`, `rollout`).
 
 pub mod cli;
+pub mod describe;
 pub mod etcd;
 pub mod http;
 pub mod informer;
 pub mod manifest;
+pub mod quantity;
+pub mod rollout;
+pub mod scale;
 pub mod service;
 pub mod store;
 pub mod table;
+pub mod workload;
 
 pub use etcd::{connect, EtcdArgs};
 pub use informer::{Informer, InformerEvent};
@@ -20,7 +26,7 @@ pub use store::{Object, ObjectKey, Store, WatchEvent};
 /// The object types weft stores, re-exported so that callers name one crate.
 pub use k8s_openapi;
 pub use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-pub use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
+pub use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, ReplicationController, Service};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// An error and its causes on one line, skipping a cause the message before it already quotes (for logs).

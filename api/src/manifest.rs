@@ -7,13 +7,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, ReplicationController, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::service::{self, ServiceRanges};
+use crate::workload;
 
 /// Where a document came from: `file` and its 0-based index, plus `items[i]` inside a List.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,7 @@ pub enum AnyObject {
     Deployment(Deployment),
     ReplicaSet(ReplicaSet),
     DaemonSet(DaemonSet),
+    ReplicationController(ReplicationController),
 }
 
 /// Calls `$body` with `$o` bound to the typed object inside any variant.
@@ -75,6 +77,7 @@ macro_rules! with_object {
             $crate::manifest::AnyObject::Deployment($o) => $body,
             $crate::manifest::AnyObject::ReplicaSet($o) => $body,
             $crate::manifest::AnyObject::DaemonSet($o) => $body,
+            $crate::manifest::AnyObject::ReplicationController($o) => $body,
         }
     };
 }
@@ -252,39 +255,98 @@ pub fn decode(source: &Source, value: Value) -> Result<(AnyObject, Vec<String>)>
         ("apps/v1", "Deployment") => typed(source, value).map(|(o, u)| (AnyObject::Deployment(o), u))?,
         ("apps/v1", "ReplicaSet") => typed(source, value).map(|(o, u)| (AnyObject::ReplicaSet(o), u))?,
         ("apps/v1", "DaemonSet") => typed(source, value).map(|(o, u)| (AnyObject::DaemonSet(o), u))?,
+        ("v1", "ReplicationController") => {
+            typed(source, value).map(|(o, u)| (AnyObject::ReplicationController(o), u))?
+        }
         (v, k) => {
             return Err(doc_error(
                 source,
                 "kind",
-                format!("no kind {k:?} is registered for version {v:?} (known: v1 Pod, Service, Endpoints, Node, Namespace; apps/v1 Deployment, ReplicaSet, DaemonSet)"),
+                format!("no kind {k:?} is registered for version {v:?} (known: v1 Pod, Service, Endpoints, Node, Namespace, ReplicationController; apps/v1 Deployment, ReplicaSet, DaemonSet)"),
             ))
         }
     };
     Ok(obj)
 }
 
-/// Brings an older group version up to the one we store, as the API server's conversion does. Unknown pairs are
-/// returned unchanged (and refused by `decode`).
+/// Brings an older group version up to the one we store, as the API server's defaulting and conversion do (the
+/// defaults are those of the version the manifest names, so an `extensions/v1beta1` Deployment keeps its old
+/// rolling-update defaults). v1 ReplicationControllers get the defaults v1 gives them. Unknown pairs are returned
+/// unchanged (and refused by `decode`).
 pub fn convert(api_version: &str, kind: &str, mut value: Value) -> Value {
+    if (api_version, kind) == ("v1", "ReplicationController") {
+        default_from_template_labels(&mut value, |labels| labels.clone());
+        return value;
+    }
     let old_workload = matches!(api_version, "extensions/v1beta1" | "apps/v1beta1" | "apps/v1beta2")
         && matches!(kind, "Deployment" | "ReplicaSet" | "DaemonSet");
     if !old_workload {
         return value;
     }
     value["apiVersion"] = Value::from("apps/v1");
-    // apps/v1 requires a selector; the old versions defaulted it from the template's labels.
-    if let Some(spec) = value.get_mut("spec").and_then(Value::as_object_mut) {
-        if spec.get("selector").is_none_or(Value::is_null) {
-            if let Some(labels) = spec.get("template").and_then(|t| t.get("metadata")).and_then(|m| m.get("labels")) {
-                let selector = serde_json::json!({ "matchLabels": labels.clone() });
-                spec.insert("selector".into(), selector);
+    // apps/v1 requires a selector; the old versions defaulted it (and the object's labels) from the template's.
+    default_from_template_labels(&mut value, |labels| serde_json::json!({ "matchLabels": labels.clone() }));
+    let Some(spec) = value.get_mut("spec").and_then(Value::as_object_mut) else { return value };
+    // Fields apps/v1 dropped.
+    spec.remove("rollbackTo");
+    spec.remove("templateGeneration");
+    let unset = |spec: &serde_json::Map<String, Value>, k: &str| spec.get(k).is_none_or(Value::is_null);
+    match (api_version, kind) {
+        ("extensions/v1beta1", "Deployment") => {
+            // extensions/v1beta1 defaulted to surge 1 / unavailable 1, kept every old ReplicaSet and never timed out.
+            let strategy = spec.entry("strategy").or_insert_with(|| serde_json::json!({}));
+            if let Some(st) = strategy.as_object_mut() {
+                if st.get("type").is_none_or(Value::is_null) {
+                    st.insert("type".into(), Value::from("RollingUpdate"));
+                }
+                if st.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
+                    let ru = st.entry("rollingUpdate").or_insert_with(|| serde_json::json!({}));
+                    if let Some(ru) = ru.as_object_mut() {
+                        ru.entry("maxSurge").or_insert(Value::from(1));
+                        ru.entry("maxUnavailable").or_insert(Value::from(1));
+                    }
+                }
+            }
+            for field in ["revisionHistoryLimit", "progressDeadlineSeconds"] {
+                if unset(spec, field) {
+                    spec.insert(field.into(), Value::from(i32::MAX));
+                }
             }
         }
-        // Fields apps/v1 dropped.
-        spec.remove("rollbackTo");
-        spec.remove("templateGeneration");
+        ("apps/v1beta1", "Deployment") if unset(spec, "revisionHistoryLimit") => {
+            spec.insert("revisionHistoryLimit".into(), Value::from(2));
+        }
+        // extensions/v1beta1 DaemonSets were updated only when their pods were deleted.
+        ("extensions/v1beta1", "DaemonSet") if unset(spec, "updateStrategy") => {
+            spec.insert("updateStrategy".into(), serde_json::json!({"type": "OnDelete"}));
+        }
+        _ => {}
     }
     value
+}
+
+/// Sets `spec.selector` (as `make(labels)`) and `metadata.labels` from the template's labels where they are absent
+/// or empty, as the old versions' (and v1 ReplicationController's) defaulting does.
+fn default_from_template_labels(value: &mut Value, make: impl Fn(&Value) -> Value) {
+    let labels = value
+        .get("spec")
+        .and_then(|s| s.get("template"))
+        .and_then(|t| t.get("metadata"))
+        .and_then(|m| m.get("labels"))
+        .filter(|l| l.as_object().is_some_and(|o| !o.is_empty()))
+        .cloned();
+    let Some(labels) = labels else { return };
+    let empty = |v: Option<&Value>| v.is_none_or(|v| v.is_null() || v.as_object().is_some_and(|o| o.is_empty()));
+    if let Some(spec) = value.get_mut("spec").and_then(Value::as_object_mut) {
+        if empty(spec.get("selector")) {
+            spec.insert("selector".into(), make(&labels));
+        }
+    }
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        if empty(meta.get("labels")) {
+            meta.insert("labels".into(), labels);
+        }
+    }
 }
 
 /// kubectl's default strict field validation: a field the type does not know is an error naming it.
@@ -299,7 +361,8 @@ pub fn check_unknown_fields(docs: &[Document]) -> Result<()> {
     }
 }
 
-/// Checks what the API server would refuse, before anything is written: names, and Services in full.
+/// Checks what the API server would refuse, before anything is written: names, Services in full, and the
+/// selectors, templates and containers of Pods and workloads (`workload`).
 pub fn validate(docs: &[Document], ranges: &ServiceRanges) -> Result<()> {
     for doc in docs {
         let meta = doc.object.metadata();
@@ -315,16 +378,25 @@ pub fn validate(docs: &[Document], ranges: &ServiceRanges) -> Result<()> {
                 return Err(doc_error(&doc.source, "metadata.namespace", format!("{ns:?} must be a DNS-1123 label")));
             }
         }
-        if let AnyObject::Service(s) = &doc.object {
-            let mut s = s.clone();
-            service::apply_defaults(&mut s);
-            service::validate(&s, ranges).map_err(|errors| Error::Invalid {
-                source_: doc.source.clone(),
-                kind: "Service",
-                name: name.clone(),
-                errors,
-            })?;
-        }
+        let checked = match &doc.object {
+            AnyObject::Service(s) => {
+                let mut s = s.clone();
+                service::apply_defaults(&mut s);
+                service::validate(&s, ranges)
+            }
+            AnyObject::Pod(p) => workload::validate_pod(p),
+            AnyObject::Deployment(d) => workload::validate_deployment(d),
+            AnyObject::ReplicaSet(r) => workload::validate_replicaset(r),
+            AnyObject::DaemonSet(d) => workload::validate_daemonset(d),
+            AnyObject::ReplicationController(r) => workload::validate_replicationcontroller(r),
+            AnyObject::Endpoints(_) | AnyObject::Node(_) | AnyObject::Namespace(_) => Ok(()),
+        };
+        checked.map_err(|errors| Error::Invalid {
+            source_: doc.source.clone(),
+            kind: doc.object.kind(),
+            name: name.clone(),
+            errors,
+        })?;
     }
     Ok(())
 }
@@ -364,7 +436,24 @@ mod tests {
     #[test]
     fn bad_manifests_name_document_field_and_problem() {
         let cases: &[(&str, &str)] = &[
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: ok}\n", ""),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: ok}\nspec: {containers: [{name: c, image: nginx}]}\n", ""),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "f.yaml (document 0): Pod \"p\": spec.containers: Required value"),
+            (
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: nginx}]}\n",
+                "f.yaml (document 0): Deployment \"d\": spec.template.metadata.labels: Invalid value: map[string]string{\"app\":\"web\"}: `selector` does not match template `labels`",
+            ),
+            (
+                "apiVersion: extensions/v1beta1\nkind: ReplicaSet\nmetadata: {name: r}\nspec:\n  selector: {matchExpressions: [{key: tier, operator: In}]}\n  template:\n    metadata: {labels: {tier: fe}}\n    spec: {containers: [{name: c, image: nginx}]}\n",
+                "f.yaml (document 0): ReplicaSet \"r\": spec.selector.matchExpressions[0].values: Required value",
+            ),
+            (
+                "apiVersion: v1\nkind: ReplicationController\nmetadata: {name: r}\nspec:\n  selector: {app: db}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: nginx}]}\n",
+                "f.yaml (document 0): ReplicationController \"r\": spec.template.metadata.labels: Invalid value",
+            ),
+            (
+                "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec:\n  selector: {matchLabels: {app: x}}\n  template:\n    metadata: {labels: {app: x}}\n    spec: {containers: [{name: c}]}\n",
+                "f.yaml (document 0): DaemonSet \"d\": spec.template.spec.containers[0].image: Required value",
+            ),
             ("apiVersion: v1\nkind: Widget\nmetadata: {name: w}\n", "f.yaml (document 0): kind: no kind \"Widget\" is registered for version \"v1\""),
             ("kind: Pod\nmetadata: {name: p}\n", "f.yaml (document 0): apiVersion: required"),
             ("apiVersion: v1\nkind: Pod\nmetadata: {}\n", "f.yaml (document 0): metadata.name: required"),
@@ -402,5 +491,35 @@ mod tests {
         assert_eq!(spec.selector.match_labels.as_ref().unwrap().get("app").map(String::as_str), Some("web"));
         assert_eq!(spec.replicas, Some(2));
         assert_eq!(docs[0].object.display_name(), "deployment.apps/web");
+        // extensions/v1beta1's defaults, not apps/v1's, and the object's labels from the template's.
+        let v = serde_json::to_value(d).unwrap();
+        assert_eq!(
+            v["spec"]["strategy"],
+            serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 1}})
+        );
+        assert_eq!(v["spec"]["revisionHistoryLimit"], i32::MAX);
+        assert_eq!(v["spec"]["progressDeadlineSeconds"], i32::MAX);
+        assert_eq!(v["metadata"]["labels"], serde_json::json!({"app": "web"}));
+        assert!(docs[0].unknown_fields.is_empty(), "{:?}", docs[0].unknown_fields);
+    }
+
+    #[test]
+    fn the_seeds_frontend_replicaset_and_a_replication_controller_decode() {
+        let frontend = "apiVersion: extensions/v1beta1\nkind: ReplicaSet\nmetadata:\n  name: frontend\nspec:\n  replicas: 3\n  selector:\n    matchLabels:\n      tier: frontend\n    matchExpressions:\n      - {key: tier, operator: In, values: [frontend]}\n  template:\n    metadata:\n      labels:\n        app: guestbook\n        tier: frontend\n    spec:\n      containers:\n      - name: php-redis\n        image: gcr.io/google_samples/gb-frontend:v3\n        resources:\n          requests:\n            cpu: 100m\n            memory: 100Mi\n        ports:\n        - containerPort: 80\n";
+        let docs = parse("frontend.yaml", frontend).unwrap();
+        check_unknown_fields(&docs).unwrap();
+        validate(&docs, &ServiceRanges::default()).unwrap();
+        let AnyObject::ReplicaSet(rs) = &docs[0].object else { panic!("{:?}", docs[0].object) };
+        assert_eq!(rs.spec.selector.match_expressions.as_ref().unwrap()[0].operator, "In");
+        assert_eq!(docs[0].object.display_name(), "replicaset.apps/frontend");
+
+        // A v1 ReplicationController without a selector takes the template's labels, as the API server defaults it.
+        let rc = "apiVersion: v1\nkind: ReplicationController\nmetadata: {name: nginx}\nspec:\n  replicas: 3\n  template:\n    metadata: {labels: {app: nginx}}\n    spec: {containers: [{name: nginx, image: nginx}]}\n";
+        let docs = parse("rc.yaml", rc).unwrap();
+        validate(&docs, &ServiceRanges::default()).unwrap();
+        let AnyObject::ReplicationController(rc) = &docs[0].object else { panic!("{:?}", docs[0].object) };
+        let selector = rc.spec.as_ref().and_then(|s| s.selector.as_ref()).unwrap();
+        assert_eq!(selector.get("app").map(String::as_str), Some("nginx"));
+        assert_eq!(docs[0].object.display_name(), "replicationcontroller/nginx");
     }
 }

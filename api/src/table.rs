@@ -1,11 +1,16 @@
-//! `weft get`'s tables, as kubectl prints them: pure functions from objects (and the time now) to text, so
-//! golden files can pin them. Also label selectors (`-l`), which decide what a table shows.
+//! `weft get`'s tables, as kubectl prints them: pure functions from objects (and the time now) to rows, laid out as
+//! kubectl's tabwriter lays them out, so golden files can pin them. Also Go's `text/tabwriter` itself (what
+//! `describe` and `rollout history` align with), label selectors (`-l`, and the LabelSelectors of workloads) and
+//! the ways kubectl formats them. Nothing here does I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{
+    Container, Endpoints, Namespace, Node, Pod, PodTemplateSpec, ReplicationController, Service,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,41 +21,134 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Options that change columns: `-o wide`, and a NAMESPACE column for `-A`.
+/// Options that change columns: `-o wide`, a NAMESPACE column for `-A`, and the `kind/` prefix on names that
+/// kubectl adds when one command prints several kinds (`weft get svc,ep`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Columns {
     pub wide: bool,
     pub namespace: bool,
+    pub kind_prefix: Option<&'static str>,
+}
+
+/// Headers and rows of one kind's table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Table {
+    pub headers: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+/// kubectl's tabwriter for tables: columns at least 6 wide, 3 spaces of padding.
+const TABLE_MIN_WIDTH: usize = 6;
+const TABLE_PADDING: usize = 3;
+
+impl Table {
+    /// The whole table, header first.
+    pub fn render(&self) -> String {
+        TableWriter::default().write(self, true)
+    }
+}
+
+/// Lays rows out as kubectl's tabwriter does with `RememberWidths`: a column is as wide as its widest cell seen so
+/// far plus padding, so the rows `get -w` prints one by one line up with the table before them.
+#[derive(Debug, Clone, Default)]
+pub struct TableWriter {
+    widths: Vec<usize>,
+}
+
+impl TableWriter {
+    /// `table`'s rows (and its header when `header`), widening remembered columns as needed.
+    pub fn write(&mut self, table: &Table, header: bool) -> String {
+        let mut lines: Vec<&[String]> = Vec::new();
+        if header {
+            lines.push(&table.headers);
+        }
+        lines.extend(table.rows.iter().map(Vec::as_slice));
+        for line in &lines {
+            // The last cell of a line is not part of a column.
+            for (i, cell) in line.iter().enumerate().take(line.len().saturating_sub(1)) {
+                let w = (cell.chars().count() + TABLE_PADDING).max(TABLE_MIN_WIDTH);
+                match self.widths.get_mut(i) {
+                    Some(have) => *have = (*have).max(w),
+                    None => self.widths.push(w),
+                }
+            }
+        }
+        let mut out = String::new();
+        for line in lines {
+            let mut l = String::new();
+            for (i, cell) in line.iter().enumerate() {
+                l.push_str(cell);
+                if i + 1 < line.len() {
+                    l.push_str(&" ".repeat(self.widths[i].saturating_sub(cell.chars().count())));
+                }
+            }
+            out.push_str(l.trim_end());
+            out.push('\n');
+        }
+        out
+    }
 }
 
 /// Lays rows out as kubectl's tabwriter does: left aligned, three spaces between columns.
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(cell.chars().count());
-            }
-        }
-    }
+    Table { headers: headers.iter().map(|h| h.to_string()).collect(), rows: rows.to_vec() }.render()
+}
+
+/// Go's `text/tabwriter` (no flags, spaces for padding), which kubectl's `describe` and `rollout history` write
+/// through: a tab ends a cell; consecutive lines that have a cell in the same column form a block, aligned to its
+/// widest cell plus `padding` (at least `minwidth`); the text after a line's last tab is not aligned.
+pub fn tabwrite(text: &str, minwidth: usize, padding: usize) -> String {
+    let lines: Vec<Vec<&str>> = text.split('\n').map(|l| l.split('\t').collect()).collect();
     let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len().saturating_sub(1);
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            l.push_str(c);
-            if i < last {
-                l.push_str(&" ".repeat(widths[i] - c.chars().count() + 3));
+    let mut widths = Vec::new();
+    format_block(&mut out, &lines, &mut widths, 0, lines.len(), minwidth, padding);
+    out
+}
+
+fn format_block(
+    out: &mut String,
+    lines: &[Vec<&str>],
+    widths: &mut Vec<usize>,
+    line0: usize,
+    line1: usize,
+    minwidth: usize,
+    padding: usize,
+) {
+    let column = widths.len();
+    let mut line0 = line0;
+    let mut this = line0;
+    while this < line1 {
+        if column + 1 >= lines[this].len() {
+            this += 1;
+            continue;
+        }
+        write_lines(out, lines, widths, line0, this);
+        line0 = this;
+        let mut width = minwidth;
+        while this < line1 && column + 1 < lines[this].len() {
+            width = width.max(lines[this][column].chars().count() + padding);
+            this += 1;
+        }
+        widths.push(width);
+        format_block(out, lines, widths, line0, this, minwidth, padding);
+        widths.pop();
+        line0 = this;
+    }
+    write_lines(out, lines, widths, line0, line1);
+}
+
+fn write_lines(out: &mut String, lines: &[Vec<&str>], widths: &[usize], line0: usize, line1: usize) {
+    for (i, line) in lines.iter().enumerate().take(line1).skip(line0) {
+        for (j, cell) in line.iter().enumerate() {
+            out.push_str(cell);
+            if let Some(w) = widths.get(j) {
+                out.push_str(&" ".repeat(w.saturating_sub(cell.chars().count())));
             }
         }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(headers.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        if i + 1 < lines.len() {
+            out.push('\n');
+        }
     }
-    out
 }
 
 /// kubectl's human duration: `45s`, `5m10s`, `3h`, `4d5h`, `2y30d`.
@@ -102,7 +200,12 @@ pub fn age(created: Option<&Time>, now: Timestamp) -> String {
     }
 }
 
-fn none_if_empty(s: String) -> String {
+/// RFC 1123 with a numeric zone, in UTC, as kubectl's describe prints times: `Fri, 02 Jan 2026 00:00:00 +0000`.
+pub fn rfc1123z(t: &Timestamp) -> String {
+    t.strftime("%a, %d %b %Y %H:%M:%S +0000").to_string()
+}
+
+pub fn none_if_empty(s: String) -> String {
     if s.is_empty() {
         "<none>".into()
     } else {
@@ -114,295 +217,515 @@ fn name(meta: &ObjectMeta) -> String {
     meta.name.clone().unwrap_or_default()
 }
 
-/// Builds a table of `objects`: the kind's headers and one row each (NAMESPACE first with `-A`).
-fn table<K>(
-    objects: &[K],
-    cols: Columns,
-    headers: &[&str],
-    wide: &[&str],
-    meta: impl Fn(&K) -> &ObjectMeta,
-    row: impl Fn(&K) -> Vec<String>,
-) -> String {
-    let mut h: Vec<&str> = Vec::new();
-    if cols.namespace {
-        h.push("NAMESPACE");
+/// The kinds `weft get` prints, each with kubectl's columns (the `-o wide` ones last).
+pub trait Tabular: Sized {
+    const HEADERS: &'static [&'static str];
+    const WIDE: &'static [&'static str];
+    fn meta(&self) -> &ObjectMeta;
+    /// Every cell, wide ones included; the NAME cell first.
+    fn cells(&self, now: Timestamp) -> Vec<String>;
+
+    fn table(items: &[Self], cols: Columns, now: Timestamp) -> Table {
+        let mut headers: Vec<String> = Vec::new();
+        if cols.namespace {
+            headers.push("NAMESPACE".into());
+        }
+        headers.extend(Self::HEADERS.iter().map(|h| h.to_string()));
+        if cols.wide {
+            headers.extend(Self::WIDE.iter().map(|h| h.to_string()));
+        }
+        let rows = items
+            .iter()
+            .map(|o| {
+                let mut r = Vec::new();
+                if cols.namespace {
+                    r.push(o.meta().namespace.clone().unwrap_or_default());
+                }
+                let mut cells = o.cells(now);
+                if !cols.wide {
+                    cells.truncate(Self::HEADERS.len());
+                }
+                if let (Some(prefix), Some(first)) = (cols.kind_prefix, cells.first_mut()) {
+                    *first = format!("{prefix}/{first}");
+                }
+                r.extend(cells);
+                r
+            })
+            .collect();
+        Table { headers, rows }
     }
-    h.extend_from_slice(headers);
-    let n = h.len();
-    if cols.wide {
-        h.extend_from_slice(wide);
-    }
-    let rows: Vec<Vec<String>> = objects
-        .iter()
-        .map(|o| {
-            let mut r = Vec::new();
-            if cols.namespace {
-                r.push(meta(o).namespace.clone().unwrap_or_default());
-            }
-            let mut cells = row(o);
-            if !cols.wide {
-                cells.truncate(n - usize::from(cols.namespace));
-            }
-            r.extend(cells);
-            r
-        })
-        .collect();
-    render(&h, &rows)
 }
 
-fn selector_text(sel: Option<&BTreeMap<String, String>>) -> String {
-    none_if_empty(sel.into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+/// `labels.FormatLabels`: `k=v,k2=v2` sorted by key, `<none>` when empty.
+pub fn format_labels(labels: Option<&BTreeMap<String, String>>) -> String {
+    none_if_empty(labels.into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+}
+
+/// `metav1.FormatLabelSelector`: the selector's string form, `<none>` when it selects everything, `<error>` when
+/// it does not parse.
+pub fn format_label_selector(sel: &LabelSelector) -> String {
+    match Selector::from_label_selector(sel) {
+        Ok(s) => none_if_empty(s.to_string()),
+        Err(_) => "<error>".into(),
+    }
+}
+
+/// A selector's string form as the wide SELECTOR column shows it (`<invalid>` when it does not parse).
+fn selector_cell(sel: &LabelSelector) -> String {
+    Selector::from_label_selector(sel).map(|s| s.to_string()).unwrap_or_else(|_| "<invalid>".into())
+}
+
+/// The CONTAINERS and IMAGES cells of a workload.
+fn container_cells(template: Option<&PodTemplateSpec>) -> (String, String) {
+    let containers: &[Container] =
+        template.and_then(|t| t.spec.as_ref()).map(|s| s.containers.as_slice()).unwrap_or(&[]);
+    let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+    let images: Vec<&str> = containers.iter().map(|c| c.image.as_deref().unwrap_or("")).collect();
+    (names.join(","), images.join(","))
+}
+
+impl Tabular for Service {
+    const HEADERS: &'static [&'static str] = &["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"];
+    const WIDE: &'static [&'static str] = &["SELECTOR"];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        let s = self;
+        let spec = s.spec.clone().unwrap_or_default();
+        let type_ = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
+        let mut external: Vec<String> = Vec::new();
+        if type_ == "ExternalName" {
+            external.extend(spec.external_name.clone());
+        }
+        if type_ == "LoadBalancer" {
+            let ingress = s.status.as_ref().and_then(|st| st.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+            external.extend(ingress.into_iter().flatten().filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone())));
+        }
+        external.extend(spec.external_ips.clone().unwrap_or_default());
+        let external = if external.is_empty() && type_ == "LoadBalancer" {
+            "<pending>".to_string()
+        } else {
+            none_if_empty(external.join(","))
+        };
+        let ports: Vec<String> = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                match p.node_port {
+                    Some(np) => format!("{}:{np}/{proto}", p.port),
+                    None => format!("{}/{proto}", p.port),
+                }
+            })
+            .collect();
+        vec![
+            name(&s.metadata),
+            type_,
+            none_if_empty(spec.cluster_ip.clone().unwrap_or_default()),
+            external,
+            none_if_empty(ports.join(",")),
+            age(s.metadata.creation_timestamp.as_ref(), now),
+            format_labels(spec.selector.as_ref()),
+        ]
+    }
+}
+
+/// kubectl's `formatEndpoints`: `ip:port` per port (only ports named in `ports`, if given) and address, at most
+/// three then `+ N more...`; `<none>` without subsets.
+pub fn format_endpoints(ep: &Endpoints, ports: Option<&str>) -> String {
+    let subsets = ep.subsets.as_deref().unwrap_or(&[]);
+    if subsets.is_empty() {
+        return "<none>".into();
+    }
+    const MAX: usize = 3;
+    let (mut list, mut count) = (Vec::new(), 0);
+    let mut add = |s: String| {
+        if list.len() < MAX {
+            list.push(s);
+        }
+        count += 1;
+    };
+    for ss in subsets {
+        let addrs = ss.addresses.as_deref().unwrap_or(&[]);
+        match ss.ports.as_deref() {
+            None | Some([]) => addrs.iter().for_each(|a| add(a.ip.clone())),
+            Some(sports) => {
+                for p in sports {
+                    if ports.is_none_or(|want| p.name.as_deref().unwrap_or("") == want) {
+                        addrs.iter().for_each(|a| add(join_host_port(&a.ip, p.port)));
+                    }
+                }
+            }
+        }
+    }
+    let text = list.join(",");
+    if count > MAX {
+        format!("{text} + {} more...", count - MAX)
+    } else {
+        text
+    }
+}
+
+fn join_host_port(ip: &str, port: i32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+impl Tabular for Endpoints {
+    const HEADERS: &'static [&'static str] = &["NAME", "ENDPOINTS", "AGE"];
+    const WIDE: &'static [&'static str] = &[];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        vec![name(&self.metadata), format_endpoints(self, None), age(self.metadata.creation_timestamp.as_ref(), now)]
+    }
+}
+
+/// The pod's STATUS and READY, RESTARTS cells as kubectl's `printPod` computes them (init containers, waiting and
+/// terminated reasons, Terminating).
+pub fn pod_status(p: &Pod, now: Timestamp) -> (String, String, String) {
+    let status = p.status.clone().unwrap_or_default();
+    let spec = p.spec.clone().unwrap_or_default();
+    // Without an API server nothing sets the phase of a new pod: show what the API server would have set.
+    let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
+    let mut reason = status.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| phase.clone());
+    for c in status.conditions.iter().flatten() {
+        if c.type_ == "PodScheduled" && c.reason.as_deref() == Some("SchedulingGated") {
+            reason = "SchedulingGated".into();
+        }
+    }
+    let mut restarts = 0;
+    let mut last_restart: Option<Timestamp> = None;
+    let mut ready = 0;
+    let total = spec.containers.len();
+    let note_restart = |cs: &k8s_openapi::api::core::v1::ContainerStatus, last: &mut Option<Timestamp>| {
+        let finished = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).and_then(|t| t.finished_at.as_ref());
+        if let Some(t) = finished {
+            if last.is_none_or(|l| l < t.0) {
+                *last = Some(t.0);
+            }
+        }
+    };
+    let mut initializing = false;
+    let init_count = spec.init_containers.as_ref().map_or(0, Vec::len);
+    for (i, cs) in status.init_container_statuses.iter().flatten().enumerate() {
+        restarts += cs.restart_count;
+        note_restart(cs, &mut last_restart);
+        let state = cs.state.clone().unwrap_or_default();
+        match (&state.terminated, &state.waiting) {
+            (Some(t), _) if t.exit_code == 0 => continue,
+            (Some(t), _) => {
+                reason = match (t.reason.as_deref().filter(|r| !r.is_empty()), t.signal.filter(|s| *s != 0)) {
+                    (Some(r), _) => format!("Init:{r}"),
+                    (None, Some(sig)) => format!("Init:Signal:{sig}"),
+                    (None, None) => format!("Init:ExitCode:{}", t.exit_code),
+                };
+            }
+            (None, Some(w)) if w.reason.as_deref().is_some_and(|r| !r.is_empty() && r != "PodInitializing") => {
+                reason = format!("Init:{}", w.reason.clone().unwrap_or_default());
+            }
+            _ => reason = format!("Init:{i}/{init_count}"),
+        }
+        initializing = true;
+        break;
+    }
+    if !initializing {
+        restarts = 0;
+        last_restart = None;
+        let mut has_running = false;
+        for cs in status.container_statuses.iter().flatten().rev() {
+            restarts += cs.restart_count;
+            note_restart(cs, &mut last_restart);
+            let state = cs.state.clone().unwrap_or_default();
+            if let Some(r) = state.waiting.as_ref().and_then(|w| w.reason.clone()).filter(|r| !r.is_empty()) {
+                reason = r;
+            } else if let Some(t) = &state.terminated {
+                reason = match (t.reason.clone().filter(|r| !r.is_empty()), t.signal.filter(|s| *s != 0)) {
+                    (Some(r), _) => r,
+                    (None, Some(sig)) => format!("Signal:{sig}"),
+                    (None, None) => format!("ExitCode:{}", t.exit_code),
+                };
+            } else if cs.ready && state.running.is_some() {
+                has_running = true;
+                ready += 1;
+            }
+        }
+        if reason == "Completed" && has_running {
+            let pod_ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+            reason = if pod_ready { "Running" } else { "NotReady" }.into();
+        }
+    }
+    if p.metadata.deletion_timestamp.is_some() {
+        if status.reason.as_deref() == Some("NodeLost") {
+            reason = "Unknown".into();
+        } else if phase != "Succeeded" && phase != "Failed" {
+            reason = "Terminating".into();
+        }
+    }
+    let restarts = match last_restart {
+        Some(t) if restarts != 0 => format!("{restarts} ({} ago)", human_duration(now.as_second() - t.as_second())),
+        _ => restarts.to_string(),
+    };
+    (format!("{ready}/{total}"), reason, restarts)
+}
+
+impl Tabular for Pod {
+    const HEADERS: &'static [&'static str] = &["NAME", "READY", "STATUS", "RESTARTS", "AGE"];
+    const WIDE: &'static [&'static str] = &["IP", "NODE", "NOMINATED NODE", "READINESS GATES"];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        let p = self;
+        let (ready, status, restarts) = pod_status(p, now);
+        let st = p.status.as_ref();
+        let ip = st
+            .and_then(|s| s.pod_ips.as_ref())
+            .and_then(|ips| ips.first())
+            .map(|i| i.ip.clone())
+            .or_else(|| st.and_then(|s| s.pod_ip.clone()))
+            .unwrap_or_default();
+        let gates = p.spec.as_ref().and_then(|s| s.readiness_gates.as_ref()).filter(|g| !g.is_empty());
+        let gates = match gates {
+            None => "<none>".to_string(),
+            Some(gates) => {
+                let conds = st.and_then(|s| s.conditions.as_ref());
+                let ok = gates
+                    .iter()
+                    .filter(|g| {
+                        conds
+                            .into_iter()
+                            .flatten()
+                            .find(|c| c.type_ == g.condition_type)
+                            .is_some_and(|c| c.status == "True")
+                    })
+                    .count();
+                format!("{ok}/{}", gates.len())
+            }
+        };
+        vec![
+            name(&p.metadata),
+            ready,
+            status,
+            restarts,
+            age(p.metadata.creation_timestamp.as_ref(), now),
+            none_if_empty(ip),
+            none_if_empty(p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()),
+            none_if_empty(st.and_then(|s| s.nominated_node_name.clone()).unwrap_or_default()),
+            gates,
+        ]
+    }
+}
+
+/// A node's roles: `node-role.kubernetes.io/<role>` label keys and the `kubernetes.io/role` label's value, sorted.
+pub fn node_roles(n: &Node) -> Vec<String> {
+    let mut roles = BTreeSet::new();
+    for (k, v) in n.metadata.labels.iter().flatten() {
+        if let Some(role) = k.strip_prefix("node-role.kubernetes.io/").filter(|r| !r.is_empty()) {
+            roles.insert(role.to_string());
+        } else if k == "kubernetes.io/role" && !v.is_empty() {
+            roles.insert(v.clone());
+        }
+    }
+    roles.into_iter().collect()
+}
+
+/// `Ready`, `NotReady` or `Unknown` (no Ready condition), plus `,SchedulingDisabled` when cordoned.
+pub fn node_status(n: &Node) -> String {
+    let conds = n.status.as_ref().and_then(|s| s.conditions.as_ref());
+    let mut status = match conds.into_iter().flatten().find(|c| c.type_ == "Ready").map(|c| c.status.as_str()) {
+        Some("True") => "Ready".to_string(),
+        Some(_) => "NotReady".to_string(),
+        None => "Unknown".to_string(),
+    };
+    if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        status.push_str(",SchedulingDisabled");
+    }
+    status
+}
+
+impl Tabular for Node {
+    const HEADERS: &'static [&'static str] = &["NAME", "STATUS", "ROLES", "AGE", "VERSION"];
+    const WIDE: &'static [&'static str] =
+        &["INTERNAL-IP", "EXTERNAL-IP", "OS-IMAGE", "KERNEL-VERSION", "CONTAINER-RUNTIME"];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        let n = self;
+        let st = n.status.as_ref();
+        let info = st.and_then(|s| s.node_info.clone()).unwrap_or_default();
+        let address = |type_: &str| {
+            st.and_then(|s| s.addresses.as_ref())
+                .and_then(|a| a.iter().find(|a| a.type_ == type_))
+                .map(|a| a.address.clone())
+                .unwrap_or_default()
+        };
+        let unknown = |s: String| if s.is_empty() { "<unknown>".to_string() } else { s };
+        vec![
+            name(&n.metadata),
+            node_status(n),
+            none_if_empty(node_roles(n).join(",")),
+            age(n.metadata.creation_timestamp.as_ref(), now),
+            info.kubelet_version.clone(),
+            none_if_empty(address("InternalIP")),
+            none_if_empty(address("ExternalIP")),
+            unknown(info.os_image.clone()),
+            unknown(info.kernel_version.clone()),
+            unknown(info.container_runtime_version.clone()),
+        ]
+    }
+}
+
+impl Tabular for Namespace {
+    const HEADERS: &'static [&'static str] = &["NAME", "STATUS", "AGE"];
+    const WIDE: &'static [&'static str] = &[];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        vec![
+            name(&self.metadata),
+            self.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Active".into()),
+            age(self.metadata.creation_timestamp.as_ref(), now),
+        ]
+    }
+}
+
+impl Tabular for Deployment {
+    const HEADERS: &'static [&'static str] = &["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"];
+    const WIDE: &'static [&'static str] = &["CONTAINERS", "IMAGES", "SELECTOR"];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        let d = self;
+        let want = d.spec.replicas.unwrap_or(1);
+        let st = d.status.clone().unwrap_or_default();
+        let (containers, images) = container_cells(Some(&d.spec.template));
+        vec![
+            name(&d.metadata),
+            format!("{}/{want}", st.ready_replicas.unwrap_or(0)),
+            st.updated_replicas.unwrap_or(0).to_string(),
+            st.available_replicas.unwrap_or(0).to_string(),
+            age(d.metadata.creation_timestamp.as_ref(), now),
+            containers,
+            images,
+            selector_cell(&d.spec.selector),
+        ]
+    }
+}
+
+impl Tabular for ReplicaSet {
+    const HEADERS: &'static [&'static str] = &["NAME", "DESIRED", "CURRENT", "READY", "AGE"];
+    const WIDE: &'static [&'static str] = &["CONTAINERS", "IMAGES", "SELECTOR"];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        let r = self;
+        let st = r.status.clone().unwrap_or_default();
+        let (containers, images) = container_cells(r.spec.template.as_ref());
+        vec![
+            name(&r.metadata),
+            r.spec.replicas.unwrap_or(1).to_string(),
+            st.replicas.to_string(),
+            st.ready_replicas.unwrap_or(0).to_string(),
+            age(r.metadata.creation_timestamp.as_ref(), now),
+            containers,
+            images,
+            selector_cell(&r.spec.selector),
+        ]
+    }
+}
+
+impl Tabular for ReplicationController {
+    const HEADERS: &'static [&'static str] = &["NAME", "DESIRED", "CURRENT", "READY", "AGE"];
+    const WIDE: &'static [&'static str] = &["CONTAINERS", "IMAGES", "SELECTOR"];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        let r = self;
+        let spec = r.spec.clone().unwrap_or_default();
+        let st = r.status.clone().unwrap_or_default();
+        let (containers, images) = container_cells(spec.template.as_ref());
+        vec![
+            name(&r.metadata),
+            spec.replicas.unwrap_or(1).to_string(),
+            st.replicas.to_string(),
+            st.ready_replicas.unwrap_or(0).to_string(),
+            age(r.metadata.creation_timestamp.as_ref(), now),
+            containers,
+            images,
+            format_labels(spec.selector.as_ref()),
+        ]
+    }
+}
+
+impl Tabular for DaemonSet {
+    const HEADERS: &'static [&'static str] =
+        &["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE", "NODE SELECTOR", "AGE"];
+    const WIDE: &'static [&'static str] = &["CONTAINERS", "IMAGES", "SELECTOR"];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        let d = self;
+        let st = d.status.clone().unwrap_or_default();
+        let node_selector = d.spec.template.spec.as_ref().and_then(|s| s.node_selector.as_ref());
+        let (containers, images) = container_cells(Some(&d.spec.template));
+        vec![
+            name(&d.metadata),
+            st.desired_number_scheduled.to_string(),
+            st.current_number_scheduled.to_string(),
+            st.number_ready.to_string(),
+            st.updated_number_scheduled.unwrap_or(0).to_string(),
+            st.number_available.unwrap_or(0).to_string(),
+            format_labels(node_selector),
+            age(d.metadata.creation_timestamp.as_ref(), now),
+            containers,
+            images,
+            selector_cell(&d.spec.selector),
+        ]
+    }
 }
 
 pub fn services(items: &[Service], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
-        &["SELECTOR"],
-        |s| &s.metadata,
-        |s| {
-            let spec = s.spec.clone().unwrap_or_default();
-            let type_ = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
-            let mut external: Vec<String> = Vec::new();
-            if type_ == "ExternalName" {
-                external.extend(spec.external_name.clone());
-            }
-            if type_ == "LoadBalancer" {
-                let ingress =
-                    s.status.as_ref().and_then(|st| st.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-                external
-                    .extend(ingress.into_iter().flatten().filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone())));
-            }
-            external.extend(spec.external_ips.clone().unwrap_or_default());
-            let external = if external.is_empty() && type_ == "LoadBalancer" {
-                "<pending>".to_string()
-            } else {
-                none_if_empty(external.join(","))
-            };
-            let ports: Vec<String> = spec
-                .ports
-                .iter()
-                .flatten()
-                .map(|p| {
-                    let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-                    match p.node_port {
-                        Some(np) => format!("{}:{np}/{proto}", p.port),
-                        None => format!("{}/{proto}", p.port),
-                    }
-                })
-                .collect();
-            vec![
-                name(&s.metadata),
-                type_,
-                none_if_empty(spec.cluster_ip.clone().unwrap_or_default()),
-                external,
-                none_if_empty(ports.join(",")),
-                age(s.metadata.creation_timestamp.as_ref(), now),
-                selector_text(spec.selector.as_ref()),
-            ]
-        },
-    )
+    Service::table(items, cols, now).render()
 }
-
-/// `ip:port` of ready addresses, at most three then `+ N more...`, as kubectl shows them.
-fn endpoints_text(ep: &Endpoints) -> String {
-    let mut all = Vec::new();
-    for subset in ep.subsets.iter().flatten() {
-        let ports = subset.ports.clone().unwrap_or_default();
-        for addr in subset.addresses.iter().flatten() {
-            if ports.is_empty() {
-                all.push(addr.ip.clone());
-            }
-            for p in &ports {
-                all.push(format!("{}:{}", addr.ip, p.port));
-            }
-        }
-    }
-    if all.len() > 3 {
-        format!("{} + {} more...", all[..3].join(","), all.len() - 3)
-    } else {
-        none_if_empty(all.join(","))
-    }
-}
-
 pub fn endpoints(items: &[Endpoints], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "ENDPOINTS", "AGE"],
-        &[],
-        |e| &e.metadata,
-        |e| vec![name(&e.metadata), endpoints_text(e), age(e.metadata.creation_timestamp.as_ref(), now)],
-    )
+    Endpoints::table(items, cols, now).render()
 }
-
-fn pod_status(p: &Pod) -> String {
-    if p.metadata.deletion_timestamp.is_some() {
-        return "Terminating".into();
-    }
-    let status = p.status.clone().unwrap_or_default();
-    let mut reason = status.reason.clone().or(status.phase.clone()).unwrap_or_else(|| "Pending".into());
-    for cs in status.container_statuses.iter().flatten() {
-        let st = cs.state.as_ref();
-        if let Some(r) = st.and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.clone()) {
-            reason = r;
-        } else if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
-            reason = t.reason.clone().unwrap_or_else(|| format!("ExitCode:{}", t.exit_code));
-        }
-    }
-    reason
-}
-
 pub fn pods(items: &[Pod], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
-        &["IP", "NODE"],
-        |p| &p.metadata,
-        |p| {
-            let total = p.spec.as_ref().map(|s| s.containers.len()).unwrap_or(0);
-            let statuses = p.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
-            let ready = statuses.iter().filter(|c| c.ready).count();
-            let restarts: i32 = statuses.iter().map(|c| c.restart_count).sum();
-            vec![
-                name(&p.metadata),
-                format!("{ready}/{total}"),
-                pod_status(p),
-                restarts.to_string(),
-                age(p.metadata.creation_timestamp.as_ref(), now),
-                none_if_empty(p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default()),
-                none_if_empty(p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()),
-            ]
-        },
-    )
+    Pod::table(items, cols, now).render()
 }
-
 pub fn nodes(items: &[Node], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "STATUS", "ROLES", "AGE", "VERSION"],
-        &["INTERNAL-IP"],
-        |n| &n.metadata,
-        |n| {
-            let conds = n.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-            let mut status = match conds.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str()) {
-                Some("True") => "Ready".to_string(),
-                Some("False") => "NotReady".to_string(),
-                _ => "Unknown".to_string(),
-            };
-            if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
-                status.push_str(",SchedulingDisabled");
-            }
-            let roles: Vec<String> = n
-                .metadata
-                .labels
-                .iter()
-                .flatten()
-                .filter_map(|(k, _)| k.strip_prefix("node-role.kubernetes.io/").map(str::to_string))
-                .filter(|r| !r.is_empty())
-                .collect();
-            let status_ref = n.status.as_ref();
-            let version =
-                status_ref.and_then(|s| s.node_info.as_ref()).map(|i| i.kubelet_version.clone()).unwrap_or_default();
-            let internal = status_ref
-                .and_then(|s| s.addresses.as_ref())
-                .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-                .map(|a| a.address.clone())
-                .unwrap_or_default();
-            vec![
-                name(&n.metadata),
-                status,
-                none_if_empty(roles.join(",")),
-                age(n.metadata.creation_timestamp.as_ref(), now),
-                version,
-                none_if_empty(internal),
-            ]
-        },
-    )
+    Node::table(items, cols, now).render()
 }
-
 pub fn namespaces(items: &[Namespace], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "STATUS", "AGE"],
-        &[],
-        |n| &n.metadata,
-        |n| {
-            vec![
-                name(&n.metadata),
-                n.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Active".into()),
-                age(n.metadata.creation_timestamp.as_ref(), now),
-            ]
-        },
-    )
+    Namespace::table(items, cols, now).render()
 }
-
 pub fn deployments(items: &[Deployment], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
-        &[],
-        |d| &d.metadata,
-        |d| {
-            let want = d.spec.replicas.unwrap_or(1);
-            let st = d.status.clone().unwrap_or_default();
-            vec![
-                name(&d.metadata),
-                format!("{}/{want}", st.ready_replicas.unwrap_or(0)),
-                st.updated_replicas.unwrap_or(0).to_string(),
-                st.available_replicas.unwrap_or(0).to_string(),
-                age(d.metadata.creation_timestamp.as_ref(), now),
-            ]
-        },
-    )
+    Deployment::table(items, cols, now).render()
 }
-
 pub fn replicasets(items: &[ReplicaSet], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
-        &[],
-        |r| &r.metadata,
-        |r| {
-            let st = r.status.clone().unwrap_or_default();
-            vec![
-                name(&r.metadata),
-                r.spec.replicas.unwrap_or(1).to_string(),
-                st.replicas.to_string(),
-                st.ready_replicas.unwrap_or(0).to_string(),
-                age(r.metadata.creation_timestamp.as_ref(), now),
-            ]
-        },
-    )
+    ReplicaSet::table(items, cols, now).render()
+}
+pub fn replicationcontrollers(items: &[ReplicationController], cols: Columns, now: Timestamp) -> String {
+    ReplicationController::table(items, cols, now).render()
+}
+pub fn daemonsets(items: &[DaemonSet], cols: Columns, now: Timestamp) -> String {
+    DaemonSet::table(items, cols, now).render()
 }
 
-pub fn daemonsets(items: &[DaemonSet], cols: Columns, now: Timestamp) -> String {
-    table(
-        items,
-        cols,
-        &["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
-        &[],
-        |d| &d.metadata,
-        |d| {
-            let st = d.status.clone().unwrap_or_default();
-            vec![
-                name(&d.metadata),
-                st.desired_number_scheduled.to_string(),
-                st.current_number_scheduled.to_string(),
-                st.number_ready.to_string(),
-                st.updated_number_scheduled.unwrap_or(0).to_string(),
-                st.number_available.unwrap_or(0).to_string(),
-                age(d.metadata.creation_timestamp.as_ref(), now),
-            ]
-        },
-    )
-}
+// ---- label selectors ----
 
 /// One requirement of an equality- or set-based label selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,7 +738,39 @@ enum Requirement {
     NotExists(String),
 }
 
-/// A parsed `-l` selector: `app=web,tier!=db,env in (a,b),!legacy`.
+impl Requirement {
+    fn key(&self) -> &str {
+        match self {
+            Requirement::Eq(k, _)
+            | Requirement::NotEq(k, _)
+            | Requirement::In(k, _)
+            | Requirement::NotIn(k, _)
+            | Requirement::Exists(k)
+            | Requirement::NotExists(k) => k,
+        }
+    }
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |vs: &Vec<String>| {
+            let mut vs = vs.clone();
+            vs.sort();
+            vs.join(",")
+        };
+        match self {
+            Requirement::Eq(k, v) => write!(f, "{k}={v}"),
+            Requirement::NotEq(k, v) => write!(f, "{k}!={v}"),
+            Requirement::In(k, vs) => write!(f, "{k} in ({})", set(vs)),
+            Requirement::NotIn(k, vs) => write!(f, "{k} notin ({})", set(vs)),
+            Requirement::Exists(k) => write!(f, "{k}"),
+            Requirement::NotExists(k) => write!(f, "!{k}"),
+        }
+    }
+}
+
+/// A label selector: from `-l` (`app=web,tier!=db,env in (a,b),!legacy`), or from a workload's LabelSelector
+/// (matchLabels and matchExpressions) or a ReplicationController's map. Empty selects everything.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Selector(Vec<Requirement>);
 
@@ -437,9 +792,18 @@ fn split_top(s: &str) -> Vec<&str> {
     out
 }
 
+/// The key and the rest of `part` if it is `key <word> rest` (e.g. `env in (a,b)`).
+fn split_word<'a>(part: &'a str, word: &str) -> Option<(&'a str, &'a str)> {
+    let mut it = part.splitn(2, char::is_whitespace);
+    let key = it.next()?;
+    let rest = it.next()?.trim_start();
+    let rest = rest.strip_prefix(word)?;
+    (rest.starts_with(|c: char| c.is_whitespace() || c == '(')).then_some((key, rest))
+}
+
 impl Selector {
     pub fn parse(s: &str) -> Result<Selector> {
-        let err = |problem: &str| Error::Selector { selector: s.to_string(), problem: problem.to_string() };
+        let err = |problem: String| Error::Selector { selector: s.to_string(), problem };
         let mut reqs = Vec::new();
         for part in split_top(s).into_iter().map(str::trim).filter(|p| !p.is_empty()) {
             let set = |rest: &str| -> Result<Vec<String>> {
@@ -447,36 +811,76 @@ impl Selector {
                     .trim()
                     .strip_prefix('(')
                     .and_then(|r| r.strip_suffix(')'))
-                    .ok_or_else(|| err("expected (values)"))?;
-                Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+                    .ok_or_else(|| err(format!("{part:?}: expected (values)")))?;
+                Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
             };
-            let req = if let Some((k, v)) = part.split_once("!=") {
+            let req = if let Some((k, rest)) = split_word(part, "notin") {
+                Requirement::NotIn(k.into(), set(rest)?)
+            } else if let Some((k, rest)) = split_word(part, "in") {
+                let values = set(rest)?;
+                if values.is_empty() {
+                    return Err(err(format!("{part:?}: for 'in', 'notin' operators, values set can't be empty")));
+                }
+                Requirement::In(k.into(), values)
+            } else if let Some((k, v)) = part.split_once("!=") {
                 Requirement::NotEq(k.trim().into(), v.trim().into())
             } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
                 Requirement::Eq(k.trim().into(), v.trim().into())
-            } else if let Some((k, rest)) = part.split_once(" notin ") {
-                Requirement::NotIn(k.trim().into(), set(rest)?)
-            } else if let Some((k, rest)) = part.split_once(" in ") {
-                Requirement::In(k.trim().into(), set(rest)?)
             } else if let Some(k) = part.strip_prefix('!') {
                 Requirement::NotExists(k.trim().into())
             } else {
                 Requirement::Exists(part.into())
             };
-            let key = match &req {
-                Requirement::Eq(k, _)
-                | Requirement::NotEq(k, _)
-                | Requirement::In(k, _)
-                | Requirement::NotIn(k, _)
-                | Requirement::Exists(k)
-                | Requirement::NotExists(k) => k,
-            };
+            let key = req.key();
             if !crate::service::is_label_key(key) {
-                return Err(err(&format!("{key:?} is not a valid label key")));
+                return Err(err(format!("{key:?} is not a valid label key")));
+            }
+            let values: Vec<&String> = match &req {
+                Requirement::Eq(_, v) | Requirement::NotEq(_, v) => vec![v],
+                Requirement::In(_, vs) | Requirement::NotIn(_, vs) => vs.iter().collect(),
+                _ => vec![],
+            };
+            if let Some(v) = values.into_iter().find(|v| !crate::service::is_label_value(v)) {
+                return Err(err(format!("{v:?} is not a valid label value")));
             }
             reqs.push(req);
         }
         Ok(Selector(reqs))
+    }
+
+    /// `metav1.LabelSelectorAsSelector`: matchLabels as equalities, then matchExpressions, ordered by key.
+    pub fn from_label_selector(ls: &LabelSelector) -> Result<Selector> {
+        let mut reqs: Vec<Requirement> =
+            ls.match_labels.iter().flatten().map(|(k, v)| Requirement::Eq(k.clone(), v.clone())).collect();
+        for (i, e) in ls.match_expressions.iter().flatten().enumerate() {
+            let err = |problem: String| Error::Selector { selector: format!("matchExpressions[{i}]"), problem };
+            let values = e.values.clone().unwrap_or_default();
+            let req = match e.operator.as_str() {
+                "In" | "NotIn" if values.is_empty() => {
+                    return Err(err("for 'in', 'notin' operators, values set can't be empty".into()))
+                }
+                "Exists" | "DoesNotExist" if !values.is_empty() => {
+                    return Err(err("values set must be empty for exists and does not exist".into()))
+                }
+                "In" => Requirement::In(e.key.clone(), values),
+                "NotIn" => Requirement::NotIn(e.key.clone(), values),
+                "Exists" => Requirement::Exists(e.key.clone()),
+                "DoesNotExist" => Requirement::NotExists(e.key.clone()),
+                op => return Err(err(format!("{op:?} is not a valid label selector operator"))),
+            };
+            reqs.push(req);
+        }
+        reqs.sort_by(|a, b| a.key().cmp(b.key()));
+        Ok(Selector(reqs))
+    }
+
+    /// `labels.SelectorFromSet`: every pair must match (a ReplicationController's or a Service's selector).
+    pub fn from_map(map: &BTreeMap<String, String>) -> Selector {
+        Selector(map.iter().map(|(k, v)| Requirement::Eq(k.clone(), v.clone())).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
@@ -492,9 +896,18 @@ impl Selector {
     }
 }
 
+/// `selector.String()`: the requirements joined by commas; empty for a selector that selects everything.
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|r| r.to_string()).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     #[test]
     fn human_durations_match_kubectl() {
@@ -519,31 +932,131 @@ mod tests {
         }
     }
 
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
     #[test]
     fn selectors() {
-        let labels: BTreeMap<String, String> =
-            [("app", "web"), ("tier", "fe")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let l = labels(&[("app", "web"), ("tier", "fe"), ("env", "prod")]);
         let cases = [
             ("app=web", true),
             ("app==web,tier=fe", true),
             ("app=db", false),
             ("app!=db", true),
+            ("missing!=x", true),
             ("tier in (fe, be)", true),
+            ("tier in (be)", false),
             ("tier notin (fe)", false),
+            ("missing notin (fe)", true),
+            ("env in (prod,staging),!legacy", true),
+            ("env in(prod)", true),
             ("app", true),
             ("!app", false),
             ("!legacy", true),
+            ("index=1,app", false),
             ("", true),
         ];
         for (sel, want) in cases {
-            assert_eq!(Selector::parse(sel).unwrap().matches(Some(&labels)), want, "{sel}");
+            assert_eq!(Selector::parse(sel).unwrap().matches(Some(&l)), want, "{sel}");
         }
         assert!(Selector::parse("bad key=x").is_err());
+        assert!(Selector::parse("env in (a").is_err());
+        assert!(Selector::parse("env in ()").is_err());
+        assert!(Selector::parse("app=not valid").is_err());
+        // A key that merely contains the word is an equality, not a set.
+        assert_eq!(Selector::parse("login=in").unwrap().to_string(), "login=in");
+    }
+
+    #[test]
+    fn label_selectors_match_and_print_as_kubectl_does() {
+        // The seeds' `frontend` ReplicaSet selector.
+        let frontend = LabelSelector {
+            match_labels: Some(labels(&[("tier", "frontend")])),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "In".into(),
+                values: Some(vec!["frontend".into()]),
+            }]),
+        };
+        let sel = Selector::from_label_selector(&frontend).unwrap();
+        assert_eq!(sel.to_string(), "tier=frontend,tier in (frontend)");
+        assert!(sel.matches(Some(&labels(&[("app", "guestbook"), ("tier", "frontend")]))));
+        assert!(!sel.matches(Some(&labels(&[("tier", "backend")]))));
+        assert!(!sel.matches(None));
+
+        let expr = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+        };
+        let mixed = LabelSelector {
+            match_labels: Some(labels(&[("b", "1"), ("a", "2")])),
+            match_expressions: Some(vec![
+                expr("env", "NotIn", &["z", "x"]),
+                expr("gpu", "Exists", &[]),
+                expr("legacy", "DoesNotExist", &[]),
+            ]),
+        };
+        assert_eq!(format_label_selector(&mixed), "a=2,b=1,env notin (x,z),gpu,!legacy");
+        assert_eq!(format_label_selector(&LabelSelector::default()), "<none>");
+        let bad = LabelSelector { match_expressions: Some(vec![expr("a", "Near", &["b"])]), ..Default::default() };
+        assert_eq!(format_label_selector(&bad), "<error>");
+        assert!(Selector::from_label_selector(&LabelSelector {
+            match_expressions: Some(vec![expr("a", "In", &[])]),
+            ..Default::default()
+        })
+        .is_err());
+        assert_eq!(format_labels(Some(&labels(&[("b", "2"), ("a", "1")]))), "a=1,b=2");
+        assert_eq!(format_labels(None), "<none>");
     }
 
     #[test]
     fn render_pads_like_tabwriter() {
         let got = render(&["NAME", "AGE"], &[vec!["a-long-name".into(), "5s".into()], vec!["b".into(), "10d".into()]]);
         assert_eq!(got, "NAME          AGE\na-long-name   5s\nb             10d\n");
+        // Columns are at least 6 wide, as kubectl's tabwriter makes them.
+        assert_eq!(render(&["A", "B"], &[vec!["x".into(), "y".into()]]), "A     B\nx     y\n");
+    }
+
+    #[test]
+    fn watch_rows_line_up_with_the_table_and_widen_it() {
+        let mut w = TableWriter::default();
+        let t = |rows: &[[&str; 3]]| Table {
+            headers: vec!["NAME".into(), "STATUS".into(), "AGE".into()],
+            rows: rows.iter().map(|r| r.iter().map(|c| c.to_string()).collect()).collect(),
+        };
+        assert_eq!(w.write(&t(&[["web-1", "Running", "5s"]]), true), "NAME    STATUS    AGE\nweb-1   Running   5s\n");
+        assert_eq!(w.write(&t(&[["web-1", "Pending", "6s"]]), false), "web-1   Pending   6s\n");
+        assert_eq!(w.write(&t(&[["web-1", "Terminating", "7s"]]), false), "web-1   Terminating   7s\n");
+        assert_eq!(w.write(&t(&[["web-1", "Running", "8s"]]), false), "web-1   Running       8s\n");
+    }
+
+    #[test]
+    fn tabwrite_aligns_blocks_as_go_does() {
+        // A line without a tab ends the block: the two blocks align separately.
+        let text = "Name:\tnginx\nNamespace:\tdefault\nPod Template:\n  Labels:\tapp=nginx\n  Containers:\n   nginx:\n    Image:\tnginx:1.7.9\n    Environment:\t<none>\n  Volumes:\t<none>\n";
+        let want = "Name:       nginx\nNamespace:  default\nPod Template:\n  Labels:  app=nginx\n  Containers:\n   nginx:\n    Image:        nginx:1.7.9\n    Environment:  <none>\n  Volumes:        <none>\n";
+        assert_eq!(tabwrite(text, 0, 2), want);
+        // Nested columns: the second column is aligned only over the lines that have it.
+        let text = "  Type\tStatus\tReason\n  ----\t------\t------\n  Progressing \tTrue\tNewReplicaSetAvailable\nOldReplicaSets:\t<none>\n";
+        let want = "  Type           Status  Reason\n  ----           ------  ------\n  Progressing    True    NewReplicaSetAvailable\nOldReplicaSets:  <none>\n";
+        assert_eq!(tabwrite(text, 0, 2), want);
+        // No trailing newline: the last line is written as is.
+        assert_eq!(tabwrite("a\tb", 0, 2), "a  b");
+    }
+
+    #[test]
+    fn endpoints_list_ports_then_addresses_at_most_three() {
+        let ep: Endpoints = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "e"},
+            "subsets": [{"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}],
+                         "ports": [{"name": "http", "port": 80}, {"name": "https", "port": 443}]}]
+        }))
+        .unwrap();
+        assert_eq!(format_endpoints(&ep, None), "10.0.0.1:80,10.0.0.2:80,10.0.0.1:443 + 1 more...");
+        assert_eq!(format_endpoints(&ep, Some("https")), "10.0.0.1:443,10.0.0.2:443");
+        assert_eq!(format_endpoints(&ep, Some("dns")), "");
+        assert_eq!(format_endpoints(&Endpoints::default(), None), "<none>");
     }
 }
