@@ -314,3 +314,256 @@ pub fn formerr(raw: &[u8]) -> Option<Vec<u8>> {
     let op = OpCode::from_u8((raw[2] >> 3) & 0xf);
     Message::error_msg(id, op, ResponseCode::FormErr).to_vec().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+    use std::sync::Arc;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    fn svc(name: &str, spec: serde_json::Value) -> Arc<Service> {
+        obj(serde_json::json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec}))
+    }
+
+    /// The cluster every case below asks about.
+    fn fixture() -> (Config, Index) {
+        let cfg = Config::new(
+            "cluster.local",
+            30,
+            vec!["10.96.0.0/12".parse().unwrap(), "10.244.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()],
+        );
+        let http = serde_json::json!([{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]);
+        let services = vec![
+            svc("web", serde_json::json!({"clusterIP": "10.96.0.20", "ports": http})),
+            svc(
+                "v6",
+                serde_json::json!({"clusterIP": "fd00:96::20", "clusterIPs": ["fd00:96::20"], "ports": [{"port": 80}]}),
+            ),
+            svc("dual", serde_json::json!({"clusterIP": "10.96.0.21", "clusterIPs": ["10.96.0.21", "fd00:96::21"]})),
+            svc("hl", serde_json::json!({"clusterIP": "None", "ports": [{"name": "http", "port": 80}]})),
+            svc("hlpub", serde_json::json!({"clusterIP": "None", "publishNotReadyAddresses": true})),
+            svc("empty", serde_json::json!({"clusterIP": "None"})),
+            svc("ext", serde_json::json!({"type": "ExternalName", "externalName": "example.com"})),
+            svc("alias", serde_json::json!({"type": "ExternalName", "externalName": "web.default.svc.cluster.local."})),
+        ];
+        let ep = |name: &str, subsets: serde_json::Value| -> Arc<Endpoints> {
+            obj(serde_json::json!({"metadata": {"name": name, "namespace": "default"}, "subsets": subsets}))
+        };
+        let endpoints = vec![
+            ep(
+                "hl",
+                serde_json::json!([{
+                    "addresses": [{"ip": "10.244.1.5"}, {"ip": "10.244.2.6", "hostname": "db-0"}],
+                    "notReadyAddresses": [{"ip": "10.244.3.7"}],
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+                }]),
+            ),
+            ep("hlpub", serde_json::json!([{"notReadyAddresses": [{"ip": "10.244.3.8"}]}])),
+            ep("empty", serde_json::json!([{"notReadyAddresses": [{"ip": "10.244.3.9"}]}])),
+        ];
+        let pods: Vec<Arc<Pod>> = vec![obj(serde_json::json!({
+            "metadata": {"name": "p1", "namespace": "default"},
+            "spec": {"hostname": "p1", "subdomain": "hl", "containers": []},
+            "status": {"podIP": "10.244.1.9", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))];
+        let index = crate::index::build(&cfg, &services, &endpoints, &pods, 7);
+        (cfg, index)
+    }
+
+    fn ask(cfg: &Config, index: Option<&Index>, name: &str, t: RecordType) -> Decision {
+        let mut req = Message::new();
+        req.set_id(42).set_recursion_desired(true).add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        answer(cfg, index, &req)
+    }
+
+    fn show(rs: &[Record]) -> Vec<String> {
+        rs.iter().map(|r| format!("{} {} {} {}", r.name(), r.ttl(), r.record_type(), r.data())).collect()
+    }
+
+    /// (name, type, rcode, answer, authority, additional)
+    type Case = (&'static str, RecordType, ResponseCode, Vec<&'static str>, Vec<&'static str>, Vec<&'static str>);
+
+    const ZONE_SOA: &str = "cluster.local. 30 SOA ns.dns.cluster.local. hostmaster.cluster.local. 7 7200 1800 86400 30";
+
+    #[test]
+    fn answers_follow_the_specification() {
+        let (cfg, index) = fixture();
+        use RecordType::*;
+        // (name, type, rcode, answer, authority, additional)
+        let table: Vec<Case> = vec![
+            ("dns-version.cluster.local.", TXT, ResponseCode::NoError, vec!["dns-version.cluster.local. 30 TXT 1.1.0"], vec![], vec![]),
+            ("web.default.svc.cluster.local.", A, ResponseCode::NoError, vec!["web.default.svc.cluster.local. 30 A 10.96.0.20"], vec![], vec![]),
+            // Case-insensitive, the asker's case kept.
+            ("WeB.Default.SVC.cluster.local.", A, ResponseCode::NoError, vec!["WeB.Default.SVC.cluster.local. 30 A 10.96.0.20"], vec![], vec![]),
+            ("web.default.svc.cluster.local.", AAAA, ResponseCode::NoError, vec![], vec![ZONE_SOA], vec![]),
+            ("v6.default.svc.cluster.local.", AAAA, ResponseCode::NoError, vec!["v6.default.svc.cluster.local. 30 AAAA fd00:96::20"], vec![], vec![]),
+            ("dual.default.svc.cluster.local.", A, ResponseCode::NoError, vec!["dual.default.svc.cluster.local. 30 A 10.96.0.21"], vec![], vec![]),
+            ("dual.default.svc.cluster.local.", AAAA, ResponseCode::NoError, vec!["dual.default.svc.cluster.local. 30 AAAA fd00:96::21"], vec![], vec![]),
+            (
+                "_http._tcp.web.default.svc.cluster.local.", SRV, ResponseCode::NoError,
+                vec!["_http._tcp.web.default.svc.cluster.local. 30 SRV 0 100 80 web.default.svc.cluster.local."],
+                vec![], vec!["web.default.svc.cluster.local. 30 A 10.96.0.20"],
+            ),
+            (
+                "_dns._udp.web.default.svc.cluster.local.", SRV, ResponseCode::NoError,
+                vec!["_dns._udp.web.default.svc.cluster.local. 30 SRV 0 100 53 web.default.svc.cluster.local."],
+                vec![], vec!["web.default.svc.cluster.local. 30 A 10.96.0.20"],
+            ),
+            ("_dns._tcp.web.default.svc.cluster.local.", SRV, ResponseCode::NXDomain, vec![], vec![ZONE_SOA], vec![]),
+            // _tcp.<svc> exists (an empty non-terminal above the SRV name).
+            ("_tcp.web.default.svc.cluster.local.", SRV, ResponseCode::NoError, vec![], vec![ZONE_SOA], vec![]),
+            ("20.0.96.10.in-addr.arpa.", PTR, ResponseCode::NoError, vec!["20.0.96.10.in-addr.arpa. 30 PTR web.default.svc.cluster.local."], vec![], vec![]),
+            (
+                "1.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.0.d.f.ip6.arpa.", PTR, ResponseCode::NoError,
+                vec!["1.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.0.d.f.ip6.arpa. 30 PTR dual.default.svc.cluster.local."],
+                vec![], vec![],
+            ),
+            (
+                "99.0.96.10.in-addr.arpa.", PTR, ResponseCode::NXDomain, vec![],
+                vec!["96.10.in-addr.arpa. 30 SOA ns.dns.cluster.local. hostmaster.cluster.local. 7 7200 1800 86400 30"], vec![],
+            ),
+            // Headless: every ready endpoint, not the unready one.
+            (
+                "hl.default.svc.cluster.local.", A, ResponseCode::NoError,
+                vec!["hl.default.svc.cluster.local. 30 A 10.244.1.5", "hl.default.svc.cluster.local. 30 A 10.244.2.6"], vec![], vec![],
+            ),
+            ("db-0.hl.default.svc.cluster.local.", A, ResponseCode::NoError, vec!["db-0.hl.default.svc.cluster.local. 30 A 10.244.2.6"], vec![], vec![]),
+            ("10-244-1-5.hl.default.svc.cluster.local.", A, ResponseCode::NoError, vec!["10-244-1-5.hl.default.svc.cluster.local. 30 A 10.244.1.5"], vec![], vec![]),
+            ("10-244-3-7.hl.default.svc.cluster.local.", A, ResponseCode::NXDomain, vec![], vec![ZONE_SOA], vec![]),
+            (
+                "_http._tcp.hl.default.svc.cluster.local.", SRV, ResponseCode::NoError,
+                vec![
+                    "_http._tcp.hl.default.svc.cluster.local. 30 SRV 0 50 8080 10-244-1-5.hl.default.svc.cluster.local.",
+                    "_http._tcp.hl.default.svc.cluster.local. 30 SRV 0 50 8080 db-0.hl.default.svc.cluster.local.",
+                ],
+                vec![],
+                vec!["10-244-1-5.hl.default.svc.cluster.local. 30 A 10.244.1.5", "db-0.hl.default.svc.cluster.local. 30 A 10.244.2.6"],
+            ),
+            ("6.2.244.10.in-addr.arpa.", PTR, ResponseCode::NoError, vec!["6.2.244.10.in-addr.arpa. 30 PTR db-0.hl.default.svc.cluster.local."], vec![], vec![]),
+            ("hlpub.default.svc.cluster.local.", A, ResponseCode::NoError, vec!["hlpub.default.svc.cluster.local. 30 A 10.244.3.8"], vec![], vec![]),
+            // Headless without a ready endpoint: no such name.
+            ("empty.default.svc.cluster.local.", A, ResponseCode::NXDomain, vec![], vec![ZONE_SOA], vec![]),
+            // hostname + subdomain naming a headless service.
+            ("p1.hl.default.svc.cluster.local.", A, ResponseCode::NoError, vec!["p1.hl.default.svc.cluster.local. 30 A 10.244.1.9"], vec![], vec![]),
+            ("ext.default.svc.cluster.local.", A, ResponseCode::NoError, vec!["ext.default.svc.cluster.local. 30 CNAME example.com."], vec![], vec![]),
+            ("ext.default.svc.cluster.local.", CNAME, ResponseCode::NoError, vec!["ext.default.svc.cluster.local. 30 CNAME example.com."], vec![], vec![]),
+            (
+                "alias.default.svc.cluster.local.", A, ResponseCode::NoError,
+                vec!["alias.default.svc.cluster.local. 30 CNAME web.default.svc.cluster.local.", "web.default.svc.cluster.local. 30 A 10.96.0.20"],
+                vec![], vec![],
+            ),
+            ("10-244-3-4.kube-system.pod.cluster.local.", A, ResponseCode::NoError, vec!["10-244-3-4.kube-system.pod.cluster.local. 30 A 10.244.3.4"], vec![], vec![]),
+            ("fd00--1.default.pod.cluster.local.", AAAA, ResponseCode::NoError, vec!["fd00--1.default.pod.cluster.local. 30 AAAA fd00::1"], vec![], vec![]),
+            ("10-244-3-4.kube-system.pod.cluster.local.", AAAA, ResponseCode::NoError, vec![], vec![ZONE_SOA], vec![]),
+            ("web.default.pod.cluster.local.", A, ResponseCode::NXDomain, vec![], vec![ZONE_SOA], vec![]),
+            ("default.svc.cluster.local.", A, ResponseCode::NoError, vec![], vec![ZONE_SOA], vec![]),
+            ("svc.cluster.local.", A, ResponseCode::NoError, vec![], vec![ZONE_SOA], vec![]),
+            ("nothere.default.svc.cluster.local.", A, ResponseCode::NXDomain, vec![], vec![ZONE_SOA], vec![]),
+            ("web.nons.svc.cluster.local.", A, ResponseCode::NXDomain, vec![], vec![ZONE_SOA], vec![]),
+            ("a.b.web.default.svc.cluster.local.", A, ResponseCode::NXDomain, vec![], vec![ZONE_SOA], vec![]),
+            ("cluster.local.", SOA, ResponseCode::NoError, vec![ZONE_SOA], vec![], vec![]),
+            ("cluster.local.", NS, ResponseCode::NoError, vec!["cluster.local. 30 NS ns.dns.cluster.local."], vec![], vec![]),
+            ("cluster.local.", AXFR, ResponseCode::Refused, vec![], vec![], vec![]),
+            ("cluster.local.", IXFR, ResponseCode::Refused, vec![], vec![], vec![]),
+        ];
+        let mut failures = Vec::new();
+        for (name, t, rcode, ans, auth, add) in &table {
+            let Decision::Reply(resp) = ask(&cfg, Some(&index), name, *t) else {
+                failures.push(format!("{name} {t}: not answered"));
+                continue;
+            };
+            let got = (resp.response_code(), show(resp.answers()), show(resp.name_servers()), show(resp.additionals()));
+            let want = (
+                *rcode,
+                ans.iter().map(|s| s.to_string()).collect(),
+                auth.iter().map(|s| s.to_string()).collect(),
+                add.iter().map(|s| s.to_string()).collect(),
+            );
+            if got != want {
+                failures.push(format!("{name} {t}:\n  got  {got:?}\n  want {want:?}"));
+            }
+            assert_eq!(resp.id(), 42);
+            assert!(resp.recursion_desired() && resp.recursion_available());
+            assert_eq!(resp.authoritative(), *rcode != ResponseCode::Refused, "{name} {t}");
+        }
+        assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), table.len(), failures.join("\n"));
+    }
+
+    #[test]
+    fn other_names_are_forwarded_and_cluster_names_wait_for_the_first_sync() {
+        let (cfg, index) = fixture();
+        assert!(matches!(ask(&cfg, Some(&index), "example.com.", RecordType::A), Decision::Forward));
+        assert!(matches!(ask(&cfg, Some(&index), "notcluster.local.", RecordType::A), Decision::Forward));
+        // Reverse names outside our networks are someone else's.
+        assert!(matches!(ask(&cfg, Some(&index), "1.0.0.127.in-addr.arpa.", RecordType::PTR), Decision::Forward));
+        let Decision::Reply(r) = ask(&cfg, None, "web.default.svc.cluster.local.", RecordType::A) else { panic!() };
+        assert_eq!(r.response_code(), ResponseCode::ServFail);
+        let Decision::Reply(r) = ask(&cfg, Some(&index), "example.com.", RecordType::AXFR) else { panic!() };
+        assert_eq!(r.response_code(), ResponseCode::Refused);
+    }
+
+    #[test]
+    fn reverse_zones_follow_label_boundaries() {
+        let nets: Vec<IpNetwork> =
+            vec!["10.96.0.0/12".parse().unwrap(), "10.244.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()];
+        for (name, want) in [
+            ("1.0.96.10.in-addr.arpa", Some("96.10.in-addr.arpa")),
+            ("1.0.111.10.in-addr.arpa", Some("111.10.in-addr.arpa")),
+            ("1.0.112.10.in-addr.arpa", None),
+            ("96.10.in-addr.arpa", Some("96.10.in-addr.arpa")),
+            ("10.in-addr.arpa", None),
+            ("5.1.244.10.in-addr.arpa", Some("244.10.in-addr.arpa")),
+            ("x.1.244.10.in-addr.arpa", None),
+            (
+                "1.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.0.d.f.ip6.arpa",
+                Some("0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.0.d.f.ip6.arpa"),
+            ),
+            ("1.ip6.arpa", None),
+        ] {
+            assert_eq!(reverse_zone(&nets, name).as_deref(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn edns_truncation_and_errors() {
+        let (cfg, _) = fixture();
+        // 200 ready endpoints: far more than 512 bytes of A records.
+        let addrs: Vec<serde_json::Value> =
+            (0..200).map(|i| serde_json::json!({"ip": format!("10.244.{}.{}", i / 200, i % 200 + 1)})).collect();
+        let services = vec![svc("big", serde_json::json!({"clusterIP": "None"}))];
+        let eps: Vec<Arc<Endpoints>> = vec![obj(
+            serde_json::json!({"metadata": {"name": "big", "namespace": "default"}, "subsets": [{"addresses": addrs}]}),
+        )];
+        let index = crate::index::build(&cfg, &services, &eps, &[], 1);
+        let mut req = Message::new();
+        req.set_id(9)
+            .add_query(Query::query(Name::from_ascii("big.default.svc.cluster.local.").unwrap(), RecordType::A));
+        let Decision::Reply(resp) = answer(&cfg, Some(&index), &req) else { panic!() };
+        assert_eq!(resp.answers().len(), 200);
+        let udp = Message::from_vec(&encode(&resp, udp_limit(&req))).unwrap();
+        assert!(udp.truncated() && udp.answers().is_empty(), "over UDP without EDNS: truncated");
+        let tcp = Message::from_vec(&encode(&resp, 65535)).unwrap();
+        assert!(!tcp.truncated() && tcp.answers().len() == 200, "over TCP: everything");
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        req.set_edns(edns);
+        assert_eq!(udp_limit(&req), usize::from(MAX_UDP_PAYLOAD));
+        let Decision::Reply(resp) = answer(&cfg, Some(&index), &req) else { panic!() };
+        assert_eq!(resp.extensions().as_ref().map(|e| e.max_payload()), Some(MAX_UDP_PAYLOAD));
+        // EDNS version 1: BADVERS.
+        req.extensions_mut().as_mut().unwrap().set_version(1);
+        let Decision::Reply(resp) = answer(&cfg, Some(&index), &req) else { panic!() };
+        let back = Message::from_vec(&resp.to_vec().unwrap()).unwrap();
+        // BADVERS and BADSIG share the code 16; hickory names it BADSIG when reading.
+        assert_eq!(u16::from(back.response_code()), 16);
+        // Not a query, garbage, and a header alone.
+        assert!(formerr(&[1, 2, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none(), "a response gets no answer");
+        assert!(formerr(&[1, 2, 3]).is_none());
+        let f = Message::from_vec(&formerr(&[1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff]).unwrap()).unwrap();
+        assert_eq!((f.id(), f.response_code()), (0x0102, ResponseCode::FormErr));
+    }
+}
