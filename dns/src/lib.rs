@@ -9,6 +9,7 @@ pub mod index;
 pub mod metrics;
 pub mod run;
 pub mod server;
+pub mod udp;
 
 pub use answer::{answer, Decision};
 pub use index::{build, Config, Index, Rdata};

@@ -18,6 +18,7 @@ use crate::answer::{self, Decision};
 use crate::forward::Forwarder;
 use crate::index::{Config, Index};
 use crate::metrics::Shard;
+use crate::udp::PktSocket;
 
 /// Forwarded queries in flight at once.
 pub const MAX_FORWARDS: usize = 1024;
@@ -137,22 +138,28 @@ pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<(Vec<UdpSocket>, std:
 
 /// Serves one UDP socket on the calling thread, forever.
 pub fn serve_udp(server: Arc<Server>, sock: UdpSocket, shard: usize, rt: tokio::runtime::Handle) {
-    let sock = Arc::new(sock);
+    let sock = match PktSocket::new(sock) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(error = %e, "UDP socket {shard}: cannot track destinations (IP_PKTINFO); not serving on it");
+            return;
+        }
+    };
     let mut buf = vec![0u8; 65535];
     loop {
-        let (n, peer) = match sock.recv_from(&mut buf) {
+        let (n, peer, local) = match sock.recv(&mut buf) {
             Ok(x) => x,
             Err(_) => continue,
         };
         let t0 = Instant::now();
         match server.handle(&buf[..n], false) {
             Handled::Reply { bytes, qtype, rcode } => {
-                let _ = sock.send_to(&bytes, peer);
+                let _ = sock.send(&bytes, peer, local);
                 server.shards[shard].observe(qtype, rcode, t0.elapsed());
             }
             Handled::Forward(req) => {
                 let Ok(permit) = server.forwards.clone().try_acquire_owned() else {
-                    let _ = sock.send_to(&Server::servfail(&req), peer);
+                    let _ = sock.send(&Server::servfail(&req), peer, local);
                     server.shards[shard].observe(qtype_of(&req), 2, t0.elapsed());
                     continue;
                 };
@@ -160,7 +167,7 @@ pub fn serve_udp(server: Arc<Server>, sock: UdpSocket, shard: usize, rt: tokio::
                 rt.spawn(async move {
                     let s = &server.shards[shard];
                     let (bytes, rcode) = server.forwarded(&req, false, s).await;
-                    let _ = sock.send_to(&bytes, peer);
+                    let _ = sock.send(&bytes, peer, local);
                     s.observe(qtype_of(&req), rcode, t0.elapsed());
                     drop(permit);
                 });

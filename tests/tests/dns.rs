@@ -734,3 +734,64 @@ fn an_unresponsive_upstream_gives_servfail_in_bounded_time() -> Result<()> {
     ensure!(dns.get("/healthz").0 == 503, "ready without a sync");
     Ok(())
 }
+
+#[test]
+fn lab_pods_resolve_services_by_name_and_connect_through_the_proxy() -> Result<()> {
+    use weft_lab::lab::{Lab, LabOptions};
+    let opts = LabOptions { nodes: 2, proxy_mode: Some("iptables".into()), dns: true, ..LabOptions::default() };
+    let lab = Lab::up(opts, &mut |_| {})?;
+    let client = lab.add_pod(1, "client")?;
+    let server = lab.add_pod(2, "server")?;
+    server
+        .ns()
+        .command("socat")
+        .args(["TCP-LISTEN:9376,reuseaddr,fork", "SYSTEM:echo hello-from-server"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 9376, protocol: TCP}}]\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: web}}\nsubsets: [{{addresses: [{{ip: \"{}\"}}], ports: [{{name: http, port: 9376, protocol: TCP}}]}}]\n",
+        server.ip()
+    );
+    lab.weft(&["apply", "-f", "-"], Some(&manifest))?;
+    let vip = lab.weft(&["get", "service", "web", "-o", "json"], None)?;
+    let vip: serde_json::Value = serde_json::from_str(&vip)?;
+    let vip = vip.pointer("/spec/clusterIP").and_then(|v| v.as_str()).context("web has a ClusterIP")?.to_string();
+
+    let sh = |script: &str| client.ns().sh(script);
+    let until = |what: &str, f: &dyn Fn() -> Result<String>| -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within 20s"))),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    };
+    ensure!(sh("cat /etc/resolv.conf")?.contains("nameserver 10.96.0.10"), "the pod's resolv.conf");
+    // The system resolver (glibc's getaddrinfo through getent): the search path, then the longer names.
+    for name in ["web", "web.default", "web.default.svc.cluster.local"] {
+        let got = until(name, &|| {
+            let out = sh(&format!("getent hosts {name}"))?;
+            ensure!(out.split_whitespace().next() == Some(vip.as_str()), "getent hosts {name}: {out:?}, want {vip}");
+            Ok(out)
+        })?;
+        println!("getent hosts {name}: {}", got.trim());
+    }
+    let srv = sh("dig +search +short SRV _http._tcp.web")?;
+    ensure!(srv.trim() == "0 100 80 web.default.svc.cluster.local.", "SRV through the search path: {srv:?}");
+    // The DNS Service itself over TCP too, through the proxy.
+    let tcp = sh("dig +tcp +short web.default.svc.cluster.local")?;
+    ensure!(tcp.trim() == vip, "over TCP: {tcp:?}");
+    // And by name, through the proxy, to the server pod on the other node.
+    let hello = until("connect to web:80", &|| {
+        let out = sh("socat -T 3 -u TCP:web:80,connect-timeout=3 -")?;
+        ensure!(out.trim() == "hello-from-server", "{out:?}");
+        Ok(out)
+    })?;
+    println!("socat TCP:web:80 → {}", hello.trim());
+    Ok(())
+}
