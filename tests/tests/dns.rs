@@ -424,8 +424,18 @@ fn table() -> Vec<Case> {
 
 fn check(d: &Dig, c: &Case) -> Option<String> {
     let (name, t, status, ans, auth, add) = c;
+    // A forwarded answer comes from the cache on the second run, its TTL counting down from 60.
+    let mut d_answer = d.answer.clone();
+    if name.ends_with(".test") {
+        for rr in &mut d_answer {
+            let f: Vec<&str> = rr.splitn(3, ' ').collect();
+            if f.len() == 3 && f[1].parse::<u32>().is_ok_and(|t| (50..=60).contains(&t)) {
+                *rr = format!("{} 60 {}", f[0], f[2]);
+            }
+        }
+    }
     let auth_ok = d.authority.len() == auth.len() && d.authority.iter().zip(auth).all(|(g, w)| g.starts_with(w));
-    if d.status != *status || d.answer != *ans || !auth_ok || d.additional != *add {
+    if d.status != *status || d_answer != *ans || !auth_ok || d.additional != *add {
         return Some(format!(
             "{name} {t}: got {d:?}, want status {status} answer {ans:?} authority {auth:?} additional {add:?}"
         ));
