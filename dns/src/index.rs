@@ -209,6 +209,154 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     out
 }
 
+/// A named port: `_<name>._<proto>` (lowercase).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedPort {
+    pub name: Box<str>,
+    pub proto: Box<str>,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SvcKind {
+    ClusterIp(Box<[IpAddr]>),
+    Headless { publish_not_ready: bool },
+    ExternalName(Box<str>),
+}
+
+/// What the index needs of a Service: a few dozen bytes instead of the whole object, so that the
+/// caches of 10,000 services stay small.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvcInfo {
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+    pub kind: SvcKind,
+    pub ports: Box<[NamedPort]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpAddr {
+    pub ip: IpAddr,
+    pub hostname: Option<Box<str>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpSubset {
+    pub ready: Box<[EpAddr]>,
+    pub not_ready: Box<[EpAddr]>,
+    pub ports: Box<[NamedPort]>,
+}
+
+/// What the index needs of an Endpoints object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpInfo {
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+    pub subsets: Box<[EpSubset]>,
+}
+
+/// What the index needs of a Pod: only pods with a hostname and a subdomain matter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: Box<str>,
+    pub hostname: Box<str>,
+    pub subdomain: Box<str>,
+    pub ips: Box<[IpAddr]>,
+    pub ready: bool,
+}
+
+fn named_ports<'a>(ports: impl Iterator<Item = (Option<&'a str>, Option<&'a str>, i32)>) -> Box<[NamedPort]> {
+    ports
+        .filter_map(|(name, proto, port)| {
+            let name = name.filter(|n| valid_label(n))?;
+            Some(NamedPort {
+                name: name.to_ascii_lowercase().into(),
+                proto: proto.unwrap_or("TCP").to_ascii_lowercase().into(),
+                port: u16::try_from(port).ok()?,
+            })
+        })
+        .collect()
+}
+
+impl SvcInfo {
+    pub fn of(svc: &Service) -> Option<SvcInfo> {
+        let name = svc.metadata.name.as_deref().filter(|n| valid_label(n))?;
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        if !valid_label(ns) {
+            return None;
+        }
+        let spec = svc.spec.as_ref()?;
+        let ports =
+            named_ports(spec.ports.iter().flatten().map(|p| (p.name.as_deref(), p.protocol.as_deref(), p.port)));
+        let kind = if spec.type_.as_deref() == Some("ExternalName") {
+            let ext = spec.external_name.as_deref().filter(|e| !e.is_empty())?;
+            SvcKind::ExternalName(ext.trim_end_matches('.').to_ascii_lowercase().into())
+        } else {
+            let mut ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+            if ips.is_empty() {
+                ips.extend(spec.cluster_ip.as_deref());
+            }
+            if ips.first().is_some_and(|ip| ip.eq_ignore_ascii_case("None")) {
+                SvcKind::Headless { publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false) }
+            } else {
+                SvcKind::ClusterIp(ips.iter().filter_map(|s| s.parse().ok()).collect())
+            }
+        };
+        Some(SvcInfo { namespace: ns.to_ascii_lowercase().into(), name: name.to_ascii_lowercase().into(), kind, ports })
+    }
+}
+
+impl EpInfo {
+    pub fn of(ep: &Endpoints) -> Option<EpInfo> {
+        let name = ep.metadata.name.as_deref()?;
+        let ns = ep.metadata.namespace.as_deref().unwrap_or("default");
+        let addrs = |a: Option<&Vec<k8s_openapi::api::core::v1::EndpointAddress>>| -> Box<[EpAddr]> {
+            a.into_iter()
+                .flatten()
+                .filter_map(|a| {
+                    Some(EpAddr {
+                        ip: a.ip.parse().ok()?,
+                        hostname: a
+                            .hostname
+                            .as_deref()
+                            .filter(|h| valid_label(h))
+                            .map(|h| h.to_ascii_lowercase().into()),
+                    })
+                })
+                .collect()
+        };
+        let subsets = ep
+            .subsets
+            .iter()
+            .flatten()
+            .map(|s| EpSubset {
+                ready: addrs(s.addresses.as_ref()),
+                not_ready: addrs(s.not_ready_addresses.as_ref()),
+                ports: named_ports(
+                    s.ports.iter().flatten().map(|p| (p.name.as_deref(), p.protocol.as_deref(), p.port)),
+                ),
+            })
+            .collect();
+        Some(EpInfo { namespace: ns.to_ascii_lowercase().into(), name: name.to_ascii_lowercase().into(), subsets })
+    }
+}
+
+impl PodInfo {
+    pub fn of(pod: &Pod) -> Option<PodInfo> {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let spec = pod.spec.as_ref()?;
+        let hostname = spec.hostname.as_deref().filter(|h| valid_label(h))?;
+        let subdomain = spec.subdomain.as_deref().filter(|s| valid_label(s))?;
+        Some(PodInfo {
+            namespace: ns.to_ascii_lowercase().into(),
+            hostname: hostname.to_ascii_lowercase().into(),
+            subdomain: subdomain.to_ascii_lowercase().into(),
+            ips: pod_ips(pod).into(),
+            ready: is_ready(pod),
+        })
+    }
+}
+
 /// The pure function from objects to the index. `serial` is the SOA serial (the caller's clock).
 pub fn build(
     cfg: &Config,
@@ -217,84 +365,70 @@ pub fn build(
     pods: &[Arc<Pod>],
     serial: u32,
 ) -> Index {
+    let s: Vec<SvcInfo> = services.iter().filter_map(|s| SvcInfo::of(s)).collect();
+    let e: Vec<EpInfo> = endpoints.iter().filter_map(|e| EpInfo::of(e)).collect();
+    let p: Vec<PodInfo> = pods.iter().filter_map(|p| PodInfo::of(p)).collect();
+    build_from(cfg, s.iter(), e.iter(), p.iter(), serial)
+}
+
+/// `build` over the summaries the server keeps.
+pub fn build_from<'a>(
+    cfg: &Config,
+    services: impl Iterator<Item = &'a SvcInfo>,
+    endpoints: impl Iterator<Item = &'a EpInfo>,
+    pods: impl Iterator<Item = &'a PodInfo>,
+    serial: u32,
+) -> Index {
     let zone = cfg.zone.as_str();
     let mut b = Builder::default();
-    let eps: HashMap<(&str, &str), &Endpoints> = endpoints
-        .iter()
-        .map(|e| {
-            let m = &e.metadata;
-            ((m.namespace.as_deref().unwrap_or("default"), m.name.as_deref().unwrap_or("")), &**e)
-        })
-        .collect();
-    let mut headless: HashMap<(String, String), bool> = HashMap::new();
+    let eps: HashMap<(&str, &str), &EpInfo> = endpoints.map(|e| ((&*e.namespace, &*e.name), e)).collect();
+    let mut headless: HashMap<(&str, &str), bool> = HashMap::new();
     let mut count = 0;
 
     for svc in services {
-        let (Some(name), ns) = (svc.metadata.name.as_deref(), svc.metadata.namespace.as_deref().unwrap_or("default"))
-        else {
-            continue;
-        };
-        if !valid_label(name) || !valid_label(ns) {
-            continue;
-        }
-        let Some(spec) = svc.spec.as_ref() else { continue };
+        let (name, ns) = (&*svc.name, &*svc.namespace);
         count += 1;
-        let base = format!("{name}.{ns}.svc.{zone}").to_ascii_lowercase();
-        if spec.type_.as_deref() == Some("ExternalName") {
-            if let Some(ext) = spec.external_name.as_deref().filter(|e| !e.is_empty()) {
-                let target = b.intern(&ext.trim_end_matches('.').to_ascii_lowercase());
+        let base = format!("{name}.{ns}.svc.{zone}");
+        let publish_not_ready = match &svc.kind {
+            SvcKind::ExternalName(ext) => {
+                let target = b.intern(ext);
                 b.add(&base, Rdata::Cname(target));
-            }
-            continue;
-        }
-        let mut ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
-        if ips.is_empty() {
-            ips.extend(spec.cluster_ip.as_deref());
-        }
-        let is_headless = ips.first().is_some_and(|ip| ip.eq_ignore_ascii_case("None"));
-        let ports = spec.ports.as_deref().unwrap_or_default();
-        if !is_headless {
-            let ips: Vec<IpAddr> = ips.iter().filter_map(|s| s.parse().ok()).collect();
-            if ips.is_empty() {
                 continue;
             }
-            let target = b.intern(&base);
-            for ip in &ips {
-                b.add(&base, record(*ip));
-                b.add(&reverse_name(*ip), Rdata::Ptr(target.clone()));
+            SvcKind::ClusterIp(ips) => {
+                if ips.is_empty() {
+                    continue;
+                }
+                let target = b.intern(&base);
+                for ip in ips.iter() {
+                    b.add(&base, record(*ip));
+                    b.add(&reverse_name(*ip), Rdata::Ptr(target.clone()));
+                }
+                for p in svc.ports.iter() {
+                    let srv = format!("_{}._{}.{base}", p.name, p.proto);
+                    b.add(&srv, Rdata::Srv { priority: 0, weight: 100, port: p.port, target: target.clone() });
+                }
+                continue;
             }
-            for p in ports {
-                let Some(pn) = p.name.as_deref().filter(|n| valid_label(n)) else { continue };
-                let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
-                let port = u16::try_from(p.port).unwrap_or(0);
-                let srv = format!("_{}._{proto}.{base}", pn.to_ascii_lowercase());
-                b.add(&srv, Rdata::Srv { priority: 0, weight: 100, port, target: target.clone() });
-            }
-            continue;
-        }
-        headless.insert((ns.to_string(), name.to_string()), spec.publish_not_ready_addresses.unwrap_or(false));
-        let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+            SvcKind::Headless { publish_not_ready } => *publish_not_ready,
+        };
+        headless.insert((ns, name), publish_not_ready);
         let Some(ep) = eps.get(&(ns, name)) else { continue };
         // _port._proto name → (port, endpoint name); weights are shared out once all are known.
         let mut srvs: Vec<(String, u16, Arc<str>)> = Vec::new();
-        for subset in ep.subsets.iter().flatten() {
-            let ready = subset.addresses.iter().flatten();
-            let not_ready = subset.not_ready_addresses.iter().flatten().filter(|_| publish_not_ready);
-            for addr in ready.chain(not_ready) {
-                let Ok(ip) = addr.ip.parse::<IpAddr>() else { continue };
-                let host = match addr.hostname.as_deref().filter(|h| valid_label(h)) {
-                    Some(h) => h.to_ascii_lowercase(),
-                    None => dashed(ip),
+        for subset in ep.subsets.iter() {
+            let not_ready = subset.not_ready.iter().filter(|_| publish_not_ready);
+            for addr in subset.ready.iter().chain(not_ready) {
+                let host = match &addr.hostname {
+                    Some(h) => h.to_string(),
+                    None => dashed(addr.ip),
                 };
                 let ep_name = b.intern(&format!("{host}.{base}"));
-                b.add(&base, record(ip));
-                b.add(&ep_name, record(ip));
-                b.add(&reverse_name(ip), Rdata::Ptr(ep_name.clone()));
-                for p in subset.ports.iter().flatten() {
-                    let Some(pn) = p.name.as_deref().filter(|n| valid_label(n)) else { continue };
-                    let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
-                    let port = u16::try_from(p.port).unwrap_or(0);
-                    srvs.push((format!("_{}._{proto}.{base}", pn.to_ascii_lowercase()), port, ep_name.clone()));
+                b.add(&base, record(addr.ip));
+                b.add(&ep_name, record(addr.ip));
+                b.add(&reverse_name(addr.ip), Rdata::Ptr(ep_name.clone()));
+                for p in subset.ports.iter() {
+                    srvs.push((format!("_{}._{}.{base}", p.name, p.proto), p.port, ep_name.clone()));
                 }
             }
         }
@@ -310,19 +444,13 @@ pub fn build(
 
     // <hostname>.<subdomain>.<ns>.svc.<zone> for pods naming a headless service as their subdomain.
     for pod in pods {
-        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let Some(spec) = pod.spec.as_ref() else { continue };
-        let (Some(host), Some(sub)) = (spec.hostname.as_deref(), spec.subdomain.as_deref()) else { continue };
-        if !valid_label(host) {
+        let Some(&publish_not_ready) = headless.get(&(&*pod.namespace, &*pod.subdomain)) else { continue };
+        if !publish_not_ready && !pod.ready {
             continue;
         }
-        let Some(&publish_not_ready) = headless.get(&(ns.to_string(), sub.to_string())) else { continue };
-        if !publish_not_ready && !is_ready(pod) {
-            continue;
-        }
-        let name = format!("{host}.{sub}.{ns}.svc.{zone}").to_ascii_lowercase();
-        for ip in pod_ips(pod) {
-            b.add(&name, record(ip));
+        let name = format!("{}.{}.{}.svc.{zone}", pod.hostname, pod.subdomain, pod.namespace);
+        for ip in pod.ips.iter() {
+            b.add(&name, record(*ip));
         }
     }
 

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod run;
 pub mod server;
 pub mod udp;
+pub mod watch;
 
 pub use answer::{answer, Decision};
 pub use index::{build, Config, Index, Rdata};

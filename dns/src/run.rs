@@ -1,6 +1,6 @@
 //! `weft dns`: binds its sockets first (names outside the cluster zone are forwarded from the start; cluster
-//! names get SERVFAIL until the first sync), then follows Services, Endpoints and Pods with informers and
-//! swaps in a freshly built index after every batch of changes. `/metrics` and `/healthz` report on it.
+//! names get SERVFAIL until the first sync), then follows Services, Endpoints and Pods (a summary of each,
+//! see `watch`) and swaps in a freshly built index after every batch of changes. `/metrics` and `/healthz` report on it.
 //! It reads etcd and writes nothing anywhere.
 
 use std::net::SocketAddr;
@@ -8,15 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
-use tokio::sync::mpsc::UnboundedReceiver;
+use std::collections::HashMap;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tracing::{info, warn};
 use weft_api::http::{self, Response};
-use weft_api::{Informer, InformerEvent, Store};
+use weft_api::{ObjectKey, Store};
 
 use crate::forward::Forwarder;
-use crate::index::{self, Config};
+use crate::index::{self, Config, EpInfo, PodInfo, SvcInfo};
 use crate::metrics::{self, Gauges};
 use crate::server::{self, Server};
+use crate::watch::{self, Change};
 
 /// Everything `weft dns` is told on its command line, resolved.
 #[derive(Debug, Clone)]
@@ -44,6 +47,10 @@ fn serial_now() -> u32 {
 
 /// Runs the DNS server until SIGTERM/SIGINT.
 pub async fn run(opts: DnsOptions) -> Result<(), Error> {
+    // glibc gives every thread that allocates its own arena (64 MB reserved, pages kept after free): the
+    // serving threads allocate little, the index is built on a blocking thread; two arenas are plenty.
+    // SAFETY: mallopt only tunes the allocator; called before the serving threads start.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let (udp, tcp, addr) =
         server::bind(opts.listen, opts.udp_sockets).map_err(|source| Error::Listen { addr: opts.listen, source })?;
     let forwarder = Forwarder::new(opts.upstreams.clone(), opts.upstream_timeout, opts.cache_size);
@@ -63,13 +70,13 @@ pub async fn run(opts: DnsOptions) -> Result<(), Error> {
     serve_endpoints(&opts, server.clone(), gauges.clone()).await?;
 
     let store = connect(&opts.etcd).await;
-    let (services, svc_ev, svc_run) = Informer::<Service>::new(store.clone(), None);
-    let (endpoints, ep_ev, ep_run) = Informer::<Endpoints>::new(store.clone(), None);
-    let (pods, pod_ev, pod_run) = Informer::<Pod>::new(store, None);
-    tokio::spawn(svc_run);
-    tokio::spawn(ep_run);
-    tokio::spawn(pod_run);
-    let indexer = index_loop(server, gauges, services, endpoints, pods, svc_ev, ep_ev, pod_ev);
+    let (svc_tx, svc_rx) = unbounded_channel();
+    let (ep_tx, ep_rx) = unbounded_channel();
+    let (pod_tx, pod_rx) = unbounded_channel();
+    tokio::spawn(watch::follow::<Service>(store.clone(), SvcInfo::of, svc_tx));
+    tokio::spawn(watch::follow::<Endpoints>(store.clone(), EpInfo::of, ep_tx));
+    tokio::spawn(watch::follow::<Pod>(store, PodInfo::of, pod_tx));
+    let indexer = index_loop(server, gauges, svc_rx, ep_rx, pod_rx);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Listen { addr, source })?;
@@ -97,28 +104,73 @@ async fn connect(args: &weft_api::EtcdArgs) -> Store {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The summaries of every object, by key; `None` until the kind's first list.
+#[derive(Default, Clone)]
+struct State {
+    services: Option<HashMap<ObjectKey, SvcInfo>>,
+    endpoints: Option<HashMap<ObjectKey, EpInfo>>,
+    pods: Option<HashMap<ObjectKey, PodInfo>>,
+}
+
+fn apply<T>(map: &mut Option<HashMap<ObjectKey, T>>, change: Change<T>) {
+    match change {
+        Change::Replace(m) => *map = Some(m),
+        Change::Upsert(k, v) => {
+            map.get_or_insert_with(HashMap::new).insert(k, v);
+        }
+        Change::Remove(k) => {
+            if let Some(m) = map.as_mut() {
+                m.remove(&k);
+            }
+        }
+    }
+}
+
 async fn index_loop(
     server: Arc<Server>,
     gauges: Arc<Mutex<Gauges>>,
-    services: Informer<Service>,
-    endpoints: Informer<Endpoints>,
-    pods: Informer<Pod>,
-    mut svc_ev: UnboundedReceiver<InformerEvent<Service>>,
-    mut ep_ev: UnboundedReceiver<InformerEvent<Endpoints>>,
-    mut pod_ev: UnboundedReceiver<InformerEvent<Pod>>,
+    mut svc_rx: UnboundedReceiver<Change<SvcInfo>>,
+    mut ep_rx: UnboundedReceiver<Change<EpInfo>>,
+    mut pod_rx: UnboundedReceiver<Change<PodInfo>>,
 ) {
-    services.wait_synced().await;
-    endpoints.wait_synced().await;
-    pods.wait_synced().await;
+    // Shared with the build on a blocking thread; the build has ended before the next change lands,
+    // so `make_mut` never copies.
+    let mut state = Arc::new(State::default());
     let mut first = true;
     loop {
+        tokio::select! {
+            Some(c) = svc_rx.recv() => apply(&mut Arc::make_mut(&mut state).services, c),
+            Some(c) = ep_rx.recv() => apply(&mut Arc::make_mut(&mut state).endpoints, c),
+            Some(c) = pod_rx.recv() => apply(&mut Arc::make_mut(&mut state).pods, c),
+            else => return,
+        }
         // Everything that arrived so far goes into this build; what arrives during it, into the next.
-        while svc_ev.try_recv().is_ok() || ep_ev.try_recv().is_ok() || pod_ev.try_recv().is_ok() {}
-        let (s, e, p) = (services.list(), endpoints.list(), pods.list());
-        let cfg = server.cfg.clone();
+        {
+            let st = Arc::make_mut(&mut state);
+            while let Ok(c) = svc_rx.try_recv() {
+                apply(&mut st.services, c);
+            }
+            while let Ok(c) = ep_rx.try_recv() {
+                apply(&mut st.endpoints, c);
+            }
+            while let Ok(c) = pod_rx.try_recv() {
+                apply(&mut st.pods, c);
+            }
+        }
+        if state.services.is_none() || state.endpoints.is_none() || state.pods.is_none() {
+            continue;
+        }
+        let (st, cfg) = (state.clone(), server.cfg.clone());
         let started = Instant::now();
-        let built = tokio::task::spawn_blocking(move || index::build(&cfg, &s, &e, &p, serial_now())).await;
+        let built = tokio::task::spawn_blocking(move || {
+            let (s, e, p) = (
+                st.services.iter().flat_map(|m| m.values()),
+                st.endpoints.iter().flat_map(|m| m.values()),
+                st.pods.iter().flat_map(|m| m.values()),
+            );
+            index::build_from(&cfg, s, e, p, serial_now())
+        })
+        .await;
         let Ok(idx) = built else { continue };
         let took = started.elapsed();
         {
@@ -143,12 +195,9 @@ async fn index_loop(
             tracing::debug!(services = idx.services, names = idx.names(), ?took, "index rebuilt");
         }
         server.index.store(Some(Arc::new(idx)));
-        tokio::select! {
-            Some(_) = svc_ev.recv() => {}
-            Some(_) = ep_ev.recv() => {}
-            Some(_) = pod_ev.recv() => {}
-            else => return,
-        }
+        // The previous index is freed once no query holds it; give its pages back rather than keep the peak.
+        // SAFETY: malloc_trim only returns free memory to the kernel.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 
