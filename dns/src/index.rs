@@ -79,7 +79,9 @@ impl Rdata {
 /// non-terminal such as `svc.<zone>`, or a headless service's parent of endpoint names): NODATA, not NXDOMAIN.
 #[derive(Debug, Default)]
 pub struct Index {
-    names: HashMap<Box<str>, Box<[Rdata]>>,
+    /// name → its records' range in `data` (one allocation for all records, not one per name).
+    names: HashMap<Box<str>, (u32, u32)>,
+    data: Vec<Rdata>,
     /// SOA serial: the build's time in seconds, as CoreDNS does.
     pub serial: u32,
     pub services: usize,
@@ -89,7 +91,7 @@ pub struct Index {
 impl Index {
     /// The records at `name` (lowercase, no trailing dot); `None` when the name does not exist.
     pub fn get(&self, name: &str) -> Option<&[Rdata]> {
-        self.names.get(name).map(|r| &r[..])
+        self.names.get(name).map(|&(start, len)| &self.data[start as usize..(start + len) as usize])
     }
 
     pub fn names(&self) -> usize {
@@ -99,7 +101,7 @@ impl Index {
     /// Every (name, record), sorted: for tests and the benchmark's zone file.
     pub fn dump(&self) -> Vec<(&str, &Rdata)> {
         let mut out: Vec<(&str, &Rdata)> =
-            self.names.iter().flat_map(|(n, rs)| rs.iter().map(move |r| (&**n, r))).collect();
+            self.names.keys().flat_map(|n| self.get(n).unwrap_or_default().iter().map(move |r| (&**n, r))).collect();
         out.sort_by(|a, b| a.0.cmp(b.0).then_with(|| format!("{:?}", a.1).cmp(&format!("{:?}", b.1))));
         out
     }
@@ -480,8 +482,13 @@ pub fn build_from<'a>(
     }
 
     let records = b.names.values().map(Vec::len).sum();
-    let names = b.names.into_iter().map(|(k, v)| (k.into_boxed_str(), v.into_boxed_slice())).collect();
-    Index { names, serial, services: count, records }
+    let mut data = Vec::with_capacity(records);
+    let mut names = HashMap::with_capacity(b.names.len());
+    for (k, v) in b.names {
+        names.insert(k.into_boxed_str(), (data.len() as u32, v.len() as u32));
+        data.extend(v);
+    }
+    Index { names, data, serial, services: count, records }
 }
 
 #[cfg(test)]

@@ -47,10 +47,11 @@ fn serial_now() -> u32 {
 
 /// Runs the DNS server until SIGTERM/SIGINT.
 pub async fn run(opts: DnsOptions) -> Result<(), Error> {
-    // glibc gives every thread that allocates its own arena (64 MB reserved, pages kept after free): the
-    // serving threads allocate little, the index is built on a blocking thread; two arenas are plenty.
+    // glibc's default is up to 8 arenas per core, each keeping freed pages: one per serving thread (so they
+    // never wait on each other's malloc lock) plus one for the runtime and one for the index builds.
+    let arenas = libc::c_int::try_from(opts.udp_sockets + 2).unwrap_or(8);
     // SAFETY: mallopt only tunes the allocator; called before the serving threads start.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
     let (udp, tcp, addr) =
         server::bind(opts.listen, opts.udp_sockets).map_err(|source| Error::Listen { addr: opts.listen, source })?;
     let forwarder = Forwarder::new(opts.upstreams.clone(), opts.upstream_timeout, opts.cache_size);
