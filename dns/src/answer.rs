@@ -283,6 +283,22 @@ fn authoritative(cfg: &Config, index: &Index, q: &Query, name: &str, apex: &str,
     }
 }
 
+/// The target of a CNAME chain that left our zones without reaching the asked type (an ExternalName
+/// service asked for A or AAAA): the server asks the upstream resolvers for it, as CoreDNS does, because stub
+/// resolvers do not follow a CNAME themselves.
+pub fn external_target(cfg: &Config, resp: &Message) -> Option<Name> {
+    let q = resp.query()?;
+    if resp.response_code() != ResponseCode::NoError
+        || matches!(q.query_type(), RecordType::CNAME | RecordType::ANY)
+        || resp.answers().iter().any(|r| r.record_type() == q.query_type())
+    {
+        return None;
+    }
+    let RData::CNAME(target) = resp.answers().last()?.data() else { return None };
+    let lower = target.0.to_lowercase().to_ascii();
+    zone_of(cfg, lower.trim_end_matches('.')).is_none().then(|| target.0.clone())
+}
+
 /// Encodes `resp` within `max` bytes: when the whole answer does not fit, the header with TC set, the
 /// question and EDNS only (the client retries over TCP).
 pub fn encode(resp: &Message, max: usize) -> Vec<u8> {
@@ -491,6 +507,20 @@ mod tests {
             assert_eq!(resp.authoritative(), *rcode != ResponseCode::Refused, "{name} {t}");
         }
         assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), table.len(), failures.join("\n"));
+    }
+
+    #[test]
+    fn cname_chains_leaving_the_zone_are_followed_upstream() {
+        let (cfg, index) = fixture();
+        let reply = |name: &str, t| match ask(&cfg, Some(&index), name, t) {
+            Decision::Reply(r) => r,
+            d => panic!("{d:?}"),
+        };
+        let ext = reply("ext.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(external_target(&cfg, &ext).map(|n| n.to_ascii()), Some("example.com.".into()));
+        assert_eq!(external_target(&cfg, &reply("ext.default.svc.cluster.local.", RecordType::CNAME)), None);
+        assert_eq!(external_target(&cfg, &reply("alias.default.svc.cluster.local.", RecordType::A)), None);
+        assert_eq!(external_target(&cfg, &reply("web.default.svc.cluster.local.", RecordType::A)), None);
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use hickory_proto::op::Message;
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::Name;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,8 +39,14 @@ pub struct Server {
 
 /// The outcome of one packet on the receiving thread.
 pub enum Handled {
-    Reply { bytes: Vec<u8>, qtype: u16, rcode: u8 },
+    Reply {
+        bytes: Vec<u8>,
+        qtype: u16,
+        rcode: u8,
+    },
     Forward(Message),
+    /// Our answer ends in a CNAME out of our zones: ask upstream for its target and append.
+    Chase(Message, Box<Message>, Name),
     Drop,
 }
 
@@ -72,6 +79,9 @@ impl Server {
         let index = self.index.load();
         match answer::answer(&self.cfg, index.as_deref(), &req) {
             Decision::Reply(resp) => {
+                if let Some(target) = answer::external_target(&self.cfg, &resp) {
+                    return Handled::Chase(req, Box::new(resp), target);
+                }
                 let limit = if tcp { usize::from(u16::MAX) } else { answer::udp_limit(&req) };
                 let bytes = answer::encode(&resp, limit);
                 Handled::Reply { bytes, qtype: qtype_of(&req), rcode: resp.response_code().low() }
@@ -91,6 +101,23 @@ impl Server {
         let f = self.forwarder.forward(req, &raw, tcp).await;
         shard.cache(f.cache_hit);
         (answer::encode(&f.msg, limit), f.msg.response_code().low())
+    }
+
+    /// Our CNAME answer plus what the upstream resolvers say about its target.
+    async fn chased(&self, req: &Message, mut resp: Message, target: Name, tcp: bool, shard: &Shard) -> (Vec<u8>, u8) {
+        let limit = if tcp { usize::from(u16::MAX) } else { answer::udp_limit(req) };
+        let mut q = Message::new();
+        let qtype = req.query().map(|q| q.query_type()).unwrap_or(hickory_proto::rr::RecordType::A);
+        q.set_id(rand::random()).set_recursion_desired(true).add_query(Query::query(target, qtype));
+        if let Ok(raw) = q.to_vec() {
+            let f = self.forwarder.forward(&q, &raw, tcp).await;
+            shard.cache(f.cache_hit);
+            resp.add_answers(f.msg.answers().iter().cloned());
+            if f.msg.response_code() != hickory_proto::op::ResponseCode::NoError {
+                resp.set_response_code(f.msg.response_code());
+            }
+        }
+        (answer::encode(&resp, limit), resp.response_code().low())
     }
 
     fn servfail(req: &Message) -> Vec<u8> {
@@ -172,6 +199,21 @@ pub fn serve_udp(server: Arc<Server>, sock: UdpSocket, shard: usize, rt: tokio::
                     drop(permit);
                 });
             }
+            Handled::Chase(req, resp, target) => {
+                let Ok(permit) = server.forwards.clone().try_acquire_owned() else {
+                    let _ = sock.send(&Server::servfail(&req), peer, local);
+                    server.shards[shard].observe(qtype_of(&req), 2, t0.elapsed());
+                    continue;
+                };
+                let (server, sock) = (server.clone(), sock.clone());
+                rt.spawn(async move {
+                    let s = &server.shards[shard];
+                    let (bytes, rcode) = server.chased(&req, *resp, target, false, s).await;
+                    let _ = sock.send(&bytes, peer, local);
+                    s.observe(qtype_of(&req), rcode, t0.elapsed());
+                    drop(permit);
+                });
+            }
             Handled::Drop => server.shards[shard].dropped(),
         }
     }
@@ -209,6 +251,10 @@ async fn tcp_connection(server: &Server, mut stream: TcpStream) -> std::io::Resu
             Handled::Reply { bytes, qtype, rcode } => (bytes, qtype, rcode),
             Handled::Forward(req) => {
                 let (bytes, rcode) = server.forwarded(&req, true, shard).await;
+                (bytes, qtype_of(&req), rcode)
+            }
+            Handled::Chase(req, resp, target) => {
+                let (bytes, rcode) = server.chased(&req, *resp, target, true, shard).await;
                 (bytes, qtype_of(&req), rcode)
             }
             Handled::Drop => {

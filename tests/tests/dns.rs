@@ -407,6 +407,15 @@ fn table() -> Vec<Case> {
             vec![],
             vec![],
         ),
+        // An ExternalName asked for A: the CNAME, and its target as the upstream resolver answers it.
+        (
+            "ext.default.svc.cluster.local",
+            "A",
+            "NOERROR",
+            vec!["ext.default.svc.cluster.local. 30 CNAME example.com.", "example.com. 60 A 192.0.2.7"],
+            vec![],
+            vec![],
+        ),
         (
             "10-244-3-4.kube-system.pod.cluster.local",
             "A",
@@ -426,7 +435,7 @@ fn check(d: &Dig, c: &Case) -> Option<String> {
     let (name, t, status, ans, auth, add) = c;
     // A forwarded answer comes from the cache on the second run, its TTL counting down from 60.
     let mut d_answer = d.answer.clone();
-    if name.ends_with(".test") {
+    if name.ends_with(".test") || name.starts_with("ext.") {
         for rr in &mut d_answer {
             let f: Vec<&str> = rr.splitn(3, ' ').collect();
             if f.len() == 3 && f[1].parse::<u32>().is_ok_and(|t| (50..=60).contains(&t)) {
@@ -484,12 +493,13 @@ fn dig_gets_every_record_of_the_specification_over_udp_and_tcp() -> Result<()> {
     ensure!(plain.flags.contains(&"tc".to_string()));
 
     // The forwarder's cache: the upstream was asked about example.test once (UDP) — the TCP run and this
-    // one came from the cache, their TTLs counting down.
+    // one came from the cache, their TTLs counting down; so did the TCP run's example.com (the ExternalName's
+    // target): 3 hits.
     let before = up.asked.load(Ordering::SeqCst);
     dig(dns.addr, "EXAMPLE.test", "A", &[])?;
     ensure!(up.asked.load(Ordering::SeqCst) == before, "a cached answer went upstream again");
     let (code, metrics) = dns.get("/metrics");
-    ensure!(code == 200 && metrics.contains("weft_dns_cache_hits_total 2"), "{metrics}");
+    ensure!(code == 200 && metrics.contains("weft_dns_cache_hits_total 3"), "{metrics}");
     ensure!(metrics.contains("weft_dns_requests_total{type=\"A\",rcode=\"NOERROR\"}"), "{metrics}");
     ensure!(dns.alive(), "{}", dns.log());
     Ok(())
