@@ -10,6 +10,9 @@
 #    services, full and one-endpoint syncs, and the RSS of a real `weft proxy`. BENCH_PROXY=0 skips it.
 # 4. Userspace mode beside HAProxy (same node, same 10 backends): proxy/examples/userspace_bench.rs.
 #    BENCH_USERSPACE=0 skips it.
+# 5. Cluster DNS: tests/examples/dns_bench.rs — dnsperf against `weft dns` and Knot DNS serving the same 10,000
+#    services (1,000 headless x 10 endpoints), alternating rounds (BENCH_DNS_ROUNDS, 2, of BENCH_DNS_SECS, 10),
+#    latency percentiles at 10,000 QPS, and the RSS of `weft dns`. BENCH_DNS=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -120,6 +123,11 @@ if [ "${BENCH_USERSPACE:-1}" = 1 ]; then
   cargo run -q --release -p weft-proxy --example userspace_bench >"$OUT/userspace.md" || fail "userspace benchmark failed"
 fi
 
+if [ "${BENCH_DNS:-1}" = 1 ]; then
+  echo "== cluster DNS: cargo run --release -p weft-lab --example dns_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example dns_bench >"$OUT/dns.md" || fail "DNS benchmark failed"
+fi
+
 echo
 echo "## Overlay throughput (iperf3, 1 TCP stream, $ROUNDS alternating rounds x ${SECS}s)"
 echo
@@ -130,4 +138,5 @@ echo
 cat "$OUT/converge.md"
 [ -s "$OUT/proxy.md" ] && { echo; cat "$OUT/proxy.md"; }
 [ -s "$OUT/userspace.md" ] && { echo; echo "## Userspace mode vs HAProxy"; echo; cat "$OUT/userspace.md"; }
+[ -s "$OUT/dns.md" ] && { echo; cat "$OUT/dns.md"; }
 exit $failed

@@ -14,6 +14,8 @@ PACKAGES=(
   iputils-ping curl socat iperf3     # test and benchmark clients
   wrk                                # new-connection rate and latency through the service proxy (make bench)
   haproxy                            # the userspace L4 proxy the userspace mode is compared with (make bench)
+  dnsutils                           # dig: the client of the DNS conformance tests and the lab's name checks
+  dnsperf knot                       # DNS load generator and the authoritative server weft dns is compared with (make bench)
   procps                             # ps, sysctl
   openssl                            # test certificates for etcd over TLS
 )

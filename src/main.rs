@@ -24,6 +24,8 @@ enum Command {
     Proxy(weft_proxy::cli::ProxyArgs),
     /// Every service port the proxy on this node serves, its endpoints and what is programmed
     Services(weft_proxy::cli::ServicesArgs),
+    /// Run the cluster DNS server (CoreDNS's job): the cluster zone from etcd, other names forwarded
+    Dns(weft_dns::cli::DnsArgs),
     /// A multi-node lab of network namespaces on this machine
     #[command(subcommand)]
     Lab(weft_lab::cli::LabCommand),
@@ -101,6 +103,7 @@ fn main() {
                 Ok::<_, anyhow::Error>(0)
             })
         })(),
+        Command::Dns(args) => args.options().and_then(|o| Ok(runtime()?.block_on(weft_dns::run::run(o)).map(|_| 0)?)),
         Command::Services(a) => runtime().and_then(|rt| rt.block_on(weft_proxy::cli::services(a))),
         Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::apply(a))).map(|_| 0),
         Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::get(a))),

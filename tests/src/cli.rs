@@ -30,6 +30,9 @@ pub enum LabCommand {
         /// The `weft proxy` mode on every node ("none" for no proxy)
         #[arg(long, default_value = "iptables")]
         proxy_mode: String,
+        /// Run `weft dns` behind kube-system/kube-dns (10.96.0.10) and give pods a resolv.conf using it
+        #[arg(long)]
+        dns: bool,
     },
     /// Labs on this machine: nodes, addresses, subnets, agents, pods.
     Status {
@@ -69,7 +72,7 @@ pub enum PodAction {
 /// Runs one `weft lab` command; the result is the process exit code.
 pub fn run(cmd: LabCommand) -> Result<i32> {
     match cmd {
-        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args, proxy_mode } => {
+        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args, proxy_mode, dns } => {
             let proxy_mode = (proxy_mode != "none" && !no_agents).then_some(proxy_mode);
             let opts = LabOptions {
                 id: Some(name),
@@ -78,6 +81,7 @@ pub fn run(cmd: LabCommand) -> Result<i32> {
                 backend,
                 start_agents: !no_agents,
                 agent_args,
+                dns: dns && proxy_mode.is_some(),
                 proxy_mode,
             };
             up(opts)

@@ -20,6 +20,9 @@ pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 10);
 pub const ETCD_ENDPOINT: &str = "http://192.168.56.10:2379";
 /// The network config key flannel and weft read.
 pub const NETWORK_CONFIG_KEY: &str = "/coreos.com/network/config";
+/// The cluster DNS Service's address (`kube-system/kube-dns`) and the node whose `weft dns` serves it.
+pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const DNS_NODE: usize = 1;
 
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -34,6 +37,9 @@ pub struct LabOptions {
     pub agent_args: Vec<String>,
     /// Start `weft proxy --proxy-mode <mode>` on every node (after the agents).
     pub proxy_mode: Option<String>,
+    /// Start `weft dns` on node-1 behind the Service `kube-system/kube-dns` at 10.96.0.10, and give every
+    /// pod a resolv.conf that uses it.
+    pub dns: bool,
 }
 
 impl Default for LabOptions {
@@ -46,6 +52,7 @@ impl Default for LabOptions {
             start_agents: true,
             agent_args: Vec::new(),
             proxy_mode: None,
+            dns: false,
         }
     }
 }
@@ -58,6 +65,9 @@ pub struct LabState {
     pub network: String,
     pub backend: String,
     pub etcd: String,
+    /// Pods get a resolv.conf pointing at the cluster DNS.
+    #[serde(default)]
+    pub dns: bool,
 }
 
 /// One node: a namespace with `eth0` on the fabric.
@@ -147,6 +157,7 @@ pub struct Lab {
     fabric: Netns,
     nodes: Vec<Node>,
     etcd: Option<Child>,
+    dns: Option<Child>,
     rt: Option<NsRuntime>,
     keep: bool,
 }
@@ -296,11 +307,13 @@ pub fn teardown(id: &str) -> Result<()> {
         for e in entries.flatten() {
             kill_pid_file(&e.path().join("agent.pid"), "agent");
             kill_pid_file(&e.path().join("proxy.pid"), "proxy");
+            kill_pid_file(&e.path().join("dns.pid"), "dns");
         }
     }
     kill_pid_file(&dir.join("etcd.pid"), "etcd");
     for n in &names {
         let _ = Command::new("ip").args(["netns", "del", n]).output();
+        let _ = std::fs::remove_dir_all(netns_etc(n));
     }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -309,6 +322,25 @@ pub fn teardown(id: &str) -> Result<()> {
     if !left.is_empty() {
         bail!("namespaces left after teardown of lab {id}: {left:?}");
     }
+    Ok(())
+}
+
+/// `/etc/netns/<ns>`: files there are bind-mounted over `/etc` by `ip netns exec` (resolv.conf for pods).
+pub fn netns_etc(ns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(ns)
+}
+
+/// A pod's resolv.conf as the kubelet writes it for `dnsPolicy: ClusterFirst`.
+pub fn pod_resolv_conf(namespace: &str) -> String {
+    format!(
+        "search {namespace}.svc.cluster.local svc.cluster.local cluster.local\nnameserver {CLUSTER_DNS}\noptions ndots:5\n"
+    )
+}
+
+fn write_resolv_conf(ns: &str, namespace: &str) -> Result<()> {
+    let dir = netns_etc(ns);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("resolv.conf"), pod_resolv_conf(namespace))?;
     Ok(())
 }
 
@@ -369,6 +401,7 @@ impl Lab {
             network: opts.network.clone(),
             backend: opts.backend.clone(),
             etcd: ETCD_ENDPOINT.into(),
+            dns: opts.dns,
         };
         // From here on, an early return drops `lab`, and its Drop removes what was built.
         let mut lab = Lab {
@@ -377,6 +410,7 @@ impl Lab {
             dir,
             nodes: Vec::new(),
             etcd: None,
+            dns: None,
             rt: None,
             keep: false,
         };
@@ -432,7 +466,83 @@ impl Lab {
                 self.start_proxy(i, mode, &[])?;
             }
         }
+        if opts.dns {
+            progress(&format!(
+                "node-{DNS_NODE}: weft dns on :53 behind kube-system/kube-dns {CLUSTER_DNS} (log {})",
+                self.dns_log_path().display()
+            ));
+            self.start_dns()?;
+        }
         Ok(())
+    }
+
+    pub fn dns_log_path(&self) -> PathBuf {
+        self.node(DNS_NODE).dir.join("dns.log")
+    }
+
+    /// Starts `weft dns` on node-1 (all addresses, port 53) and publishes it as the selector-less Service
+    /// `kube-system/kube-dns` at 10.96.0.10 with Endpoints naming node-1's address. Names outside the
+    /// cluster are forwarded to the fabric, where nothing answers: the lab has no way out.
+    pub fn start_dns(&mut self) -> Result<()> {
+        let bin = weft_binary();
+        let log = self.dns_log_path();
+        let node = self.node(DNS_NODE);
+        let args: Vec<String> = [
+            "dns",
+            "--etcd-endpoints",
+            ETCD_ENDPOINT,
+            "--listen",
+            "0.0.0.0:53",
+            "--upstream",
+            &FABRIC_IP.to_string(),
+            "--cluster-cidr",
+            &self.state.network,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = spawn_in(&node.ns, &bin, &args, &log, &node.dir.join("dns.pid"))?;
+        self.dns = Some(child);
+        let manifest = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: kube-system}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\n\
+             spec:\n  clusterIP: {CLUSTER_DNS}\n  ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: kube-dns, namespace: kube-system}}\n\
+             subsets: [{{addresses: [{{ip: \"{}\"}}], ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]}}]\n",
+            self.node(DNS_NODE).ip
+        );
+        self.weft(&["apply", "-f", "-"], Some(&manifest))?;
+        let node_ns = Netns::attach(self.node(DNS_NODE).ns.name());
+        let mut last = String::new();
+        let ready = wait_until(Duration::from_secs(30), "weft dns to sync", || {
+            match node_ns.exec("curl", &["-sf", "http://127.0.0.1:8080/healthz"]) {
+                Ok(_) => true,
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            }
+        });
+        ready.with_context(|| format!("{last}\n{}", tail(&log, 15)))
+    }
+
+    /// Runs `weft args…` (this lab's binary) in the fabric against the lab's etcd, `stdin` piped in.
+    pub fn weft(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut cmd = self.fabric.command(weft_binary());
+        cmd.args(args).args(["--etcd-endpoints", ETCD_ENDPOINT]);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("running weft in the fabric")?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            use std::io::Write;
+            pipe.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("weft {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Stops the lab's etcd (SIGKILL, as a crash or partition would), keeping its data.
@@ -526,6 +636,7 @@ impl Lab {
             dir,
             nodes,
             etcd: None,
+            dns: None,
             rt: None,
             keep: true,
         })
@@ -700,6 +811,9 @@ impl Lab {
         let ns_name = format!("{}-{name}", n.ns.name());
         Netns::create_named(&ns_name)?.persist();
         let ns = Netns::attach(&ns_name);
+        if self.state.dns {
+            write_resolv_conf(&ns_name, "default")?;
+        }
         let added = run_cni(&self.dir, n, "ADD", name, Some(&ns.path())).and_then(|(code, out)| {
             let v: serde_json::Value =
                 serde_json::from_str(&out).with_context(|| format!("weft-cni ADD printed {out:?}"))?;
@@ -716,6 +830,7 @@ impl Lab {
             Err(e) => {
                 let _ = run_cni(&self.dir, n, "DEL", name, Some(&ns.path()));
                 ns.delete();
+                let _ = std::fs::remove_dir_all(netns_etc(ns.name()));
                 Err(e)
             }
         }
@@ -735,6 +850,7 @@ impl Lab {
             bail!("weft-cni DEL for pod {name} on {} failed ({code}): {out}", n.name);
         }
         ns.delete();
+        let _ = std::fs::remove_dir_all(netns_etc(ns.name()));
         let _ = std::fs::remove_file(n.pods_dir().join(format!("{name}.json")));
         Ok(())
     }
@@ -752,7 +868,8 @@ impl Lab {
     pub fn persist(mut self) {
         self.keep = true;
         // Reap the daemons whenever they die (e.g. `Lab::down` from this same process): no zombies.
-        let children = self.nodes.iter_mut().filter_map(|n| n.agent.take()).chain(self.etcd.take());
+        let children =
+            self.nodes.iter_mut().filter_map(|n| n.agent.take()).chain(self.dns.take()).chain(self.etcd.take());
         for mut child in children {
             std::thread::spawn(move || child.wait());
         }
@@ -813,6 +930,9 @@ impl Drop for Lab {
             if let Some(mut c) = node.agent.take() {
                 stop_child(&mut c, libc::SIGTERM, Duration::from_secs(5));
             }
+        }
+        if let Some(mut c) = self.dns.take() {
+            stop_child(&mut c, libc::SIGTERM, Duration::from_secs(5));
         }
         self.rt = None;
         if let Some(mut c) = self.etcd.take() {

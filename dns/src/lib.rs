@@ -1,0 +1,16 @@
+//! weft dns: the cluster DNS server. Services, Endpoints and Pods from etcd → an immutable record index
+//! (`index`, pure) swapped in atomically → the answer function (`answer`, pure) behind UDP and TCP sockets
+//! (`server`), with a forwarder and its bounded cache for every other name (`forward`).
+
+pub mod answer;
+pub mod cli;
+pub mod forward;
+pub mod index;
+pub mod metrics;
+pub mod run;
+pub mod server;
+pub mod udp;
+pub mod watch;
+
+pub use answer::{answer, Decision};
+pub use index::{build, Config, Index, Rdata};

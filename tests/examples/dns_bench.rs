@@ -1,0 +1,411 @@
+//! DNS benchmark: `weft dns` against Knot DNS serving the same records, side by side in one run.
+//!
+//! 1. A real etcd (loopback, temporary data dir) gets 10,000 Services in namespace `bench`: 9,000 with a
+//!    ClusterIP and a named port (`http`/TCP 80), 1,000 headless with Endpoints of 10 ready addresses each.
+//! 2. `weft dns` (release, `$WEFT_BIN`) serves them on a loopback port; the same services are written as a
+//!    zone file (`cluster.local`, the records the specification gives them: A, SRV, per-endpoint A) that
+//!    `knotd` (Knot DNS, 2 UDP workers like weft's 2 sockets) serves on another port.
+//! 3. dnsperf sends one query file (100,000 queries, seeded: 60 % A of a ClusterIP service, 10 % A of a
+//!    headless service (10 answers), 10 % A of an endpoint name, 10 % SRV of a ClusterIP service, 5 %
+//!    NXDOMAIN, 5 % AAAA NODATA) to each server in turn, `BENCH_DNS_ROUNDS` (2) alternating rounds of
+//!    `BENCH_DNS_SECS` (10) seconds at saturation; then each once at a fixed 10,000 QPS with `-v` for
+//!    per-query latency percentiles.
+//! 4. `weft dns`'s VmRSS (and VmHWM) from /proc, after the sync and after the load.
+//!
+//! `WEFT_BIN=target/release/weft cargo run --release -p weft-lab --example dns_bench`
+//! Prints a markdown summary on stdout, progress on stderr; exits non-zero only when a measurement could
+//! not be taken (never because a target was missed).
+
+use std::io::Write;
+use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use etcd_client::{Txn, TxnOp};
+use rand::{Rng, SeedableRng};
+use weft_lab::EtcdFixture;
+
+const SERVICES: usize = 10_000;
+const HEADLESS: usize = 1_000;
+const ENDPOINTS_PER: usize = 10;
+const QUERIES: usize = 100_000;
+const TXN_MAX: usize = 128;
+const TARGET_RATIO: f64 = 0.5;
+const TARGET_RSS_KB: u64 = 32 * 1024;
+
+fn free_port() -> u16 {
+    loop {
+        let t = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = t.local_addr().expect("addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+struct Svc {
+    name: String,
+    /// None: headless.
+    ip: Option<String>,
+    endpoints: Vec<String>,
+}
+
+fn services() -> Vec<Svc> {
+    (0..SERVICES)
+        .map(|i| {
+            if i < SERVICES - HEADLESS {
+                let n = 0x0A64_0000u32 + i as u32 + 1; // 10.100.0.0/16 and up, inside 10.96.0.0/12
+                let ip = std::net::Ipv4Addr::from(n).to_string();
+                Svc { name: format!("svc-{i}"), ip: Some(ip), endpoints: vec![] }
+            } else {
+                let h = i - (SERVICES - HEADLESS);
+                let eps = (0..ENDPOINTS_PER)
+                    .map(|e| {
+                        let n = 0x0AF4_0000u32 + (h * ENDPOINTS_PER + e) as u32 + 1; // 10.244.0.0/16
+                        std::net::Ipv4Addr::from(n).to_string()
+                    })
+                    .collect();
+                Svc { name: format!("hl-{h}"), ip: None, endpoints: eps }
+            }
+        })
+        .collect()
+}
+
+async fn load_etcd(endpoint: &str, svcs: &[Svc]) -> Result<()> {
+    let mut c = etcd_client::Client::connect([endpoint], None).await?;
+    let mut ops = Vec::new();
+    for s in svcs {
+        let spec = match &s.ip {
+            Some(ip) => {
+                serde_json::json!({"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
+            }
+            None => {
+                serde_json::json!({"clusterIP": "None", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
+            }
+        };
+        let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": s.name, "namespace": "bench"}, "spec": spec});
+        ops.push(TxnOp::put(format!("/registry/services/bench/{}", s.name), svc.to_string(), None));
+        if !s.endpoints.is_empty() {
+            let addrs: Vec<serde_json::Value> = s.endpoints.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
+            let ep = serde_json::json!({
+                "apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": s.name, "namespace": "bench"},
+                "subsets": [{"addresses": addrs, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}]
+            });
+            ops.push(TxnOp::put(format!("/registry/endpoints/bench/{}", s.name), ep.to_string(), None));
+        }
+    }
+    for chunk in ops.chunks(TXN_MAX) {
+        c.txn(Txn::new().and_then(chunk.to_vec())).await?;
+    }
+    Ok(())
+}
+
+/// The zone file Knot serves: what the specification says these services publish.
+fn zone_file(svcs: &[Svc]) -> String {
+    let mut z = String::with_capacity(SERVICES * 200);
+    z.push_str("$ORIGIN cluster.local.\n$TTL 30\n");
+    z.push_str("@ IN SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 30\n");
+    z.push_str("@ IN NS ns.dns.cluster.local.\nns.dns IN A 127.0.0.1\ndns-version IN TXT \"1.1.0\"\n");
+    for s in svcs {
+        let base = format!("{}.bench.svc", s.name);
+        match &s.ip {
+            Some(ip) => {
+                z.push_str(&format!("{base} IN A {ip}\n"));
+                z.push_str(&format!("_http._tcp.{base} IN SRV 0 100 80 {base}\n"));
+            }
+            None => {
+                let w = 100 / s.endpoints.len();
+                for ip in &s.endpoints {
+                    let host = ip.replace('.', "-");
+                    z.push_str(&format!("{base} IN A {ip}\n{host}.{base} IN A {ip}\n"));
+                    z.push_str(&format!("_http._tcp.{base} IN SRV 0 {w} 80 {host}.{base}\n"));
+                }
+            }
+        }
+    }
+    z
+}
+
+fn query_file(svcs: &[Svc]) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(53);
+    let (cip, hl): (Vec<&Svc>, Vec<&Svc>) = svcs.iter().partition(|s| s.ip.is_some());
+    let mut q = String::with_capacity(QUERIES * 48);
+    for _ in 0..QUERIES {
+        let line = match rng.gen_range(0..100) {
+            0..=59 => format!("{}.bench.svc.cluster.local A", cip[rng.gen_range(0..cip.len())].name),
+            60..=69 => format!("{}.bench.svc.cluster.local A", hl[rng.gen_range(0..hl.len())].name),
+            70..=79 => {
+                let s = hl[rng.gen_range(0..hl.len())];
+                let ip = &s.endpoints[rng.gen_range(0..s.endpoints.len())];
+                format!("{}.{}.bench.svc.cluster.local A", ip.replace('.', "-"), s.name)
+            }
+            80..=89 => format!("_http._tcp.{}.bench.svc.cluster.local SRV", cip[rng.gen_range(0..cip.len())].name),
+            90..=94 => format!("missing-{}.bench.svc.cluster.local A", rng.gen_range(0..SERVICES)),
+            _ => format!("{}.bench.svc.cluster.local AAAA", cip[rng.gen_range(0..cip.len())].name),
+        };
+        q.push_str(&line);
+        q.push('\n');
+    }
+    q
+}
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains(" 200 ").then(|| out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// VmRSS, VmHWM and RssAnon (the private part: VmRSS also counts the pages of the 26 MB `weft` binary the
+/// process touched, about 8 MB, shared with every other weft daemon).
+fn rss_kb(pid: u32) -> (u64, u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"), field("RssAnon:"))
+}
+
+fn dig_ok(port: u16, name: &str, want: &str) -> bool {
+    Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), name, "+short", "+time=1", "+tries=1"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == want)
+        .unwrap_or(false)
+}
+
+#[derive(Debug, Clone, Default)]
+struct Perf {
+    qps: f64,
+    avg_ms: f64,
+    lost: String,
+}
+
+fn dnsperf(port: u16, queries: &Path, secs: u64) -> Result<Perf> {
+    let out = Command::new("dnsperf")
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
+        .arg(queries)
+        .args(["-l", &secs.to_string(), "-c", "4", "-q", "500", "-T", "1"])
+        .output()
+        .context("running dnsperf (is it installed? run scripts/setup.sh)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let num = |key: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.trim().strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    let lost = text.lines().find_map(|l| l.trim().strip_prefix("Queries lost:")).unwrap_or("?").trim().to_string();
+    match (num("Queries per second:"), num("Average Latency (s):")) {
+        (Some(qps), Some(avg)) => Ok(Perf { qps, avg_ms: avg * 1000.0, lost }),
+        _ => bail!("dnsperf printed no result:\n{text}{}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+/// Per-query latencies (ms) at a fixed rate, from dnsperf's verbose lines: p50, p90, p99, p99.9, max.
+fn latency(port: u16, queries: &Path, qps: u32, secs: u64) -> Result<[f64; 5]> {
+    let out = Command::new("dnsperf")
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
+        .arg(queries)
+        .args(["-l", &secs.to_string(), "-Q", &qps.to_string(), "-v"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "> NOERROR name type 0.000123"
+    let mut lat: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("> "))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|s| s * 1000.0)
+        .collect();
+    ensure!(
+        lat.len() > 100,
+        "dnsperf -v gave {} latencies:\n{}",
+        lat.len(),
+        text.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let p = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+    Ok([p(0.5), p(0.9), p(0.99), p(0.999), p(1.0)])
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
+}
+
+fn main() -> Result<()> {
+    let rounds: usize = std::env::var("BENCH_DNS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let secs: u64 = std::env::var("BENCH_DNS_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let weft = weft_lab::weft_bin();
+    let dir = tempfile::Builder::new().prefix("weft-dnsbench-").tempdir()?;
+    let svcs = services();
+
+    eprintln!("dns bench: etcd with {SERVICES} services ({HEADLESS} headless x {ENDPOINTS_PER} endpoints)");
+    let etcd = EtcdFixture::start()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(load_etcd(etcd.endpoint(), &svcs))?;
+
+    let (wport, kport) = (free_port(), free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let wlog = std::fs::File::create(dir.path().join("weft-dns.log"))?;
+    let started = Instant::now();
+    let wchild = Command::new(&weft)
+        .args(["dns", "--listen", &format!("127.0.0.1:{wport}"), "--etcd-endpoints", etcd.endpoint()])
+        .args(["--upstream", "127.0.0.1:9", "--metrics-bind-address", &metrics, "--healthz-bind-address", ""])
+        .stdin(Stdio::null())
+        .stdout(wlog.try_clone()?)
+        .stderr(wlog)
+        .spawn()
+        .with_context(|| format!("starting {}", weft.display()))?;
+    let wpid = wchild.id();
+    let _w = Guard(wchild);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(m) = http_get(&metrics, "/metrics") {
+            if m.lines().any(|l| l == format!("weft_dns_index_services {SERVICES}")) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "weft dns did not sync {SERVICES} services: {}",
+                std::fs::read_to_string(dir.path().join("weft-dns.log"))?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sync_took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_synced = rss_kb(wpid);
+    let m = http_get(&metrics, "/metrics").unwrap_or_default();
+    let gauge = |k: &str| m.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("?").trim().to_string();
+    let (names, records, rebuild) =
+        (gauge("weft_dns_index_names "), gauge("weft_dns_index_records "), gauge("weft_dns_index_rebuild_seconds "));
+    eprintln!("dns bench: weft dns synced in {sync_took:?} ({names} names, {records} records, index built in {rebuild} s), RSS {} kB", rss_synced.0);
+
+    let zone = dir.path().join("cluster.local.zone");
+    std::fs::write(&zone, zone_file(&svcs))?;
+    let kdir = dir.path().join("knot");
+    std::fs::create_dir_all(&kdir)?;
+    let conf = format!(
+        "server:\n    listen: 127.0.0.1@{kport}\n    rundir: \"{d}\"\n    udp-workers: 2\n    tcp-workers: 1\n    background-workers: 1\n\
+         database:\n    storage: \"{d}\"\nlog:\n  - target: stderr\n    any: warning\n\
+         zone:\n  - domain: cluster.local\n    storage: \"{z}\"\n    file: \"cluster.local.zone\"\n    journal-content: none\n    zonefile-sync: -1\n",
+        d = kdir.display(),
+        z = dir.path().display()
+    );
+    std::fs::write(kdir.join("knot.conf"), conf)?;
+    let klog = std::fs::File::create(dir.path().join("knot.log"))?;
+    let kchild = Command::new("knotd")
+        .arg("-c")
+        .arg(kdir.join("knot.conf"))
+        .stdin(Stdio::null())
+        .stdout(klog.try_clone()?)
+        .stderr(klog)
+        .spawn()
+        .context("starting knotd (is knot installed? run scripts/setup.sh)")?;
+    let _k = Guard(kchild);
+    let probe = "svc-0.bench.svc.cluster.local";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dig_ok(kport, probe, "10.100.0.1") {
+        if Instant::now() > deadline {
+            bail!("knotd does not answer: {}", std::fs::read_to_string(dir.path().join("knot.log"))?);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(dig_ok(wport, probe, "10.100.0.1"), "weft dns does not answer {probe}");
+
+    let queries = dir.path().join("queries.txt");
+    std::fs::write(&queries, query_file(&svcs))?;
+    let (mut wq, mut kq) = (Vec::new(), Vec::new());
+    let mut rows = Vec::new();
+    for r in 1..=rounds {
+        let w = dnsperf(wport, &queries, secs)?;
+        let k = dnsperf(kport, &queries, secs)?;
+        eprintln!(
+            "dns bench: round {r}: weft dns {:.0} QPS (avg {:.3} ms, lost {}), knot {:.0} QPS (avg {:.3} ms, lost {}), ratio {:.2}",
+            w.qps, w.avg_ms, w.lost, k.qps, k.avg_ms, k.lost, w.qps / k.qps
+        );
+        rows.push(format!(
+            "| {r} | {:.0} ({:.3} ms avg, lost {}) | {:.0} ({:.3} ms avg, lost {}) | {:.2} |",
+            w.qps,
+            w.avg_ms,
+            w.lost,
+            k.qps,
+            k.avg_ms,
+            k.lost,
+            w.qps / k.qps
+        ));
+        wq.push(w.qps);
+        kq.push(k.qps);
+    }
+    let rss_loaded = rss_kb(wpid);
+    let wl = latency(wport, &queries, 10_000, 3)?;
+    let kl = latency(kport, &queries, 10_000, 3)?;
+    let ratio = median(&wq) / median(&kq);
+
+    println!("## DNS: weft dns vs Knot DNS ({SERVICES} services, {HEADLESS} headless x {ENDPOINTS_PER} endpoints)");
+    println!();
+    println!("`dnsperf -c 4 -q 500 -T 1 -l {secs}` from the same 100,000-query file, alternating rounds (UDP, loopback, 2 cores shared by client and server):");
+    println!();
+    println!("| round | weft dns, QPS | Knot {}, QPS | weft / Knot |", knot_version());
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!();
+    println!("| measurement | weft dns | Knot | target | result |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| QPS, median of rounds | {:.0} | {:.0} | ≥ {TARGET_RATIO}× Knot | {ratio:.2}× ({}) |",
+        median(&wq),
+        median(&kq),
+        if ratio >= TARGET_RATIO { "met" } else { "missed" }
+    );
+    let fmt = |l: [f64; 5]| format!("{:.3} / {:.3} / {:.3} / {:.3} / {:.3}", l[0], l[1], l[2], l[3], l[4]);
+    println!("| latency at 10,000 QPS, ms: p50 / p90 / p99 / p99.9 / max | {} | {} | none set | |", fmt(wl), fmt(kl));
+    let within = rss_synced.0.max(rss_loaded.0) <= TARGET_RSS_KB;
+    println!(
+        "| `weft dns` VmRSS after sync / after load (peak VmHWM) | {:.1} MB / {:.1} MB ({:.1} MB) | | ≤ 32 MB | {} |",
+        rss_synced.0 as f64 / 1024.0,
+        rss_loaded.0 as f64 / 1024.0,
+        rss_loaded.1 as f64 / 1024.0,
+        if within { "met" } else { "missed" }
+    );
+    println!(
+        "| `weft dns` RssAnon (private memory, without the binary's pages) after sync / after load | {:.1} MB / {:.1} MB | | | |",
+        rss_synced.2 as f64 / 1024.0,
+        rss_loaded.2 as f64 / 1024.0
+    );
+    println!("| first sync of {SERVICES} services (start → index served) | {:.2} s ({names} names, {records} records; index build {rebuild} s) | | | |", sync_took.as_secs_f64());
+    Ok(())
+}
+
+fn knot_version() -> String {
+    Command::new("knotd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().last().map(String::from))
+        .unwrap_or_default()
+}
