@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: a 3-node lab on this machine, a pod on each node, pods pinging across nodes over
-# VXLAN, then what the operator sees: leases, routes and the kernel's own view. Leaves the lab up.
+# VXLAN, then what the operator sees: leases, routes and the kernel's own view; a Service through the
+# proxy, and its name through the cluster DNS. Leaves the lab up.
 set -euo pipefail
 WEFT=${1:-target/debug/weft}
 WEFT=$(readlink -f "$WEFT")
@@ -11,8 +12,8 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # A previous demo is replaced, so the demo can be run again and again.
 "$WEFT" lab down --name "$LAB" >/dev/null 2>&1 || true
 
-say "weft lab up --name $LAB --nodes 3"
-"$WEFT" lab up --name "$LAB" --nodes 3
+say "weft lab up --name $LAB --nodes 3 --dns"
+"$WEFT" lab up --name "$LAB" --nodes 3 --dns
 
 say "a pod on each node, wired by weft-cni"
 declare -A IP
@@ -57,7 +58,6 @@ apiVersion: v1
 kind: Service
 metadata: {name: hello}
 spec:
-  selector: {app: hello}
   ports: [{name: http, port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
@@ -81,6 +81,18 @@ done
 
 say "weft services   (on node-1: what the proxy serves and has programmed)"
 "$WEFT" lab exec --name "$LAB" node-1 -- weft services
+say "cluster DNS: weft dns behind kube-dns (10.96.0.10); pod1 finds hello by name"
+"$WEFT" lab exec --name "$LAB" node-1-pod1 -- cat /etc/resolv.conf
+for try in $(seq 1 20); do
+  out=$("$WEFT" lab exec --name "$LAB" node-1-pod1 -- getent hosts hello 2>/dev/null) && break
+  sleep 0.25
+done
+echo "getent hosts hello: ${out:-FAILED}"
+[ -n "$out" ] || exit 1
+"$WEFT" lab exec --name "$LAB" node-1-pod1 -- dig +short +search SRV _http._tcp.hello
+out=$("$WEFT" lab exec --name "$LAB" node-1-pod1 -- socat -T2 - "TCP:hello.default.svc.cluster.local:80,connect-timeout=2" 2>/dev/null || true)
+echo "pod1 -> hello.default.svc.cluster.local:80: ${out:-FAILED}"
+[ -n "$out" ] || exit 1
 
 cat <<MSG
 
