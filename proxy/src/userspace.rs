@@ -399,7 +399,33 @@ impl Drop for ProxySocket {
     }
 }
 
+/// Accepts on the proxy socket from one task per runtime worker (the socket's fd duplicated), so that on a
+/// multi-thread runtime new connections are taken on every core, as HAProxy's per-thread listeners do.
 async fn serve_tcp(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mutex<Balancer>>, timeout: Duration) {
+    let workers = Handle::current().metrics().num_workers();
+    let mut extra = Vec::new();
+    for _ in 1..workers {
+        match listener.try_clone() {
+            Ok(l) => extra.push(tokio::spawn(accept_loop(l, name.clone(), lb.clone(), timeout))),
+            Err(e) => tracing::warn!(service = %name, error = %e, "duplicating the proxy listener failed"),
+        }
+    }
+    // The extra accept loops end with this one (aborting this task drops the guard).
+    let _guard = AbortOnDrop(extra);
+    accept_loop(listener, name, lb, timeout).await;
+}
+
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+async fn accept_loop(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mutex<Balancer>>, timeout: Duration) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
