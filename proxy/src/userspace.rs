@@ -400,7 +400,7 @@ impl Drop for ProxySocket {
 }
 
 /// Accepts on the proxy socket from one task per runtime worker (the socket's fd duplicated), so that on a
-/// multi-thread runtime new connections are taken on every core, as HAProxy's per-thread listeners do.
+/// multi-thread runtime new connections are taken on every core.
 async fn serve_tcp(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mutex<Balancer>>, timeout: Duration) {
     let workers = Handle::current().metrics().num_workers();
     let mut extra = Vec::new();
