@@ -33,6 +33,8 @@ enum Command {
     Get(weft_api::cli::GetArgs),
     /// Delete objects (kubectl delete)
     Delete(weft_api::cli::DeleteArgs),
+    /// Run the scheduler and controllers (kube-controller-manager's and kube-scheduler's job)
+    Controller(weft_control::cli::ControllerArgs),
 }
 
 fn invoked_as_cni() -> bool {
@@ -93,6 +95,7 @@ fn main() {
         Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::apply(a))).map(|_| 0),
         Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::get(a))).map(|_| 0),
         Command::Delete(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::delete(a))).map(|_| 0),
+        Command::Controller(a) => runtime().and_then(|rt| rt.block_on(weft_control::cli::run(a))).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

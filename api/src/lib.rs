@@ -7,6 +7,7 @@ pub mod cli;
 pub mod etcd;
 pub mod http;
 pub mod informer;
+pub mod labels;
 pub mod manifest;
 pub mod service;
 pub mod store;

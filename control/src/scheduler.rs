@@ -1,0 +1,2 @@
+//! Scheduler: placeholder.
+pub const NAME: &str = "default-scheduler";
