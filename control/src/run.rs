@@ -27,7 +27,7 @@ use crate::events::{self, Ctl, Key};
 use crate::leader::{self, Leadership};
 use crate::obj::{Kind, Obj};
 use crate::queue::Queue;
-use crate::{nodes, replicaset, scheduler};
+use crate::{deployment, nodes, replicaset, scheduler};
 
 /// Everything `weft controller` is told on its command line, resolved.
 #[derive(Debug, Clone)]
@@ -257,6 +257,7 @@ impl Controllers {
             Ctl::ReplicaSet => replicaset::reconcile_replicaset(&key.obj, c, now),
             Ctl::ReplicationController => replicaset::reconcile_rc(&key.obj, c, now),
             Ctl::Scheduler => scheduler::schedule(c, now),
+            Ctl::Deployment => deployment::reconcile(&key.obj, c, now),
             // Filled in as the controllers land.
             _ => {
                 let _ = (&self.nodes, self.started);
