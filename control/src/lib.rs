@@ -7,6 +7,7 @@ pub mod cache;
 pub mod claim;
 pub mod cli;
 pub mod deployment;
+pub mod endpoints;
 pub mod events;
 pub mod leader;
 pub mod nodes;
