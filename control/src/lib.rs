@@ -6,6 +6,7 @@ pub mod action;
 pub mod cache;
 pub mod claim;
 pub mod cli;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod events;

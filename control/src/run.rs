@@ -27,7 +27,7 @@ use crate::events::{self, Ctl, Key};
 use crate::leader::{self, Leadership};
 use crate::obj::{Kind, Obj};
 use crate::queue::Queue;
-use crate::{deployment, endpoints, nodes, replicaset, scheduler};
+use crate::{daemonset, deployment, endpoints, nodes, replicaset, scheduler};
 
 /// Everything `weft controller` is told on its command line, resolved.
 #[derive(Debug, Clone)]
@@ -259,6 +259,7 @@ impl Controllers {
             Ctl::Scheduler => scheduler::schedule(c, now),
             Ctl::Deployment => deployment::reconcile(&key.obj, c, now),
             Ctl::Endpoints => endpoints::reconcile(&key.obj, c, now),
+            Ctl::DaemonSet => daemonset::reconcile(&key.obj, c, now),
             // Filled in as the controllers land.
             _ => {
                 let _ = (&self.nodes, self.started);
