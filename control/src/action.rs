@@ -29,9 +29,9 @@ pub enum Action {
     Create(Obj),
     /// Write the object if the store still holds the resourceVersion it carries (else: conflict, reconcile again).
     Update { obj: Obj, why: String },
-    /// Delete the object if it still has `target.uid`. With `owner_gone`, only if the store (not the cache) confirms
-    /// that owner is absent: the garbage collector's check against a cache that may lag.
-    Delete { target: Target, why: String, owner_gone: Option<Target> },
+    /// Delete the object if it still has `target.uid`, and only if the store (not the cache) confirms that every one
+    /// of `owners_gone` is absent: the garbage collector's check against a cache that may lag.
+    Delete { target: Target, why: String, owners_gone: Vec<Target> },
 }
 
 impl Action {
@@ -40,7 +40,7 @@ impl Action {
     }
 
     pub fn delete(kind: Kind, key: ObjectKey, uid: &str, why: impl Into<String>) -> Action {
-        Action::Delete { target: Target { kind, key, uid: uid.to_string() }, why: why.into(), owner_gone: None }
+        Action::Delete { target: Target { kind, key, uid: uid.to_string() }, why: why.into(), owners_gone: Vec::new() }
     }
 
     pub fn kind(&self) -> Kind {

@@ -10,6 +10,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod events;
+pub mod gc;
 pub mod leader;
 pub mod nodes;
 pub mod obj;

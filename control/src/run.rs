@@ -27,7 +27,7 @@ use crate::events::{self, Ctl, Key};
 use crate::leader::{self, Leadership};
 use crate::obj::{Kind, Obj};
 use crate::queue::Queue;
-use crate::{daemonset, deployment, endpoints, nodes, replicaset, scheduler};
+use crate::{daemonset, deployment, endpoints, gc, nodes, replicaset, scheduler};
 
 /// Everything `weft controller` is told on its command line, resolved.
 #[derive(Debug, Clone)]
@@ -260,11 +260,8 @@ impl Controllers {
             Ctl::Deployment => deployment::reconcile(&key.obj, c, now),
             Ctl::Endpoints => endpoints::reconcile(&key.obj, c, now),
             Ctl::DaemonSet => daemonset::reconcile(&key.obj, c, now),
-            // Filled in as the controllers land.
-            _ => {
-                let _ = (&self.nodes, self.started);
-                Outcome::default()
-            }
+            Ctl::NodeLifecycle => nodes::reconcile(c, now, self.started, &self.nodes),
+            Ctl::GarbageCollector => gc::collect(c, now),
         }
     }
 
@@ -375,7 +372,7 @@ impl Controllers {
     }
 
     async fn apply_all(&self, key: &Key, actions: Vec<Action>) -> Result<(), ApplyError> {
-        let owners_checked: Mutex<HashMap<ObjectKey, bool>> = Mutex::default();
+        let owners_checked: Mutex<HashMap<(Kind, ObjectKey), bool>> = Mutex::default();
         let results: Vec<Result<(), ApplyError>> = futures::stream::iter(actions)
             .map(|a| self.apply_one(key, a, &owners_checked))
             .buffer_unordered(self.write_concurrency)
@@ -397,7 +394,7 @@ impl Controllers {
         &self,
         key: &Key,
         action: Action,
-        owners_checked: &Mutex<HashMap<ObjectKey, bool>>,
+        owners_checked: &Mutex<HashMap<(Kind, ObjectKey), bool>>,
     ) -> Result<(), ApplyError> {
         let (verb, kind) = (action.verb(), action.kind());
         tracing::debug!(key = %key, action = %action, "applying");
@@ -412,18 +409,19 @@ impl Controllers {
                     crate::with_obj!(obj, o => self.store.update(&o).await.map(|n| rev_of(&n))).map_err(store_error)?;
                 self.fence(key, kind, okey, Want::Revision(rev));
             }
-            Action::Delete { target, owner_gone, .. } => {
-                if let Some(owner) = owner_gone {
-                    let cached = lock(owners_checked).get(&owner.key).copied();
+            Action::Delete { target, owners_gone, .. } => {
+                for owner in owners_gone {
+                    let cached = lock(owners_checked).get(&(owner.kind, owner.key.clone())).copied();
                     let exists = match cached {
                         Some(e) => e,
                         None => {
                             let e = self.exists(&owner).await?;
-                            lock(owners_checked).insert(owner.key.clone(), e);
+                            lock(owners_checked).insert((owner.kind, owner.key.clone()), e);
                             e
                         }
                     };
                     if exists {
+                        tracing::debug!(key = %key, owner = %owner, "owner exists after all; not collecting");
                         return Ok(());
                     }
                 }
