@@ -8,6 +8,8 @@
 # 3. Service proxy (iptables mode, weft's dispatch vs kube-proxy's layout): proxy/examples/proxy_bench.rs —
 #    new connections with wrk through client/node/server namespaces at 10 and BENCH_SERVICES (10,000)
 #    services, full and one-endpoint syncs, and the RSS of a real `weft proxy`. BENCH_PROXY=0 skips it.
+# 4. Controllers: tests/examples/control_bench.rs — `weft apply` of a 1,000-replica Deployment to 1,000 pods bound,
+#    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -122,4 +124,10 @@ for row in "${THROUGHPUT_ROWS[@]}"; do echo "$row"; done
 echo
 cat "$OUT/converge.md"
 [ -s "$OUT/proxy.md" ] && { echo; cat "$OUT/proxy.md"; }
+
+if [ "${BENCH_CONTROL:-1}" = 1 ]; then
+  echo "== controllers: cargo run --release -p weft-lab --example control_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example control_bench >"$OUT/control.md" || fail "controller benchmark failed"
+  [ -s "$OUT/control.md" ] && { echo; cat "$OUT/control.md"; }
+fi
 exit $failed
