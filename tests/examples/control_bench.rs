@@ -2,6 +2,7 @@
 //! 1. from `weft apply` of a 1,000-replica Deployment to 1,000 pods bound (target ≤ 10 s);
 //! 2. a rolling update of it (new image, maxSurge/maxUnavailable 25 %) to completion;
 //! 3. the controller's RSS with 10,000 pods (the Deployment scaled up).
+//!
 //! This program plays every kubelet: it renews the nodes' Leases and gives each bound pod phase Running, Ready and
 //! an IP as soon as it sees it bound (one compare-and-swap per pod). Prints a markdown summary on stdout.
 //! Knobs: BENCH_NODES (20), BENCH_REPLICAS (1000), BENCH_SCALE (10000).
@@ -116,7 +117,14 @@ impl Bench {
                     let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                         "metadata": {"name": name, "namespace": "kube-node-lease"},
                         "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": rfc3339(true)}});
-                    let _ = c.clone().put(format!("/registry/leases/kube-node-lease/{name}"), serde_json::to_vec(&lease).unwrap_or_default(), None).await;
+                    let _ = c
+                        .clone()
+                        .put(
+                            format!("/registry/leases/kube-node-lease/{name}"),
+                            serde_json::to_vec(&lease).unwrap_or_default(),
+                            None,
+                        )
+                        .await;
                 }
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
@@ -142,11 +150,7 @@ impl Bench {
                 }
             });
         }
-        let (_w, mut stream) = self
-            .c
-            .clone()
-            .watch("/registry/pods/", Some(WatchOptions::new().with_prefix()))
-            .await?;
+        let (_w, mut stream) = self.c.clone().watch("/registry/pods/", Some(WatchOptions::new().with_prefix())).await?;
         let pods = self.pods.clone();
         tokio::spawn(async move {
             let _keep = _w;
@@ -199,7 +203,11 @@ impl Bench {
 
     /// The sum of the ReplicaSets' spec.replicas (what maxSurge bounds).
     async fn spec_total(&self) -> Result<i64> {
-        let r = self.c.clone().get("/registry/replicasets/default/", Some(etcd_client::GetOptions::new().with_prefix())).await?;
+        let r = self
+            .c
+            .clone()
+            .get("/registry/replicasets/default/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await?;
         let mut total = 0;
         for kv in r.kvs() {
             let rs: Value = serde_json::from_slice(kv.value())?;
@@ -225,7 +233,9 @@ async fn kubelet(c: &Client, key: &str) -> Result<bool> {
         if node.is_empty() || !p["metadata"]["deletionTimestamp"].is_null() {
             return Ok(false);
         }
-        let ready = p["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+        let ready = p["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
         if ready {
             return Ok(false);
         }
@@ -262,7 +272,15 @@ impl Controller {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(weft_lab::weft_bin())
-            .args(["controller", "--etcd-endpoints", etcd, "--healthz-bind-address", &addr, "--metrics-bind-address", &addr])
+            .args([
+                "controller",
+                "--etcd-endpoints",
+                etcd,
+                "--healthz-bind-address",
+                &addr,
+                "--metrics-bind-address",
+                &addr,
+            ])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
@@ -291,7 +309,11 @@ impl Controller {
     fn memory(&self) -> Result<(u64, u64)> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         let field = |n: &str| {
-            s.lines().find(|l| l.starts_with(n)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+            s.lines()
+                .find(|l| l.starts_with(n))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
         };
         Ok((field("VmRSS:"), field("VmHWM:")))
     }
@@ -318,7 +340,11 @@ async fn main() -> Result<()> {
     let ctl = Controller::start(etcd.endpoint())?;
     let started = Instant::now();
     while ctl.metric("weft_controller_informers_synced") < 1.0 {
-        ensure!(started.elapsed() < Duration::from_secs(30), "controller did not start: {}", std::fs::read_to_string(&ctl.log)?);
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "controller did not start: {}",
+            std::fs::read_to_string(&ctl.log)?
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (rss_idle, _) = ctl.memory()?;
@@ -421,7 +447,11 @@ async fn main() -> Result<()> {
         mb(rss),
         mb(hwm)
     );
-    println!("| controller VmRSS idle / after the {replicas}-pod rollout | {:.1} MB / {:.1} MB | | |", mb(rss_idle), mb(rss_1k));
+    println!(
+        "| controller VmRSS idle / after the {replicas}-pod rollout | {:.1} MB / {:.1} MB | | |",
+        mb(rss_idle),
+        mb(rss_1k)
+    );
     println!();
     println!(
         "controller: {actions:.0} writes, {conflicts:.0} failed (conflicts, reconciled again), {reconciles:.0} reconciles; this program: {writes} pod status writes"
