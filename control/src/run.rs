@@ -66,6 +66,9 @@ enum ApplyError {
     NotLeader,
 }
 
+/// How soon a key whose write lost a compare-and-swap is reconciled again.
+const CONFLICT_RETRY: Duration = Duration::from_millis(100);
+
 /// How long a key waits for the cache to show its writes before reconciling anyway.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -326,9 +329,11 @@ impl Controllers {
                 }
                 Err(ApplyError::NotLeader) => {}
                 Err(ApplyError::Conflict(e)) => {
+                    // Expected under concurrent writers: the cache is a moment behind. Look again soon, without
+                    // the growing backoff that real errors get (the fence does not cover a write that failed).
                     tracing::debug!(key = %key, error = %e, "conflict; reconciling again");
                     self.count_error(key.ctl, "conflict");
-                    self.queue.add_rate_limited(key.clone());
+                    self.queue.add_after(key.clone(), CONFLICT_RETRY);
                 }
                 Err(ApplyError::Failed(e)) => {
                     tracing::warn!(key = %key, error = %e, "applying actions failed; retrying with backoff");
