@@ -71,17 +71,34 @@ pub fn template_hash(t: &PodTemplateSpec, collision_count: Option<i32>) -> Strin
     safe_encode(&h.to_string())
 }
 
-fn without_hash(t: &PodTemplateSpec) -> PodTemplateSpec {
-    let mut t = t.clone();
-    if let Some(l) = t.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
-        l.remove(HASH_LABEL);
+/// The template as JSON without the hash label and without empty values (null, {}, []): an absent and an empty
+/// field are the same template, as `weft rollout` compares them too.
+fn normalized(t: &PodTemplateSpec) -> serde_json::Value {
+    fn prune(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.values_mut().for_each(prune);
+                m.retain(|_, v| {
+                    !(v.is_null()
+                        || v.as_object().is_some_and(|o| o.is_empty())
+                        || v.as_array().is_some_and(|a| a.is_empty()))
+                });
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(prune),
+            _ => {}
+        }
     }
-    t
+    let mut v = serde_json::to_value(t).unwrap_or_default();
+    if let Some(labels) = v.pointer_mut("/metadata/labels").and_then(serde_json::Value::as_object_mut) {
+        labels.remove(HASH_LABEL);
+    }
+    prune(&mut v);
+    v
 }
 
 /// `EqualIgnoreHash`: the same template but for the pod-template-hash label.
 pub fn equal_ignore_hash(a: &PodTemplateSpec, b: &PodTemplateSpec) -> bool {
-    without_hash(a) == without_hash(b)
+    normalized(a) == normalized(b)
 }
 
 // ---- fence posts ----

@@ -243,3 +243,46 @@ impl Elected {
         self.client.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_lasts_until_the_renew_deadline_and_never_after_stop() {
+        let l = Leadership::until(Instant::now() + Duration::from_secs(2));
+        assert!(l.is_leader());
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(l.is_leader());
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(!l.is_leader(), "past the renew deadline: stop acting even before anyone else can start");
+        l.extend(Instant::now() + Duration::from_secs(2));
+        assert!(l.is_leader(), "a renewal extends it");
+        l.clone().stop();
+        assert!(!l.is_leader(), "stopped for good, in every clone");
+        l.extend(Instant::now() + Duration::from_secs(2));
+        assert!(!l.is_leader());
+        let always = Leadership::always();
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(always.is_leader());
+    }
+
+    #[test]
+    fn the_lease_lives_under_the_registry() {
+        let c = Config {
+            namespace: "kube-system".into(),
+            name: "weft-controller".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        };
+        assert_eq!(c.key(), "/registry/leases/kube-system/weft-controller");
+        let l = lease_object(&c, 3);
+        let spec = l.spec.unwrap();
+        assert_eq!(
+            (spec.holder_identity.as_deref(), spec.lease_duration_seconds, spec.lease_transitions),
+            (Some("me"), Some(15), Some(3))
+        );
+    }
+}

@@ -83,6 +83,17 @@ fn template_hashes_are_stable_and_shaped_like_kubernetes() {
 }
 
 #[test]
+fn templates_compare_without_the_hash_label_and_empty_fields() {
+    let mut with_hash = template("v1");
+    with_hash.metadata.as_mut().unwrap().labels.as_mut().unwrap().insert(HASH_LABEL.into(), "abc".into());
+    assert!(equal_ignore_hash(&with_hash, &template("v1")));
+    let mut empty_ports: PodTemplateSpec = template("v1");
+    empty_ports.spec.as_mut().unwrap().containers[0].ports = Some(vec![]);
+    assert!(equal_ignore_hash(&empty_ports, &template("v1")));
+    assert!(!equal_ignore_hash(&template("v2"), &template("v1")));
+}
+
+#[test]
 fn fence_posts_round_surge_up_and_unavailable_down() {
     // (replicas, maxSurge, maxUnavailable) → (surge, unavailable)
     let cases = [
