@@ -402,6 +402,11 @@ impl Controllers {
         owners_checked: &Mutex<HashMap<(Kind, ObjectKey), bool>>,
     ) -> Result<(), ApplyError> {
         let (verb, kind) = (action.verb(), action.kind());
+        // Checked per write, not only per group: a group's writes start as earlier ones finish, and a process
+        // that was paused past its renew deadline must not send one more.
+        if !self.leadership.is_leader() {
+            return Err(ApplyError::NotLeader);
+        }
         tracing::debug!(key = %key, action = %action, "applying");
         match action {
             Action::Create(obj) => {
