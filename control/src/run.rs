@@ -60,7 +60,7 @@ pub enum Error {
 
 /// A write that failed, and whether it was a lost compare-and-swap (expected) or something else.
 #[derive(Debug)]
-enum ApplyError {
+pub enum ApplyError {
     Conflict(String),
     Failed(String),
     NotLeader,
@@ -269,7 +269,7 @@ impl Controllers {
     }
 
     /// True once every write this key made is in the cache (or waited for long enough).
-    fn fenced_in(&self, key: &Key) -> bool {
+    pub fn fenced_in(&self, key: &Key) -> bool {
         let mut fences = lock(&self.fences);
         let Some(list) = fences.get_mut(key) else { return true };
         let now = Instant::now();
@@ -348,7 +348,7 @@ impl Controllers {
 
     /// Applies actions in order. A run of consecutive actions with the same verb and kind is one group: its writes
     /// go out together (creations in slow-start batches 1, 2, 4, …), and a group with a failure ends the apply.
-    async fn apply(&self, key: &Key, actions: Vec<Action>) -> Result<(), ApplyError> {
+    pub async fn apply(&self, key: &Key, actions: Vec<Action>) -> Result<(), ApplyError> {
         let mut groups: Vec<Vec<Action>> = Vec::new();
         for a in actions {
             match groups.last_mut() {
