@@ -31,6 +31,7 @@ pub struct ControllerArgs {
     /// the Lease object leaders hold
     #[arg(long, default_value = "weft-controller")]
     pub leader_elect_resource_name: String,
+    /// the namespace of that Lease
     #[arg(long, default_value = "kube-system")]
     pub leader_elect_resource_namespace: String,
     /// a node whose heartbeat (its Lease in kube-node-lease) is older than this is marked Unknown
