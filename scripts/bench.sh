@@ -13,6 +13,8 @@
 # 5. Cluster DNS: tests/examples/dns_bench.rs — dnsperf against `weft dns` and Knot DNS serving the same 10,000
 #    services (1,000 headless x 10 endpoints), alternating rounds (BENCH_DNS_ROUNDS, 2, of BENCH_DNS_SECS, 10),
 #    latency percentiles at 10,000 QPS, and the RSS of `weft dns`. BENCH_DNS=0 skips it.
+# 6. Controllers: tests/examples/control_bench.rs — `weft apply` of a 1,000-replica Deployment to 1,000 pods bound,
+#    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -139,4 +141,10 @@ cat "$OUT/converge.md"
 [ -s "$OUT/proxy.md" ] && { echo; cat "$OUT/proxy.md"; }
 [ -s "$OUT/userspace.md" ] && { echo; echo "## Userspace mode vs HAProxy"; echo; cat "$OUT/userspace.md"; }
 [ -s "$OUT/dns.md" ] && { echo; cat "$OUT/dns.md"; }
+
+if [ "${BENCH_CONTROL:-1}" = 1 ]; then
+  echo "== controllers: cargo run --release -p weft-lab --example control_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example control_bench >"$OUT/control.md" || fail "controller benchmark failed"
+  [ -s "$OUT/control.md" ] && { echo; cat "$OUT/control.md"; }
+fi
 exit $failed

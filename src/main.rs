@@ -45,6 +45,8 @@ enum Command {
     /// Manage the rollout of a deployment (kubectl rollout)
     #[command(subcommand)]
     Rollout(weft_api::rollout::RolloutCommand),
+    /// Run the scheduler and controllers (kube-controller-manager's and kube-scheduler's job)
+    Controller(weft_control::cli::ControllerArgs),
 }
 
 fn invoked_as_cni() -> bool {
@@ -112,6 +114,7 @@ fn main() {
         Command::Scale(a) => runtime().and_then(|rt| rt.block_on(weft_api::scale::scale(a))),
         Command::Set(cmd) => runtime().and_then(|rt| rt.block_on(weft_api::scale::set(cmd))),
         Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_api::rollout::run(cmd))),
+        Command::Controller(a) => runtime().and_then(|rt| rt.block_on(weft_control::cli::run(a))).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -9,6 +9,7 @@ pub mod describe;
 pub mod etcd;
 pub mod http;
 pub mod informer;
+pub mod labels;
 pub mod manifest;
 pub mod quantity;
 pub mod rollout;

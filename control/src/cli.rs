@@ -1,0 +1,194 @@
+//! `weft controller`: kube-controller-manager's (and kube-scheduler's) flags, resolved into `run::Options`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::events::Ctl;
+use crate::run::Options;
+use crate::{leader, nodes};
+
+/// `weft controller`: the scheduler and the controllers that turn Deployments, ReplicaSets, DaemonSets and
+/// Services into Pods on nodes and Endpoints.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub etcd: weft_api::EtcdArgs,
+    /// elect a leader through an etcd lease so that only one of several `weft controller`s acts
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: bool,
+    /// how long a leader's lease lasts without renewal (the etcd lease TTL)
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+    /// a leader that could not renew for this long stops acting (must be shorter than the lease duration)
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+    /// how often to renew, and how often a candidate tries to acquire
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub leader_elect_retry_period: Duration,
+    /// the Lease object leaders hold
+    #[arg(long, default_value = "weft-controller")]
+    pub leader_elect_resource_name: String,
+    /// the namespace of that Lease
+    #[arg(long, default_value = "kube-system")]
+    pub leader_elect_resource_namespace: String,
+    /// a node whose heartbeat (its Lease in kube-node-lease) is older than this is marked Unknown
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: Duration,
+    /// pods on a node that has not been Ready for this long are deleted (their controllers recreate them elsewhere)
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub pod_eviction_timeout: Duration,
+    /// how often node health is checked
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub node_monitor_period: Duration,
+    /// controllers to run: `*` for all, a name to add, `-name` to leave out (replicaset, replicationcontroller,
+    /// deployment, daemonset, endpoint, scheduler, nodelifecycle, garbagecollector)
+    #[arg(long, default_value = "*", value_delimiter = ',')]
+    pub controllers: Vec<String>,
+    /// address of /healthz ("" to disable)
+    #[arg(long, default_value = "127.0.0.1:10257")]
+    pub healthz_bind_address: String,
+    /// address of /metrics ("" to disable; the same address as /healthz serves both)
+    #[arg(long, default_value = "127.0.0.1:10257")]
+    pub metrics_bind_address: String,
+    /// keys reconciled at once
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// every object is reconciled at least this often
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub resync_period: Duration,
+}
+
+/// Go-style durations: `500ms`, `40s`, `5m`, `1h`, `5m0s`, `1.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 500ms, 40s, 5m or 1h30m");
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    while !rest.is_empty() {
+        let n_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let n: f64 = rest[..n_end].parse().map_err(|_| bad())?;
+        rest = &rest[n_end..];
+        let u_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit = match &rest[..u_end] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += n * unit;
+        rest = &rest[u_end..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(v.parse().with_context(|| format!("--{flag} {v:?} is not host:port"))?))
+}
+
+/// `*`, `name`, `-name` as kube-controller-manager's `--controllers` reads them.
+pub fn enabled_controllers(list: &[String]) -> Result<HashSet<Ctl>> {
+    let mut on = HashSet::new();
+    let mut off = HashSet::new();
+    for item in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item == "*" {
+            on.extend(Ctl::ALL);
+        } else if let Some(name) = item.strip_prefix('-') {
+            off.insert(Ctl::parse(name).with_context(|| format!("--controllers: unknown controller {name:?}"))?);
+        } else {
+            on.insert(Ctl::parse(item).with_context(|| format!("--controllers: unknown controller {item:?}"))?);
+        }
+    }
+    Ok(on.difference(&off).copied().collect())
+}
+
+fn identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("{host}_{}", weft_api::store::new_uid())
+}
+
+impl ControllerArgs {
+    pub fn options(&self) -> Result<Options> {
+        if self.leader_elect && self.leader_elect_renew_deadline >= self.leader_elect_lease_duration {
+            bail!("--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration");
+        }
+        if self.leader_elect && self.leader_elect_retry_period >= self.leader_elect_renew_deadline {
+            bail!("--leader-elect-retry-period must be shorter than --leader-elect-renew-deadline");
+        }
+        let leader = self.leader_elect.then(|| leader::Config {
+            namespace: self.leader_elect_resource_namespace.clone(),
+            name: self.leader_elect_resource_name.clone(),
+            identity: identity(),
+            lease_duration: self.leader_elect_lease_duration,
+            renew_deadline: self.leader_elect_renew_deadline,
+            retry_period: self.leader_elect_retry_period,
+        });
+        Ok(Options {
+            etcd: self.etcd.clone(),
+            leader,
+            controllers: enabled_controllers(&self.controllers)?,
+            nodes: nodes::Config {
+                grace_period: self.node_monitor_grace_period,
+                eviction_timeout: self.pod_eviction_timeout,
+                monitor_period: self.node_monitor_period.max(Duration::from_millis(100)),
+            },
+            healthz_addr: addr("healthz-bind-address", &self.healthz_bind_address)?,
+            metrics_addr: addr("metrics-bind-address", &self.metrics_bind_address)?,
+            workers: self.workers.max(1),
+            resync: self.resync_period.max(Duration::from_secs(1)),
+            write_concurrency: 64,
+        })
+    }
+}
+
+/// `weft controller`.
+pub async fn run(args: ControllerArgs) -> Result<()> {
+    let opts = args.options()?;
+    crate::run::run(opts).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_go() {
+        let cases = [
+            ("500ms", 0.5),
+            ("40s", 40.0),
+            ("5m", 300.0),
+            ("1h30m", 5400.0),
+            ("5m0s", 300.0),
+            ("1.5s", 1.5),
+            ("0", 0.0),
+        ];
+        for (s, want) in cases {
+            assert_eq!(parse_duration(s).unwrap().as_secs_f64(), want, "{s}");
+        }
+        for bad in ["", "5", "5x", "m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn controllers_flag() {
+        let all = enabled_controllers(&["*".into()]).unwrap();
+        assert_eq!(all.len(), Ctl::ALL.len());
+        let some = enabled_controllers(&["*".into(), "-nodelifecycle".into(), "-garbagecollector".into()]).unwrap();
+        assert!(!some.contains(&Ctl::NodeLifecycle) && some.contains(&Ctl::Scheduler));
+        assert_eq!(enabled_controllers(&["scheduler".into()]).unwrap(), HashSet::from([Ctl::Scheduler]));
+        assert!(enabled_controllers(&["nope".into()]).is_err());
+    }
+}
