@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::manifest::{self, AnyObject, Document};
 use crate::service::{self, ServiceRanges};
-use crate::store::{Object, Store, WatchEvent};
+use crate::store::{Error as StoreError, Object, Store, WatchEvent};
 use crate::table::{Columns, Selector, Table, TableWriter, Tabular};
 use crate::{EtcdArgs, Service};
 
@@ -947,17 +947,27 @@ async fn delete_typed<K: Object>(
         Cascade::Orphan => {
             // The orphan finalizer first, so that the garbage collector finishes the job if this process dies.
             update_with::<K>(store, ns, name, |o| Ok(mark(o.metadata_mut(), ORPHAN_FINALIZER))).await?;
-            orphan_dependents(store, ns, &uid).await?;
-            update_with::<K>(store, ns, name, |o| {
-                let fins = o.metadata_mut().finalizers.get_or_insert_with(Vec::new);
-                let before = fins.len();
-                fins.retain(|f| f != ORPHAN_FINALIZER);
-                Ok(fins.len() != before)
-            })
-            .await?;
-            let now: K = store.get(ns, name).await?;
-            if now.metadata().finalizers.as_ref().is_none_or(Vec::is_empty) {
-                remove(store, kind, ns, name).await?;
+            let finish = async {
+                orphan_dependents(store, ns, &uid).await?;
+                update_with::<K>(store, ns, name, |o| {
+                    let fins = o.metadata_mut().finalizers.get_or_insert_with(Vec::new);
+                    let before = fins.len();
+                    fins.retain(|f| f != ORPHAN_FINALIZER);
+                    Ok(fins.len() != before)
+                })
+                .await?;
+                let now: K = store.get(ns, name).await?;
+                if now.metadata().finalizers.as_ref().is_none_or(Vec::is_empty) {
+                    remove(store, kind, ns, name).await?;
+                }
+                anyhow::Ok(())
+            };
+            // A running garbage collector may finish the orphaning (and delete the owner) before we do.
+            if let Err(e) = finish.await {
+                let gone = e.chain().any(|c| c.downcast_ref::<StoreError>().is_some_and(StoreError::is_not_found));
+                if !gone {
+                    return Err(e);
+                }
             }
         }
     }
