@@ -1,40 +1,14 @@
 //! Resource quantities (`100m`, `0.5`, `128Mi`, `1e3`, `2G`) as the scheduler compares them: in thousandths of the
-//! unit (millicores for cpu, millibytes for memory), rounded up as Kubernetes' `MilliValue` does.
+//! unit (millicores for cpu, millibytes for memory), rounded up as Kubernetes' `MilliValue` does. Parsing is the
+//! API crate's (the one `weft describe` uses).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-/// The quantity in thousandths, or None if it does not parse.
+/// The quantity in thousandths, or None if it does not parse (exact decimal arithmetic, `weft_api::quantity`).
 pub fn milli(q: &str) -> Option<i128> {
-    let q = q.trim();
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let factor: f64 = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse::<i32>().ok()?),
-        _ => return None,
-    };
-    let v = n * factor * 1000.0;
-    // Float noise is not a fraction to round up: 0.1 * 1000 is 100.00000000000001.
-    let r = v.round();
-    Some(if (v - r).abs() <= 1e-9 * v.abs().max(1.0) { r } else { v.ceil() } as i128)
+    weft_api::quantity::Quantity::parse(q).map(|q| q.milli())
 }
 
 /// `resources[name]` in thousandths; 0 when absent or unparseable.

@@ -467,9 +467,12 @@ async fn a_deployment_rolls_out_rolls_back_and_pauses() -> Result<()> {
     });
     assert_eq!(d["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "1");
 
-    // kubectl set image deployment/nginx-deployment nginx=nginx:1.9.1: maxSurge 1, maxUnavailable 0.
+    // kubectl set image deployment/nginx-deployment nginx=nginx:1.9.1. The manifest is extensions/v1beta1, whose
+    // defaults (stored by apply, as the API server does) are maxSurge 1 and maxUnavailable 1: 2 ready, 4 pods.
+    let strategy = &d["spec"]["strategy"]["rollingUpdate"];
+    assert_eq!((&strategy["maxSurge"], &strategy["maxUnavailable"]), (&json!(1), &json!(1)), "{strategy}");
     env.apply(&NGINX.replace("nginx:1.7.9", "nginx:1.9.1"))?;
-    rollout(&env, "nginx:1.9.1", 3, 4).await?;
+    rollout(&env, "nginx:1.9.1", 2, 4).await?;
     let rss = replicasets(&env).await?;
     assert_eq!(rss.len(), 2);
     let old = rss.iter().find(|r| revision(r) == "1").context("revision 1 kept")?;
@@ -479,7 +482,7 @@ async fn a_deployment_rolls_out_rolls_back_and_pauses() -> Result<()> {
     let mut template = old["spec"]["template"].clone();
     template["metadata"]["labels"].as_object_mut().unwrap().remove("pod-template-hash");
     update(&env.c, DEPLOY_KEY, |d| d["spec"]["template"] = template.clone()).await?;
-    rollout(&env, "nginx:1.7.9", 3, 4).await?;
+    rollout(&env, "nginx:1.7.9", 2, 4).await?;
     let rss = replicasets(&env).await?;
     assert_eq!(rss.len(), 2, "no third ReplicaSet: the old one is current again");
     let back = rss.iter().find(|r| r["spec"]["replicas"] == 3).context("active ReplicaSet")?;
@@ -509,7 +512,7 @@ async fn a_deployment_rolls_out_rolls_back_and_pauses() -> Result<()> {
         d["spec"]["paused"] = json!(false);
     })
     .await?;
-    rollout(&env, "nginx:1.10", 3, 6).await?;
+    rollout(&env, "nginx:1.10", 2, 6).await?;
     assert_eq!(replicasets(&env).await?.len(), 3);
     Ok(())
 }
