@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
@@ -16,31 +16,8 @@ use weft_lab::EtcdFixture;
 
 // ---- time and JSON ----
 
-/// RFC 3339 in UTC with microseconds, as Kubernetes writes MicroTime (and Time, to the second).
-fn rfc3339(t: SystemTime, micros: bool) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let base = format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
-    if micros {
-        format!("{base}.{:06}Z", d.subsec_micros())
-    } else {
-        format!("{base}Z")
-    }
-}
-
 fn now(micros: bool) -> String {
-    rfc3339(SystemTime::now(), micros)
+    weft_lab::kube_time(SystemTime::now(), micros)
 }
 
 fn uid() -> String {
