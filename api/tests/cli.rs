@@ -1,9 +1,8 @@
 //! `weft apply|get|delete` end to end: the built binary against a real etcd, with the Kubernetes documentation's
 //! `my-service` manifests (testdata/my-service/). etcdctl checks what was written. Needs `cargo build` first.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use weft_lab::EtcdFixture;
 
@@ -21,18 +20,7 @@ impl Weft<'_> {
     }
 
     fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(weft_lab::weft_bin())
-            .args(args)
-            .env("WEFT_ETCD_ENDPOINTS", self.etcd.endpoint())
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(text) = stdin {
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-        }
-        child.wait_with_output().unwrap()
+        weft_lab::run_weft(self.etcd.endpoint(), args, stdin).unwrap()
     }
 
     /// Runs and expects success; returns stdout.

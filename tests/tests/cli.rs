@@ -3,7 +3,7 @@
 //! No controller runs: where one would act (ReplicaSets with revision annotations, status), the test writes the
 //! objects itself, straight into etcd with etcdctl, and checks what the CLI reads and writes there.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -76,17 +76,7 @@ impl Weft<'_> {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(text) = stdin {
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-        }
-        child.wait_with_output().unwrap()
+        weft_lab::run_weft(self.etcd.endpoint(), args, stdin).unwrap()
     }
 
     /// Runs and expects success; returns stdout.
