@@ -403,26 +403,18 @@ impl Drop for ProxySocket {
 /// multi-thread runtime new connections are taken on every core.
 async fn serve_tcp(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mutex<Balancer>>, timeout: Duration) {
     let workers = Handle::current().metrics().num_workers();
-    let mut extra = Vec::new();
+    // A JoinSet aborts its tasks when dropped: the extra accept loops end with this one.
+    let mut extra = tokio::task::JoinSet::new();
     for _ in 1..workers {
         match listener.try_clone() {
-            Ok(l) => extra.push(tokio::spawn(accept_loop(l, name.clone(), lb.clone(), timeout))),
+            Ok(l) => {
+                extra.spawn(accept_loop(l, name.clone(), lb.clone(), timeout));
+            }
             Err(e) => tracing::warn!(service = %name, error = %e, "duplicating the proxy listener failed"),
         }
     }
-    // The extra accept loops end with this one (aborting this task drops the guard).
-    let _guard = AbortOnDrop(extra);
     accept_loop(listener, name, lb, timeout).await;
-}
-
-struct AbortOnDrop(Vec<JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
+    drop(extra);
 }
 
 async fn accept_loop(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mutex<Balancer>>, timeout: Duration) {
