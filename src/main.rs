@@ -30,21 +30,21 @@ enum Command {
     #[command(subcommand)]
     Lab(weft_lab::cli::LabCommand),
     /// Create or update objects from manifests (kubectl apply)
-    Apply(weft_api::cli::ApplyArgs),
+    Apply(weft_cli::verbs::ApplyArgs),
     /// Show objects (kubectl get)
-    Get(weft_api::cli::GetArgs),
+    Get(weft_cli::verbs::GetArgs),
     /// Show an object in detail, with related objects and events (kubectl describe)
-    Describe(weft_api::describe::DescribeArgs),
+    Describe(weft_cli::describe::DescribeArgs),
     /// Delete objects (kubectl delete)
-    Delete(weft_api::cli::DeleteArgs),
+    Delete(weft_cli::verbs::DeleteArgs),
     /// Set the number of replicas of a deployment, replica set or replication controller (kubectl scale)
-    Scale(weft_api::scale::ScaleArgs),
+    Scale(weft_cli::scale::ScaleArgs),
     /// Change a field of objects (kubectl set)
     #[command(subcommand)]
-    Set(weft_api::scale::SetCommand),
+    Set(weft_cli::scale::SetCommand),
     /// Manage the rollout of a deployment (kubectl rollout)
     #[command(subcommand)]
-    Rollout(weft_api::rollout::RolloutCommand),
+    Rollout(weft_cli::rollout::RolloutCommand),
     /// Run the scheduler and controllers (kube-controller-manager's and kube-scheduler's job)
     Controller(weft_control::cli::ControllerArgs),
 }
@@ -107,13 +107,13 @@ fn main() {
         })(),
         Command::Dns(args) => args.options().and_then(|o| Ok(runtime()?.block_on(weft_dns::run::run(o)).map(|_| 0)?)),
         Command::Services(a) => runtime().and_then(|rt| rt.block_on(weft_proxy::cli::services(a))),
-        Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::apply(a))).map(|_| 0),
-        Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::get(a))),
-        Command::Describe(a) => runtime().and_then(|rt| rt.block_on(weft_api::describe::describe(a))),
-        Command::Delete(a) => runtime().and_then(|rt| rt.block_on(weft_api::cli::delete(a))),
-        Command::Scale(a) => runtime().and_then(|rt| rt.block_on(weft_api::scale::scale(a))),
-        Command::Set(cmd) => runtime().and_then(|rt| rt.block_on(weft_api::scale::set(cmd))),
-        Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_api::rollout::run(cmd))),
+        Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_cli::verbs::apply(a))).map(|_| 0),
+        Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_cli::verbs::get(a))),
+        Command::Describe(a) => runtime().and_then(|rt| rt.block_on(weft_cli::describe::describe(a))),
+        Command::Delete(a) => runtime().and_then(|rt| rt.block_on(weft_cli::verbs::delete(a))),
+        Command::Scale(a) => runtime().and_then(|rt| rt.block_on(weft_cli::scale::scale(a))),
+        Command::Set(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::scale::set(cmd))),
+        Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::rollout::run(cmd))),
         Command::Controller(a) => runtime().and_then(|rt| rt.block_on(weft_control::cli::run(a))).map(|_| 0),
     };
     match result {

@@ -1,22 +1,18 @@
 //! Kubernetes API objects in etcd for every weft component: the etcd connection flags, a typed object store
 //! (create/get/list/update/delete/watch with optimistic concurrency), informers (list + watch → local cache and
 //! change events), what the API server does for Services (validation, ClusterIP and NodePort allocation),
-//! manifests, and the library side of the kubectl-like commands (`apply`, `get`, `describe`, `delete`, `scale`,
-//! `set image`, `rollout`).
+//! manifests, label selectors and quantities. The kubectl-like commands that print and edit these objects live in
+//! the `weft-cli` crate, which no daemon links.
 
-pub mod cli;
-pub mod describe;
 pub mod etcd;
 pub mod http;
 pub mod informer;
 pub mod labels;
 pub mod manifest;
 pub mod quantity;
-pub mod rollout;
-pub mod scale;
+pub mod selector;
 pub mod service;
 pub mod store;
-pub mod table;
 pub mod workload;
 
 pub use etcd::{connect, EtcdArgs};

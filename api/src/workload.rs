@@ -9,8 +9,8 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use crate::selector::Selector;
 use crate::service::{FieldError, FieldErrors};
-use crate::table::Selector;
 
 fn push(errs: &mut FieldErrors, path: impl Into<String>, message: impl Into<String>) {
     errs.0.push(FieldError { path: path.into(), message: message.into() });

@@ -61,7 +61,7 @@ spec:
 ";
 
 fn my_service(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../api/testdata/my-service").join(name).display().to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cli/testdata/my-service").join(name).display().to_string()
 }
 
 struct Weft<'a> {

@@ -11,10 +11,10 @@ use anyhow::{anyhow, bail};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::cli::{self, namespace_of, object_name, parse_targets, Kind};
-use crate::store::{Object, Store};
 use crate::table::Selector;
-use crate::{DaemonSet, Deployment, EtcdArgs, Pod, ReplicaSet, ReplicationController};
+use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind};
+use weft_api::store::{Object, Store};
+use weft_api::{DaemonSet, Deployment, EtcdArgs, Pod, ReplicaSet, ReplicationController};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScaleArgs {
@@ -38,7 +38,7 @@ pub struct ScaleArgs {
     #[arg(long = "all")]
     pub all: bool,
     /// wait this long for status.replicas to reach --replicas (0: do not wait), e.g. 30s
-    #[arg(long = "timeout", value_parser = cli::parse_duration, default_value = "0s")]
+    #[arg(long = "timeout", value_parser = verbs::parse_duration, default_value = "0s")]
     pub timeout: Duration,
     /// record the command line in the kubernetes.io/change-cause annotation
     #[arg(long = "record", num_args = 0..=1, require_equals = true, default_missing_value = "true",
@@ -172,9 +172,9 @@ fn record(meta: &mut ObjectMeta, yes: bool) -> bool {
     if !yes {
         return false;
     }
-    let cause = cli::command_line();
+    let cause = verbs::command_line();
     let annotations = meta.annotations.get_or_insert_with(Default::default);
-    annotations.insert(cli::CHANGE_CAUSE.into(), cause.clone()).as_ref() != Some(&cause)
+    annotations.insert(verbs::CHANGE_CAUSE.into(), cause.clone()).as_ref() != Some(&cause)
 }
 
 /// The objects the arguments name (or `-l`/`--all` select) in `ns`, as (kind, name).
@@ -192,7 +192,8 @@ async fn objects(
             if selector.is_none() && !all {
                 bail!("resource(s) were provided, but no name was specified");
             }
-            let names = crate::with_kind!(t.kind, K => cli::list_names::<K>(store, Some(ns), selector.as_ref()).await?);
+            let names =
+                crate::with_kind!(t.kind, K => verbs::list_names::<K>(store, Some(ns), selector.as_ref()).await?);
             out.extend(names.into_iter().map(|n| (t.kind, n)));
         } else {
             out.extend(t.names.into_iter().map(|n| (t.kind, n)));
@@ -202,15 +203,15 @@ async fn objects(
 }
 
 fn not_found_or(kind: Kind, name: &str, e: anyhow::Error) -> anyhow::Error {
-    if cli::is_not_found(&e) {
-        cli::not_found(kind, name)
+    if verbs::is_not_found(&e) {
+        verbs::not_found(kind, name)
     } else {
         e
     }
 }
 
 pub async fn scale(args: ScaleArgs) -> anyhow::Result<i32> {
-    let store = cli::open(&args.etcd).await?;
+    let store = verbs::open(&args.etcd).await?;
     scale_to(&store, &args, &mut std::io::stdout()).await
 }
 
@@ -236,19 +237,19 @@ pub async fn scale_to(store: &Store, args: &ScaleArgs, out: &mut dyn Write) -> a
     for (kind, name) in &targets {
         let (want, cur) = (args.replicas, args.current_replicas);
         let result = match kind {
-            Kind::Deployment => cli::update_with::<Deployment>(store, Some(&ns), name, |d| {
+            Kind::Deployment => verbs::update_with::<Deployment>(store, Some(&ns), name, |d| {
                 let changed = set_replicas(&mut d.spec.replicas, &d.metadata, want, cur, rv)?;
                 Ok(record(&mut d.metadata, args.record) || changed)
             })
             .await
             .map(drop),
-            Kind::ReplicaSet => cli::update_with::<ReplicaSet>(store, Some(&ns), name, |r| {
+            Kind::ReplicaSet => verbs::update_with::<ReplicaSet>(store, Some(&ns), name, |r| {
                 let changed = set_replicas(&mut r.spec.replicas, &r.metadata, want, cur, rv)?;
                 Ok(record(&mut r.metadata, args.record) || changed)
             })
             .await
             .map(drop),
-            Kind::ReplicationController => cli::update_with::<ReplicationController>(store, Some(&ns), name, |r| {
+            Kind::ReplicationController => verbs::update_with::<ReplicationController>(store, Some(&ns), name, |r| {
                 let meta = r.metadata.clone();
                 let spec = r.spec.get_or_insert_with(Default::default);
                 let changed = set_replicas(&mut spec.replicas, &meta, want, cur, rv)?;
@@ -313,7 +314,7 @@ async fn wait_for_replicas(
 pub async fn set(cmd: SetCommand) -> anyhow::Result<i32> {
     match cmd {
         SetCommand::Image(args) => {
-            let store = cli::open(&args.etcd).await?;
+            let store = verbs::open(&args.etcd).await?;
             set_image_to(&store, &args, &mut std::io::stdout()).await
         }
     }
@@ -370,7 +371,7 @@ async fn update_template<K: Object>(
     name: &str,
     change: impl FnMut(&mut K) -> anyhow::Result<bool>,
 ) -> anyhow::Result<bool> {
-    Ok(cli::update_with::<K>(store, Some(ns), name, change).await?.is_some())
+    Ok(verbs::update_with::<K>(store, Some(ns), name, change).await?.is_some())
 }
 
 #[cfg(test)]

@@ -1,16 +1,16 @@
 //! Golden files for `weft get` tables and `weft describe` text: the objects in testdata/tables.yaml rendered at a
-//! fixed "now" must match testdata/*.golden byte for byte. `UPDATE_GOLDEN=1 cargo test -p weft-api --test golden`
+//! fixed "now" must match testdata/*.golden byte for byte. `UPDATE_GOLDEN=1 cargo test -p weft-cli --test golden`
 //! rewrites them.
 
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
-use weft_api::describe;
 use weft_api::manifest::{self, AnyObject};
-use weft_api::rollout;
-use weft_api::table::{self, Columns, Selector, Tabular};
 use weft_api::{DaemonSet, Deployment, Endpoints, Namespace, Node, Pod, ReplicaSet, ReplicationController, Service};
+use weft_cli::describe;
+use weft_cli::rollout;
+use weft_cli::table::{self, Columns, Selector, Tabular};
 
 fn testdata(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)

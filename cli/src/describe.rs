@@ -18,12 +18,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::cli::{self, namespace_of, parse_targets, Kind};
-use crate::quantity::Quantity;
 use crate::rollout;
-use crate::store::{Object, Store};
 use crate::table::{format_endpoints, format_label_selector, format_labels, human_duration, rfc1123z, Selector};
-use crate::EtcdArgs;
+use crate::verbs::{self, namespace_of, parse_targets, Kind};
+use weft_api::quantity::Quantity;
+use weft_api::store::{Object, Store};
+use weft_api::EtcdArgs;
 
 /// kubectl's PrefixWriter: every write is indented two spaces per level; tabs separate cells for the tabwriter.
 #[derive(Default)]
@@ -883,7 +883,7 @@ pub fn describe_service(
     now: Timestamp,
 ) -> String {
     let mut svc = svc.clone();
-    crate::service::apply_defaults(&mut svc);
+    weft_api::service::apply_defaults(&mut svc);
     let spec = svc.spec.clone().unwrap_or_default();
     let mut w = W::default();
     w.w(0, &format!("Name:\t{}\n", name(&svc.metadata)));
@@ -1196,7 +1196,7 @@ pub struct DescribeArgs {
 }
 
 pub async fn describe(args: DescribeArgs) -> anyhow::Result<i32> {
-    let store = cli::open(&args.etcd).await?;
+    let store = verbs::open(&args.etcd).await?;
     describe_to(&store, &args, &mut std::io::stdout()).await
 }
 
@@ -1220,7 +1220,7 @@ pub async fn describe_to(store: &Store, args: &DescribeArgs, out: &mut dyn Write
         return Ok(0);
     }
     let events = args.show_events.unwrap_or(found.len() == 1);
-    let now = cli::now();
+    let now = verbs::now();
     for (i, (kind, namespace, name)) in found.iter().enumerate() {
         let text = describe_one(store, *kind, namespace, name, events, now).await?;
         if i > 0 {
@@ -1253,7 +1253,7 @@ async fn names_of<K: Object>(
             .collect());
     }
     if selector.is_some() {
-        bail!("{}", cli::names_and_selector(names));
+        bail!("{}", verbs::names_and_selector(names));
     }
     let mut out = Vec::new();
     for name in names {
@@ -1269,7 +1269,7 @@ async fn names_of<K: Object>(
                     .map(key)
                     .collect();
                 if matching.is_empty() {
-                    eprintln!("{}", cli::not_found(kind, name));
+                    eprintln!("{}", verbs::not_found(kind, name));
                     *code = 1;
                 }
                 out.extend(matching);
@@ -1354,7 +1354,7 @@ async fn describe_one(
             let lease = match store.get::<Lease>(Some("kube-node-lease"), name).await {
                 Ok(l) => Ok(l),
                 Err(e) if e.is_not_found() => Err(format!("leases.coordination.k8s.io {name:?} not found")),
-                Err(e) => Err(crate::error_chain(&e)),
+                Err(e) => Err(weft_api::error_chain(&e)),
             };
             let events = if show_events {
                 Some(events_for(store, None, n.metadata.uid.as_deref().unwrap_or(""), Some(name)).await?)

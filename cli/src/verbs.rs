@@ -11,11 +11,11 @@ use anyhow::{anyhow, bail, Context};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
-use crate::manifest::{self, AnyObject, Document};
-use crate::service::{self, ServiceRanges};
-use crate::store::{Error as StoreError, Object, Store, WatchEvent};
 use crate::table::{Columns, Selector, Table, TableWriter, Tabular};
-use crate::{EtcdArgs, Service};
+use weft_api::manifest::{self, AnyObject, Document};
+use weft_api::service::{self, ServiceRanges};
+use weft_api::store::{Error as StoreError, Object, Store, WatchEvent};
+use weft_api::{EtcdArgs, Service};
 
 /// The service network and NodePort range, named as kube-apiserver names them.
 #[derive(Debug, Clone, clap::Args)]
@@ -205,40 +205,40 @@ pub enum Kind {
 macro_rules! with_kind {
     ($kind:expr, $K:ident => $body:expr) => {
         match $kind {
-            $crate::cli::Kind::Service => {
-                type $K = $crate::Service;
+            $crate::verbs::Kind::Service => {
+                type $K = ::weft_api::Service;
                 $body
             }
-            $crate::cli::Kind::Endpoints => {
-                type $K = $crate::Endpoints;
+            $crate::verbs::Kind::Endpoints => {
+                type $K = ::weft_api::Endpoints;
                 $body
             }
-            $crate::cli::Kind::Pod => {
-                type $K = $crate::Pod;
+            $crate::verbs::Kind::Pod => {
+                type $K = ::weft_api::Pod;
                 $body
             }
-            $crate::cli::Kind::Node => {
-                type $K = $crate::Node;
+            $crate::verbs::Kind::Node => {
+                type $K = ::weft_api::Node;
                 $body
             }
-            $crate::cli::Kind::Namespace => {
-                type $K = $crate::Namespace;
+            $crate::verbs::Kind::Namespace => {
+                type $K = ::weft_api::Namespace;
                 $body
             }
-            $crate::cli::Kind::Deployment => {
-                type $K = $crate::Deployment;
+            $crate::verbs::Kind::Deployment => {
+                type $K = ::weft_api::Deployment;
                 $body
             }
-            $crate::cli::Kind::ReplicaSet => {
-                type $K = $crate::ReplicaSet;
+            $crate::verbs::Kind::ReplicaSet => {
+                type $K = ::weft_api::ReplicaSet;
                 $body
             }
-            $crate::cli::Kind::DaemonSet => {
-                type $K = $crate::DaemonSet;
+            $crate::verbs::Kind::DaemonSet => {
+                type $K = ::weft_api::DaemonSet;
                 $body
             }
-            $crate::cli::Kind::ReplicationController => {
-                type $K = $crate::ReplicationController;
+            $crate::verbs::Kind::ReplicationController => {
+                type $K = ::weft_api::ReplicationController;
                 $body
             }
         }
@@ -365,11 +365,11 @@ pub fn not_found(kind: Kind, name: &str) -> anyhow::Error {
 }
 
 pub(crate) fn now() -> Timestamp {
-    crate::store::now_timestamp()
+    weft_api::store::now_timestamp()
 }
 
 pub(crate) async fn open(etcd: &EtcdArgs) -> anyhow::Result<Store> {
-    Ok(Store::new(crate::connect(etcd).await?))
+    Ok(Store::new(weft_api::connect(etcd).await?))
 }
 
 /// The namespace a command works in: `-n`, else `default`.
@@ -461,7 +461,7 @@ pub async fn apply_to(args: &ApplyArgs, out: &mut dyn Write) -> anyhow::Result<(
 }
 
 fn namespaced(obj: &AnyObject) -> bool {
-    crate::with_object!(obj, o => is_namespaced(o))
+    weft_api::with_object!(obj, o => is_namespaced(o))
 }
 
 fn is_namespaced<K: Object>(_: &K) -> bool {
@@ -491,7 +491,7 @@ fn set_namespaces(docs: &mut [Document], namespace: Option<&str>) -> anyhow::Res
 pub async fn apply_object(store: &Store, ranges: &ServiceRanges, obj: &AnyObject) -> anyhow::Result<Outcome> {
     match obj {
         AnyObject::Service(s) => apply_service(store, ranges, s).await,
-        other => crate::with_object!(other, o => apply_generic(store, o).await),
+        other => weft_api::with_object!(other, o => apply_generic(store, o).await),
     }
 }
 
@@ -575,7 +575,7 @@ async fn apply_service(store: &Store, ranges: &ServiceRanges, svc: &Service) -> 
             Err(e) => return Err(e.into()),
             Ok(current) => {
                 let prepared = service::prepare_update(&current, svc)
-                    .map_err(|errors| service::Error::Invalid { key: crate::ObjectKey::of(svc), errors })?;
+                    .map_err(|errors| service::Error::Invalid { key: weft_api::ObjectKey::of(svc), errors })?;
                 let mut merged = merge_for_apply(&current, &prepared)?;
                 if same(&current, &merged) {
                     return Ok(Outcome::Unchanged);
@@ -756,7 +756,7 @@ async fn watch_kind<K: Object + Tabular>(
     {
         return Err(not_found(target.kind, missing));
     }
-    let key = |o: &K| crate::ObjectKey::of(o).to_string();
+    let key = |o: &K| weft_api::ObjectKey::of(o).to_string();
     let mut shown: std::collections::HashSet<String> = initial.iter().map(key).collect();
     let cols = columns::<K>(args, target.kind, false);
     let mut writer = TableWriter::default();
@@ -975,19 +975,19 @@ async fn delete_typed<K: Object>(
 }
 
 /// Sets deletionTimestamp if the object has finalizers and is not yet being deleted; true if it changed.
-fn mark_if_finalized(meta: &mut crate::ObjectMeta) -> bool {
+fn mark_if_finalized(meta: &mut weft_api::ObjectMeta) -> bool {
     if meta.finalizers.as_ref().is_none_or(Vec::is_empty) || meta.deletion_timestamp.is_some() {
         return false;
     }
-    meta.deletion_timestamp = Some(crate::store::now());
+    meta.deletion_timestamp = Some(weft_api::store::now());
     true
 }
 
 /// Sets deletionTimestamp (once) and adds `finalizer` (once); true if anything changed.
-fn mark(meta: &mut crate::ObjectMeta, finalizer: &str) -> bool {
+fn mark(meta: &mut weft_api::ObjectMeta, finalizer: &str) -> bool {
     let mut changed = false;
     if meta.deletion_timestamp.is_none() {
-        meta.deletion_timestamp = Some(crate::store::now());
+        meta.deletion_timestamp = Some(weft_api::store::now());
         changed = true;
     }
     let fins = meta.finalizers.get_or_insert_with(Vec::new);
@@ -1036,7 +1036,7 @@ async fn release<K: Object>(store: &Store, ns: Option<&str>, owner_uid: &str) ->
     let (items, _) = store.list::<K>(ns).await?;
     let mut released = 0;
     for o in items.iter().filter(|o| owns(o.metadata(), owner_uid)) {
-        let key = crate::ObjectKey::of(o);
+        let key = weft_api::ObjectKey::of(o);
         let changed = update_with::<K>(store, key.namespace.as_deref(), &key.name, |o| {
             Ok(without_owner(o.metadata_mut(), owner_uid))
         })
@@ -1051,12 +1051,12 @@ async fn release<K: Object>(store: &Store, ns: Option<&str>, owner_uid: &str) ->
     Ok(released)
 }
 
-fn owns(meta: &crate::ObjectMeta, owner_uid: &str) -> bool {
+fn owns(meta: &weft_api::ObjectMeta, owner_uid: &str) -> bool {
     meta.owner_references.iter().flatten().any(|r| r.uid == owner_uid)
 }
 
 /// Drops the ownerReferences naming `owner_uid`; true if there were any.
-pub fn without_owner(meta: &mut crate::ObjectMeta, owner_uid: &str) -> bool {
+pub fn without_owner(meta: &mut weft_api::ObjectMeta, owner_uid: &str) -> bool {
     let Some(refs) = meta.owner_references.as_mut() else { return false };
     let before = refs.len();
     refs.retain(|r| r.uid != owner_uid);
@@ -1091,7 +1091,7 @@ async fn wait_gone<K: Object>(
 }
 
 pub(crate) fn is_not_found(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<crate::store::Error>().is_some_and(|e| e.is_not_found())
+    e.downcast_ref::<weft_api::store::Error>().is_some_and(|e| e.is_not_found())
         || e.downcast_ref::<service::Error>().is_some_and(|e| e.is_not_found())
 }
 
@@ -1140,7 +1140,7 @@ mod tests {
 
     #[test]
     fn deletion_marks_and_releases() {
-        let mut meta = crate::ObjectMeta::default();
+        let mut meta = weft_api::ObjectMeta::default();
         assert!(!mark_if_finalized(&mut meta), "no finalizers: deleted outright");
         assert!(mark(&mut meta, FOREGROUND_FINALIZER));
         assert!(meta.deletion_timestamp.is_some());
@@ -1155,7 +1155,8 @@ mod tests {
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
-        let mut pod = crate::ObjectMeta { owner_references: Some(vec![owner("a"), owner("b")]), ..Default::default() };
+        let mut pod =
+            weft_api::ObjectMeta { owner_references: Some(vec![owner("a"), owner("b")]), ..Default::default() };
         assert!(without_owner(&mut pod, "a"));
         assert_eq!(pod.owner_references.as_ref().map(Vec::len), Some(1));
         assert!(!without_owner(&mut pod, "a"));

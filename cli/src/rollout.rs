@@ -13,10 +13,10 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use crate::cli::{self, namespace_of, object_name, parse_targets, Kind};
-use crate::store::{Object, Store, WatchEvent};
 use crate::table::Selector;
-use crate::EtcdArgs;
+use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind};
+use weft_api::store::{Object, Store, WatchEvent};
+use weft_api::EtcdArgs;
 
 /// The revision a Deployment controller writes on a Deployment and its ReplicaSets.
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
@@ -187,14 +187,14 @@ pub fn history(owned: &[ReplicaSet]) -> BTreeMap<i64, PodTemplateSpec> {
     for rs in owned {
         let Some(rev) = revision(&rs.metadata) else { continue };
         let mut template = rs.spec.template.clone().unwrap_or_default();
-        let cause = rs.metadata.annotations.as_ref().and_then(|a| a.get(cli::CHANGE_CAUSE)).filter(|c| !c.is_empty());
+        let cause = rs.metadata.annotations.as_ref().and_then(|a| a.get(verbs::CHANGE_CAUSE)).filter(|c| !c.is_empty());
         if let Some(cause) = cause {
             template
                 .metadata
                 .get_or_insert_with(Default::default)
                 .annotations
                 .get_or_insert_with(Default::default)
-                .insert(cli::CHANGE_CAUSE.into(), cause.clone());
+                .insert(verbs::CHANGE_CAUSE.into(), cause.clone());
         }
         out.insert(rev, template);
     }
@@ -212,7 +212,7 @@ pub fn history_table(history: &BTreeMap<i64, PodTemplateSpec>) -> String {
             .metadata
             .as_ref()
             .and_then(|m| m.annotations.as_ref())
-            .and_then(|a| a.get(cli::CHANGE_CAUSE))
+            .and_then(|a| a.get(verbs::CHANGE_CAUSE))
             .filter(|c| !c.is_empty())
             .map(String::as_str)
             .unwrap_or("<none>");
@@ -334,7 +334,7 @@ pub struct StatusArgs {
     #[arg(long = "revision", default_value_t = 0)]
     pub revision: i64,
     /// how long to watch, e.g. 30s, 2m (0: forever)
-    #[arg(long = "timeout", value_parser = cli::parse_duration, default_value = "0s")]
+    #[arg(long = "timeout", value_parser = verbs::parse_duration, default_value = "0s")]
     pub timeout: Duration,
 }
 
@@ -359,11 +359,11 @@ pub struct UndoArgs {
 pub async fn run(cmd: RolloutCommand) -> anyhow::Result<i32> {
     let mut out = std::io::stdout();
     match cmd {
-        RolloutCommand::Status(a) => status(&cli::open(&a.target.etcd).await?, &a, &mut out).await,
-        RolloutCommand::History(a) => history_cmd(&cli::open(&a.target.etcd).await?, &a, &mut out).await,
-        RolloutCommand::Undo(a) => undo(&cli::open(&a.target.etcd).await?, &a, &mut out).await,
-        RolloutCommand::Pause(a) => pause(&cli::open(&a.etcd).await?, &a, true, &mut out).await,
-        RolloutCommand::Resume(a) => pause(&cli::open(&a.etcd).await?, &a, false, &mut out).await,
+        RolloutCommand::Status(a) => status(&verbs::open(&a.target.etcd).await?, &a, &mut out).await,
+        RolloutCommand::History(a) => history_cmd(&verbs::open(&a.target.etcd).await?, &a, &mut out).await,
+        RolloutCommand::Undo(a) => undo(&verbs::open(&a.target.etcd).await?, &a, &mut out).await,
+        RolloutCommand::Pause(a) => pause(&verbs::open(&a.etcd).await?, &a, true, &mut out).await,
+        RolloutCommand::Resume(a) => pause(&verbs::open(&a.etcd).await?, &a, false, &mut out).await,
     }
 }
 
@@ -389,7 +389,7 @@ fn objects(args: &TargetArgs, supported: &[Kind]) -> anyhow::Result<Vec<(Kind, S
 async fn get_or_not_found<K: Object>(store: &Store, kind: Kind, ns: &str, name: &str) -> anyhow::Result<K> {
     match store.get::<K>(Some(ns), name).await {
         Ok(o) => Ok(o),
-        Err(e) if e.is_not_found() => Err(cli::not_found(kind, name)),
+        Err(e) if e.is_not_found() => Err(verbs::not_found(kind, name)),
         Err(e) => Err(e.into()),
     }
 }
@@ -452,7 +452,7 @@ async fn watch_status(
 
 async fn typed_value<K: Object>(store: &Store, kind: Kind, ns: &str, name: &str) -> anyhow::Result<(Value, i64)> {
     let o: K = get_or_not_found(store, kind, ns, name).await?;
-    Ok((serde_json::to_value(&o)?, crate::store::rev_of(&o)))
+    Ok((serde_json::to_value(&o)?, weft_api::store::rev_of(&o)))
 }
 
 /// Feeds every later version of one object to `step` until it says done; a deletion ends it with an error.
@@ -503,16 +503,18 @@ pub async fn undo(store: &Store, args: &UndoArgs, out: &mut dyn Write) -> anyhow
         let d: Deployment = get_or_not_found(store, kind, &ns, &name).await?;
         let owned = replicasets_of(store, &d).await?;
         let mut message = String::new();
-        cli::update_with::<Deployment>(store, Some(&ns), &name, |d| match undo_target(d, &owned, args.to_revision)? {
-            Undo::Skip { revision } => {
-                message = format!("skipped rollback (current template already matches revision {revision})");
-                Ok(false)
-            }
-            Undo::Rollback { template, annotations, .. } => {
-                d.spec.template = *template;
-                d.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
-                message = "rolled back".into();
-                Ok(true)
+        verbs::update_with::<Deployment>(store, Some(&ns), &name, |d| {
+            match undo_target(d, &owned, args.to_revision)? {
+                Undo::Skip { revision } => {
+                    message = format!("skipped rollback (current template already matches revision {revision})");
+                    Ok(false)
+                }
+                Undo::Rollback { template, annotations, .. } => {
+                    d.spec.template = *template;
+                    d.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
+                    message = "rolled back".into();
+                    Ok(true)
+                }
             }
         })
         .await?;
@@ -526,7 +528,7 @@ pub async fn pause(store: &Store, args: &TargetArgs, paused: bool, out: &mut dyn
     let mut code = 0;
     for (kind, name) in objects(args, &[Kind::Deployment])? {
         get_or_not_found::<Deployment>(store, kind, &ns, &name).await?;
-        let changed = cli::update_with::<Deployment>(store, Some(&ns), &name, |d| {
+        let changed = verbs::update_with::<Deployment>(store, Some(&ns), &name, |d| {
             let now = d.spec.paused.unwrap_or(false);
             d.spec.paused = Some(paused);
             Ok(now != paused)
@@ -694,7 +696,7 @@ mod tests {
         assert_eq!(labels.get("app").map(String::as_str), Some("web"));
         let want: BTreeMap<String, String> = [
             (REVISION_ANNOTATION.to_string(), "3".to_string()),
-            (cli::CHANGE_CAUSE.to_string(), "set nginx:1.7.9".to_string()),
+            (verbs::CHANGE_CAUSE.to_string(), "set nginx:1.7.9".to_string()),
         ]
         .into();
         assert_eq!(annotations, want);
@@ -712,7 +714,7 @@ mod tests {
     #[test]
     fn history_lists_revisions_with_change_causes() {
         let mut plain = rs("web-c", Some("3"), "nginx:1.10", 3, "d-1");
-        plain.metadata.annotations.as_mut().unwrap().remove(cli::CHANGE_CAUSE);
+        plain.metadata.annotations.as_mut().unwrap().remove(verbs::CHANGE_CAUSE);
         let owned = vec![
             rs("web-b", Some("2"), "nginx:1.9.1", 2, "d-1"),
             plain,
