@@ -112,8 +112,8 @@ throughput vxlan
 throughput host-gw
 [ "${BENCH_CSUM_AB:-1}" = 1 ] && throughput vxlan csum-off
 
-echo "== convergence: cargo run --release -p weft-lab --example overlay_bench (WEFT_BIN=$WEFT)" >&2
-WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example overlay_bench >"$OUT/converge.md" || fail "convergence benchmark failed"
+echo "== convergence: cargo run --release -p weft-tests --example overlay_bench (WEFT_BIN=$WEFT)" >&2
+WEFT_BIN="$WEFT" cargo run -q --release -p weft-tests --example overlay_bench >"$OUT/converge.md" || fail "convergence benchmark failed"
 
 if [ "${BENCH_PROXY:-1}" = 1 ]; then
   echo "== service proxy: cargo run --release -p weft-proxy --example proxy_bench (WEFT_BIN=$WEFT)" >&2
@@ -126,8 +126,8 @@ if [ "${BENCH_USERSPACE:-1}" = 1 ]; then
 fi
 
 if [ "${BENCH_DNS:-1}" = 1 ]; then
-  echo "== cluster DNS: cargo run --release -p weft-lab --example dns_bench (WEFT_BIN=$WEFT)" >&2
-  WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example dns_bench >"$OUT/dns.md" || fail "DNS benchmark failed"
+  echo "== cluster DNS: cargo run --release -p weft-tests --example dns_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-tests --example dns_bench >"$OUT/dns.md" || fail "DNS benchmark failed"
 fi
 
 echo
@@ -143,8 +143,8 @@ cat "$OUT/converge.md"
 [ -s "$OUT/dns.md" ] && { echo; cat "$OUT/dns.md"; }
 
 if [ "${BENCH_CONTROL:-1}" = 1 ]; then
-  echo "== controllers: cargo run --release -p weft-lab --example control_bench (WEFT_BIN=$WEFT)" >&2
-  WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example control_bench >"$OUT/control.md" || fail "controller benchmark failed"
+  echo "== controllers: cargo run --release -p weft-tests --example control_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-tests --example control_bench >"$OUT/control.md" || fail "controller benchmark failed"
   [ -s "$OUT/control.md" ] && { echo; cat "$OUT/control.md"; }
 fi
 exit $failed

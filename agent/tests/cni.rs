@@ -43,11 +43,12 @@ impl Node {
     fn cni(&self, command: &str, id: Option<&str>, pod: Option<&Netns>, stdin: &str) -> (i32, Value) {
         let bin = self.dir.path().join("bin");
         let mut c = self.ns.command(bin.join("weft-cni"));
+        let plugins = weft_lab::bins::cni_bin_dir(None).unwrap();
         c.env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", format!("{}:/usr/lib/cni", bin.display()))
+            .env("CNI_PATH", std::env::join_paths([bin.as_path(), plugins.as_path()]).unwrap())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -12,7 +12,7 @@
 //!    per-query latency percentiles.
 //! 4. `weft dns`'s VmRSS (and VmHWM) from /proc, after the sync and after the load.
 //!
-//! `WEFT_BIN=target/release/weft cargo run --release -p weft-lab --example dns_bench`
+//! `WEFT_BIN=target/release/weft cargo run --release -p weft-tests --example dns_bench`
 //! Prints a markdown summary on stdout, progress on stderr; exits non-zero only when a measurement could
 //! not be taken (never because a target was missed).
 

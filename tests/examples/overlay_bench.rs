@@ -11,7 +11,7 @@
 //! thread timestamps the first appearance of each destination. The agent adds a lease's route after its
 //! neighbour and FDB entry, so a route means the lease is fully programmed.
 //!
-//! `WEFT_BIN=target/release/weft cargo run --release -p weft-lab --example overlay_bench`
+//! `WEFT_BIN=target/release/weft cargo run --release -p weft-tests --example overlay_bench`
 //! Env: `BENCH_REPS` (default 3), `BENCH_JSON` (write the results there as JSON as well).
 //! Prints a markdown summary on stdout, progress on stderr; exits non-zero only when a measurement
 //! could not be taken (never because a target was missed).

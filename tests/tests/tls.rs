@@ -96,7 +96,7 @@ fn cli_talks_to_etcd_over_tls_with_client_certificates() {
     let endpoint = format!("https://127.0.0.1:{cp}");
     let log = std::fs::File::create(d.join("etcd.log")).unwrap();
     let _etcd = Kill(
-        Command::new("/usr/bin/etcd")
+        Command::new(weft_lab::bins::etcd().unwrap())
             .args(["--name", "tls", "--data-dir"])
             .arg(d.join("data"))
             .arg(format!("--listen-client-urls={endpoint}"))

@@ -33,6 +33,10 @@ pub enum LabCommand {
         /// Run `weft dns` behind kube-system/kube-dns (10.96.0.10) and give pods a resolv.conf using it
         #[arg(long)]
         dns: bool,
+        /// The reference CNI plugins' directory (bridge, host-local); default: the first of $CNI_PATH,
+        /// /opt/cni/bin, /usr/lib/cni, /usr/libexec/cni that has them
+        #[arg(long, env = "WEFT_CNI_BIN_DIR")]
+        cni_bin_dir: Option<std::path::PathBuf>,
     },
     /// Labs on this machine: nodes, addresses, subnets, agents, pods.
     Status {
@@ -72,7 +76,7 @@ pub enum PodAction {
 /// Runs one `weft lab` command; the result is the process exit code.
 pub fn run(cmd: LabCommand) -> Result<i32> {
     match cmd {
-        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args, proxy_mode, dns } => {
+        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args, proxy_mode, dns, cni_bin_dir } => {
             let proxy_mode = (proxy_mode != "none" && !no_agents).then_some(proxy_mode);
             let opts = LabOptions {
                 id: Some(name),
@@ -83,6 +87,7 @@ pub fn run(cmd: LabCommand) -> Result<i32> {
                 agent_args,
                 dns: dns && proxy_mode.is_some(),
                 proxy_mode,
+                cni_bin_dir,
             };
             up(opts)
         }

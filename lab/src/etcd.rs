@@ -1,4 +1,4 @@
-//! A real etcd (`/usr/bin/etcd`) on free loopback ports with a temporary data dir, healthy before
+//! A real etcd (found on `PATH` or at `$WEFT_ETCD_BIN`, see `crate::bins`) on free loopback ports with a temporary data dir, healthy before
 //! `start` returns, killed and removed on drop. Inside a namespace the lab starts its own instead.
 
 use std::net::TcpListener;
@@ -20,8 +20,8 @@ fn free_port() -> Result<u16> {
 }
 
 /// The etcd command line for one member listening on `client` (host:port) with peers on `peer`.
-pub fn etcd_command(data_dir: &Path, name: &str, client: &str, peer: &str) -> Command {
-    let mut c = Command::new("/usr/bin/etcd");
+pub fn etcd_command(data_dir: &Path, name: &str, client: &str, peer: &str) -> Result<Command> {
+    let mut c = Command::new(crate::bins::etcd()?);
     c.arg("--name")
         .arg(name)
         .arg("--data-dir")
@@ -35,7 +35,7 @@ pub fn etcd_command(data_dir: &Path, name: &str, client: &str, peer: &str) -> Co
         .arg("--log-level=error")
         .env("ETCD_UNSUPPORTED_ARCH", "")
         .stdin(Stdio::null());
-    c
+    Ok(c)
 }
 
 impl EtcdFixture {
@@ -57,11 +57,12 @@ impl EtcdFixture {
         let client = format!("127.0.0.1:{cp}");
         let log = std::fs::File::create(dir.path().join("etcd.log"))?;
         let peer = format!("127.0.0.1:{pp}");
-        let child = etcd_command(&dir.path().join("data"), "fixture", &client, &peer)
+        let mut cmd = etcd_command(&dir.path().join("data"), "fixture", &client, &peer)?;
+        let child = cmd
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting /usr/bin/etcd (is etcd-server installed? run scripts/setup.sh)")?;
+            .with_context(|| format!("starting {} (run scripts/setup.sh)", cmd.get_program().to_string_lossy()))?;
         let mut f = EtcdFixture { child, endpoint: format!("http://{client}"), peer, _dir: dir };
         f.wait_healthy(&client, Duration::from_secs(20))?;
         Ok(f)
@@ -110,7 +111,7 @@ impl EtcdFixture {
         let peer = self.peer.clone();
         let log = std::fs::OpenOptions::new().append(true).open(self._dir.path().join("etcd.log"))?;
         self.child =
-            etcd_command(&self.data_dir(), "fixture", &client, &peer).stdout(log.try_clone()?).stderr(log).spawn()?;
+            etcd_command(&self.data_dir(), "fixture", &client, &peer)?.stdout(log.try_clone()?).stderr(log).spawn()?;
         self.wait_healthy(&client, Duration::from_secs(20))
     }
 }

@@ -40,6 +40,9 @@ pub struct LabOptions {
     /// Start `weft dns` on node-1 behind the Service `kube-system/kube-dns` at 10.96.0.10, and give every
     /// pod a resolv.conf that uses it.
     pub dns: bool,
+    /// The reference CNI plugins (`bridge`, `host-local`); `None`: `$WEFT_CNI_BIN_DIR`, else searched
+    /// (`crate::bins::cni_bin_dir`). They are linked into the lab's own `cni-bin` beside `weft-cni`.
+    pub cni_bin_dir: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -53,6 +56,7 @@ impl Default for LabOptions {
             agent_args: Vec::new(),
             proxy_mode: None,
             dns: false,
+            cni_bin_dir: None,
         }
     }
 }
@@ -358,7 +362,7 @@ pub fn run_cni(
     c.env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", format!("{}:/usr/lib/cni", bin.display()))
+        .env("CNI_PATH", &bin)
         .env_remove("CNI_ARGS")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -440,6 +444,11 @@ impl Lab {
         let bin_dir = self.dir.join("cni-bin");
         std::fs::create_dir_all(&bin_dir)?;
         std::os::unix::fs::symlink(weft_binary(), bin_dir.join("weft-cni"))?;
+        let plugins = crate::bins::cni_bin_dir(opts.cni_bin_dir.as_deref())?;
+        progress(&format!("cni: weft-cni and the plugins of {} linked in {}", plugins.display(), bin_dir.display()));
+        for plugin in crate::bins::CNI_PLUGINS {
+            std::os::unix::fs::symlink(plugins.join(plugin), bin_dir.join(plugin))?;
+        }
         for i in 1..=opts.nodes {
             let node = self.make_node(&id, i)?;
             progress(&format!("{}: namespace {} eth0 {}/24", node.name, node.ns.name(), node.ip));
@@ -557,12 +566,13 @@ impl Lab {
     /// Starts the lab's etcd on its data dir and waits until it is healthy.
     pub fn start_etcd(&mut self) -> Result<()> {
         let data = self.dir.join("etcd");
-        let mut cmd = crate::etcd::etcd_command(&data, "lab", &format!("{FABRIC_IP}:2379"), "127.0.0.1:2380");
+        let mut cmd = crate::etcd::etcd_command(&data, "lab", &format!("{FABRIC_IP}:2379"), "127.0.0.1:2380")?;
         // The last --listen-client-urls wins: the fabric address for nodes, loopback for the lab's client.
         cmd.arg(format!("--listen-client-urls=http://{FABRIC_IP}:2379,http://127.0.0.1:2379"));
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let log = self.dir.join("etcd.log");
-        self.etcd = Some(spawn_in(&self.fabric, Path::new("/usr/bin/etcd"), &args, &log, &self.dir.join("etcd.pid"))?);
+        let program = PathBuf::from(cmd.get_program());
+        self.etcd = Some(spawn_in(&self.fabric, &program, &args, &log, &self.dir.join("etcd.pid"))?);
         let fabric = Netns::attach(self.fabric.name());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
