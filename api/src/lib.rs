@@ -10,7 +10,6 @@ pub mod informer;
 pub mod labels;
 pub mod manifest;
 pub mod quantity;
-pub mod selector;
 pub mod service;
 pub mod store;
 pub mod workload;

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::selector::Selector;
+use crate::labels::Selector;
 use crate::service::{FieldError, FieldErrors};
 
 fn push(errs: &mut FieldErrors, path: impl Into<String>, message: impl Into<String>) {
@@ -69,7 +69,7 @@ fn label_selector(errs: &mut FieldErrors, sel: &LabelSelector, template: Option<
     if !errs.0.is_empty() {
         return;
     }
-    if let (Ok(s), Some(t)) = (Selector::from_label_selector(sel), template) {
+    if let (Ok(s), Some(t)) = (Selector::from_label_selector(Some(sel)), template) {
         let labels = t.metadata.as_ref().and_then(|m| m.labels.as_ref());
         if !s.matches(labels) {
             push(

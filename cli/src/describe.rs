@@ -19,8 +19,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::rollout;
-use crate::table::{format_endpoints, format_label_selector, format_labels, human_duration, rfc1123z, Selector};
+use crate::table::{format_endpoints, format_label_selector, format_labels, human_duration, rfc1123z};
 use crate::verbs::{self, namespace_of, parse_targets, Kind};
+use weft_api::labels::Selector;
 use weft_api::quantity::Quantity;
 use weft_api::store::{Object, Store};
 use weft_api::EtcdArgs;
@@ -743,7 +744,7 @@ pub fn describe_deployment(
     w.w(0, &format!("CreationTimestamp:\t{}\n", time(d.metadata.creation_timestamp.as_ref())));
     labels_multiline(&mut w, "", "Labels", d.metadata.labels.as_ref());
     annotations_multiline(&mut w, "Annotations", d.metadata.annotations.as_ref());
-    let selector = Selector::from_label_selector(&d.spec.selector).map(|s| s.to_string()).unwrap_or_default();
+    let selector = Selector::from_label_selector(Some(&d.spec.selector)).map(|s| s.to_string()).unwrap_or_default();
     w.w(0, &format!("Selector:\t{selector}\n"));
     w.w(
         0,
@@ -858,7 +859,7 @@ pub fn describe_daemonset(ds: &DaemonSet, counts: PodCounts, events: Option<&[Ev
     let st = ds.status.clone().unwrap_or_default();
     w.w(0, &format!("Name:\t{}\n", name(&ds.metadata)));
     w.w(0, &format!("Namespace:\t{}\n", ns(&ds.metadata)));
-    let selector = Selector::from_label_selector(&ds.spec.selector).map(|s| s.to_string()).unwrap_or_default();
+    let selector = Selector::from_label_selector(Some(&ds.spec.selector)).map(|s| s.to_string()).unwrap_or_default();
     w.w(0, &format!("Selector:\t{selector}\n"));
     let node_selector = ds.spec.template.spec.as_ref().and_then(|s| s.node_selector.as_ref());
     w.w(0, &format!("Node-Selector:\t{}\n", format_labels(node_selector)));
@@ -1324,7 +1325,7 @@ async fn describe_one(
         }
         Kind::ReplicaSet => {
             let rs: ReplicaSet = store.get(ns, name).await?;
-            let sel = Selector::from_label_selector(&rs.spec.selector).unwrap_or_default();
+            let sel = Selector::from_label_selector(Some(&rs.spec.selector)).unwrap_or_default();
             let counts = pod_counts(&pods().await?, &sel, rs.metadata.uid.as_deref().unwrap_or(""));
             describe_replicaset(&rs, counts, events!(rs.metadata).as_deref(), now)
         }
@@ -1336,7 +1337,7 @@ async fn describe_one(
         }
         Kind::DaemonSet => {
             let ds: DaemonSet = store.get(ns, name).await?;
-            let sel = Selector::from_label_selector(&ds.spec.selector).unwrap_or_default();
+            let sel = Selector::from_label_selector(Some(&ds.spec.selector)).unwrap_or_default();
             let counts = pod_counts(&pods().await?, &sel, ds.metadata.uid.as_deref().unwrap_or(""));
             describe_daemonset(&ds, counts, events!(ds.metadata).as_deref(), now)
         }

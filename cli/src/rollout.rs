@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use crate::table::Selector;
 use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind};
+use weft_api::labels::Selector;
 use weft_api::store::{Object, Store, WatchEvent};
 use weft_api::EtcdArgs;
 
@@ -50,8 +50,8 @@ pub fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
 
 /// The ReplicaSets a Deployment owns: selected by its selector and controlled by it, oldest first (ties by name).
 pub fn owned_replicasets(d: &Deployment, all: &[ReplicaSet]) -> Vec<ReplicaSet> {
-    let Ok(selector) = Selector::from_label_selector(&d.spec.selector) else { return Vec::new() };
-    if selector.is_empty() {
+    let Ok(selector) = Selector::from_label_selector(Some(&d.spec.selector)) else { return Vec::new() };
+    if selector.is_everything() {
         return Vec::new();
     }
     let uid = d.metadata.uid.clone().unwrap_or_default();

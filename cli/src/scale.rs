@@ -11,8 +11,8 @@ use anyhow::{anyhow, bail};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::table::Selector;
 use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind};
+use weft_api::labels::Selector;
 use weft_api::store::{Object, Store};
 use weft_api::{DaemonSet, Deployment, EtcdArgs, Pod, ReplicaSet, ReplicationController};
 

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-pub use weft_api::selector::Selector;
+use weft_api::labels::Selector;
 
 /// Options that change columns: `-o wide`, a NAMESPACE column for `-A`, and the `kind/` prefix on names that
 /// kubectl adds when one command prints several kinds (`weft get svc,ep`).
@@ -255,7 +255,7 @@ pub fn format_labels(labels: Option<&BTreeMap<String, String>>) -> String {
 /// `metav1.FormatLabelSelector`: the selector's string form, `<none>` when it selects everything, `<error>` when
 /// it does not parse.
 pub fn format_label_selector(sel: &LabelSelector) -> String {
-    match Selector::from_label_selector(sel) {
+    match Selector::from_label_selector(Some(sel)) {
         Ok(s) => none_if_empty(s.to_string()),
         Err(_) => "<error>".into(),
     }
@@ -263,7 +263,7 @@ pub fn format_label_selector(sel: &LabelSelector) -> String {
 
 /// A selector's string form as the wide SELECTOR column shows it (`<invalid>` when it does not parse).
 fn selector_cell(sel: &LabelSelector) -> String {
-    Selector::from_label_selector(sel).map(|s| s.to_string()).unwrap_or_else(|_| "<invalid>".into())
+    Selector::from_label_selector(Some(sel)).map(|s| s.to_string()).unwrap_or_else(|_| "<invalid>".into())
 }
 
 /// The CONTAINERS and IMAGES cells of a workload.
@@ -759,7 +759,7 @@ mod tests {
                 values: Some(vec!["frontend".into()]),
             }]),
         };
-        let sel = Selector::from_label_selector(&frontend).unwrap();
+        let sel = Selector::from_label_selector(Some(&frontend)).unwrap();
         assert_eq!(sel.to_string(), "tier=frontend,tier in (frontend)");
         assert!(sel.matches(Some(&labels(&[("app", "guestbook"), ("tier", "frontend")]))));
         assert!(!sel.matches(Some(&labels(&[("tier", "backend")]))));
@@ -782,10 +782,10 @@ mod tests {
         assert_eq!(format_label_selector(&LabelSelector::default()), "<none>");
         let bad = LabelSelector { match_expressions: Some(vec![expr("a", "Near", &["b"])]), ..Default::default() };
         assert_eq!(format_label_selector(&bad), "<error>");
-        assert!(Selector::from_label_selector(&LabelSelector {
+        assert!(Selector::from_label_selector(Some(&LabelSelector {
             match_expressions: Some(vec![expr("a", "In", &[])]),
             ..Default::default()
-        })
+        }))
         .is_err());
         assert_eq!(format_labels(Some(&labels(&[("b", "2"), ("a", "1")]))), "a=1,b=2");
         assert_eq!(format_labels(None), "<none>");

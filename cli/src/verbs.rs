@@ -11,7 +11,8 @@ use anyhow::{anyhow, bail, Context};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
-use crate::table::{Columns, Selector, Table, TableWriter, Tabular};
+use crate::table::{Columns, Table, TableWriter, Tabular};
+use weft_api::labels::Selector;
 use weft_api::manifest::{self, AnyObject, Document};
 use weft_api::service::{self, ServiceRanges};
 use weft_api::store::{Error as StoreError, Object, Store, WatchEvent};

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
+use weft_api::labels::Selector;
 use weft_api::manifest::{self, AnyObject};
 use weft_api::{DaemonSet, Deployment, Endpoints, Namespace, Node, Pod, ReplicaSet, ReplicationController, Service};
 use weft_cli::describe;
 use weft_cli::rollout;
-use weft_cli::table::{self, Columns, Selector, Tabular};
+use weft_cli::table::{self, Columns, Tabular};
 
 fn testdata(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
@@ -148,7 +149,7 @@ fn describe_matches_golden_files() {
     let counts = describe::PodCounts { running: 2, waiting: 1, ..Default::default() };
     check("describe-rs.golden", &describe::describe_replicaset(frontend, counts, Some(none), now));
     let rs = named(&o.rss, "nginx-deployment-5d59d67564");
-    let sel = Selector::from_label_selector(&rs.spec.selector).unwrap();
+    let sel = Selector::from_label_selector(Some(&rs.spec.selector)).unwrap();
     let counts = describe::pod_counts(&o.pods, &sel, rs.metadata.uid.as_deref().unwrap());
     assert_eq!(counts, describe::PodCounts { running: 1, ..Default::default() });
     check("describe-rs-owned.golden", &describe::describe_replicaset(rs, counts, None, now));
