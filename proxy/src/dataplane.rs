@@ -9,7 +9,7 @@ use crate::model::{ServicePortName, ServiceTable};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("iptables sync failed")]
-    Iptables(#[from] crate::iptables::Error),
+    Iptables(#[from] crate::restore::Error),
     #[error("userspace sync failed")]
     Userspace(#[from] crate::userspace::Error),
 }

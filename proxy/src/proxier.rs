@@ -131,7 +131,7 @@ mod tests {
             self.calls.push((table.len(), changed.cloned()));
             if std::mem::take(&mut self.fail_next) {
                 let e =
-                    crate::iptables::Error::Failed { program: "x".into(), status: "1".into(), stderr: "boom".into() };
+                    crate::restore::Error::Failed { program: "x".into(), status: "1".into(), stderr: "boom".into() };
                 return Err(e.into());
             }
             Ok(SyncStats { full: changed.is_none(), ..SyncStats::default() })

@@ -137,7 +137,22 @@ fn sync_once(
                 s.metrics.endpoints = table.values().map(|e| e.endpoints.len()).sum();
             }
             s.metrics.observe_sync(took, &outcome.stats, SystemTime::now());
+            let first = s.last_ok.is_none();
             s.last_ok = Some(Instant::now());
+            if outcome.stats.full || first {
+                // One line an operator can find: the proxy is serving, and how big and slow a full sync is.
+                info!(
+                    first,
+                    full = outcome.stats.full,
+                    service_ports = p.table().map_or(0, |t| t.len()),
+                    rules = outcome.stats.rules_written,
+                    chains = outcome.stats.chains_written,
+                    skipped = outcome.skipped.len(),
+                    duration_ms = took.as_millis() as u64,
+                    "{}",
+                    if first { "first sync complete" } else { "full sync complete" }
+                );
+            }
             if outcome.stats.full {
                 release_freed_memory();
             }
