@@ -17,6 +17,7 @@ pub mod scale;
 pub mod service;
 pub mod store;
 pub mod table;
+pub mod validation;
 pub mod workload;
 
 pub use etcd::{connect, EtcdArgs};

@@ -72,7 +72,9 @@ async fn creations_go_in_slow_start_batches_and_stop_at_the_first_failing_one() 
 #[tokio::test]
 async fn deletes_touch_only_the_object_the_decision_saw() {
     let (_etcd, store, c) = setup().await;
-    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"}})).unwrap();
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
     let first = store.create(&p).await.unwrap();
     store.delete::<Pod>(Some("default"), "p", None).await.unwrap();
     let second = store.create(&p).await.unwrap();
@@ -92,10 +94,13 @@ async fn deletes_touch_only_the_object_the_decision_saw() {
 async fn the_collector_checks_the_store_before_deleting_a_dependent() {
     let (_etcd, store, c) = setup().await;
     let rs: ReplicaSet = serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "default"},
-        "spec": {"selector": {"matchLabels": {"app": "web"}}}}))
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}))
     .unwrap();
     let rs = store.create(&rs).await.unwrap();
-    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "web-a", "namespace": "default"}})).unwrap();
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "web-a", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
     let p = store.create(&p).await.unwrap();
     let owner = Target {
         kind: Kind::ReplicaSet,
@@ -124,14 +129,16 @@ async fn the_collector_checks_the_store_before_deleting_a_dependent() {
 async fn updates_are_compare_and_swap_and_nothing_is_written_without_leadership() {
     let etcd = EtcdFixture::start().unwrap();
     let store = Store::new(etcd.client().await.unwrap());
-    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"}})).unwrap();
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
     let seen = store.create(&p).await.unwrap();
     let mut newer = seen.clone();
     newer.metadata.labels = Some([("x".to_string(), "1".to_string())].into());
     store.update(&newer).await.unwrap();
     let c = Controllers::new(store.clone(), Cache::default(), &options(etcd.endpoint()), Leadership::always());
     let mut stale = seen.clone();
-    stale.spec = Some(Default::default());
+    stale.metadata.annotations = Some([("stale".to_string(), "1".to_string())].into());
     let err = c.apply(&key(), vec![Action::update(Obj::Pod(stale.clone()), "bind")]).await.unwrap_err();
     assert!(matches!(err, ApplyError::Conflict(_)), "{err:?}");
     let stopped = Leadership::always();

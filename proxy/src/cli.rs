@@ -37,11 +37,11 @@ pub struct ProxyArgs {
     /// comma-separated CIDRs of node addresses that accept NodePorts [default: every local address]
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<Ipv4Network>,
-    /// address of /metrics and /services ("" to disable)
+    /// address of /metrics, /services and /healthz (loopback: metrics are not for the network); "" to disable
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
-    /// address of /healthz ("" to disable)
-    #[arg(long, default_value = "127.0.0.1:10256")]
+    /// address of /healthz, all addresses as kube-proxy's (load balancers probe it); "" to disable
+    #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
     /// minimum time between syncs; changes within it are coalesced (e.g. 1s, 500ms)
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -195,6 +195,10 @@ pub fn render_services(status: &ProxyStatus) -> String {
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }
+    for (name, reason) in &status.refused {
+        // Debug-quoted: the reason is a tool's stderr.
+        out.push_str(&format!("REFUSED {name}: {reason:?}\n"));
+    }
     out
 }
 
@@ -255,6 +259,7 @@ mod tests {
     #[test]
     fn programmed_is_checked_against_iptables_save() {
         let mut st = ProxyStatus {
+            refused: vec![],
             mode: "iptables".into(),
             node: "node-1".into(),
             synced: true,

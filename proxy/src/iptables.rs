@@ -823,6 +823,13 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
         Some(service_chains(port).svc)
     }
 
+    /// A fresh full render as one `iptables-restore --test` input (batches are not self-contained when nothing
+    /// is committed between them); nothing reaches the kernel.
+    fn check(&mut self, table: &ServiceTable) -> dataplane::Result<()> {
+        let r = render_sync_full(table, &self.cfg, &Existing::default());
+        Ok(restore::test_restore(&mut self.runner, r.text().as_bytes())?)
+    }
+
     fn sync(
         &mut self,
         table: &ServiceTable,

@@ -98,7 +98,10 @@ pub async fn run(opts: ProxyOptions, dataplane: Box<dyn Dataplane + Send>) -> Re
     let node = opts.node_name.clone();
     let sync_loop = runner.run(move |forced| {
         let (proxier, shared, node) = (proxier.clone(), shared.clone(), node.clone());
-        async move { sync_once(&proxier, &shared, &node, forced) }
+        // Off the runtime: an iptables-restore of seconds must not stall /healthz, /metrics or userspace relays.
+        async move {
+            tokio::task::spawn_blocking(move || sync_once(&proxier, &shared, &node, forced)).await.unwrap_or(Err(()))
+        }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Listen { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
@@ -131,11 +134,17 @@ fn sync_once(
             for skipped in &outcome.skipped {
                 warn!(object = %skipped.object, "skipped: {}", skipped.reason);
             }
+            for (port, reason) in &outcome.refused {
+                warn!(service = %port, reason = ?reason, "the kernel refused this service port's rules; left out, the rest applied");
+            }
             if let Some(table) = p.table() {
                 s.status = status::build(table, p.dataplane(), node);
+                s.status.refused = p.refused().map(|(k, r)| (k.to_string(), r.to_string())).collect();
                 s.metrics.service_ports = table.len();
                 s.metrics.endpoints = table.values().map(|e| e.endpoints.len()).sum();
             }
+            s.metrics.skipped = outcome.skipped.len();
+            s.metrics.refused = s.status.refused.len();
             s.metrics.observe_sync(took, &outcome.stats, SystemTime::now());
             let first = s.last_ok.is_none();
             s.last_ok = Some(Instant::now());
@@ -179,28 +188,37 @@ fn release_freed_memory() {
 
 async fn serve_endpoints(opts: &ProxyOptions, shared: Arc<Mutex<Shared>>, mode: &'static str) -> Result<(), Error> {
     let sync = opts.sync;
-    let handler: http::Handler = Arc::new(move |path: &str| {
-        let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-        match path {
-            "/metrics" => {
-                Response { status: 200, content_type: "text/plain; version=0.0.4", body: s.metrics.render(mode) }
-            }
-            "/services" => Response::json(serde_json::to_string(&s.status).unwrap_or_default()),
-            "/healthz" | "/livez" => {
-                if healthy(s.last_ok, Instant::now(), sync) {
-                    Response::text(200, "ok\n")
-                } else {
-                    Response::text(503, "no successful sync yet (or none recently)\n")
+    let handler = |full: bool| -> http::Handler {
+        let shared = shared.clone();
+        Arc::new(move |path: &str| {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            match path {
+                "/metrics" if full => {
+                    let mut m = s.metrics.clone();
+                    m.invalid_objects = weft_api::store::rejected_total();
+                    Response { status: 200, content_type: "text/plain; version=0.0.4", body: m.render(mode) }
                 }
+                "/services" if full => Response::json(serde_json::to_string(&s.status).unwrap_or_default()),
+                "/healthz" | "/livez" => {
+                    if healthy(s.last_ok, Instant::now(), sync) {
+                        Response::text(200, "ok\n")
+                    } else {
+                        Response::text(503, "no successful sync yet (or none recently)\n")
+                    }
+                }
+                _ => Response::not_found(),
             }
-            _ => Response::not_found(),
-        }
-    });
-    let mut addrs: Vec<SocketAddr> = opts.metrics_addr.into_iter().collect();
-    addrs.extend(opts.healthz_addr.filter(|h| Some(*h) != opts.metrics_addr));
-    for addr in addrs {
-        let server = http::bind(addr, handler.clone()).await.map_err(|source| Error::Listen { addr, source })?;
+        })
+    };
+    if let Some(addr) = opts.metrics_addr {
+        let server = http::bind(addr, handler(true)).await.map_err(|source| Error::Listen { addr, source })?;
         info!(%addr, "serving /metrics, /healthz and /services");
+        tokio::spawn(server);
+    }
+    // The health address is often every address (a load balancer probes it): it answers /healthz only.
+    if let Some(addr) = opts.healthz_addr.filter(|h| Some(*h) != opts.metrics_addr) {
+        let server = http::bind(addr, handler(false)).await.map_err(|source| Error::Listen { addr, source })?;
+        info!(%addr, "serving /healthz");
         tokio::spawn(server);
     }
     Ok(())
