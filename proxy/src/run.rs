@@ -42,6 +42,8 @@ struct Shared {
     metrics: Metrics,
     status: ProxyStatus,
     last_ok: Option<Instant>,
+    /// The skipped inputs already warned about (what the last successful sync skipped).
+    warned: std::collections::HashSet<(String, String)>,
 }
 
 fn key(k: &weft_api::ObjectKey) -> ObjectKey {
@@ -131,9 +133,13 @@ fn sync_once(
     let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
     match result {
         Ok(outcome) => {
-            for skipped in &outcome.skipped {
-                warn!(object = %skipped.object, "skipped: {}", skipped.reason);
+            // One warning per problem, not one per sync: only what the last sync did not already report.
+            let now: std::collections::HashSet<(String, String)> =
+                outcome.skipped.iter().map(|k| (k.object.clone(), k.reason.clone())).collect();
+            for (object, reason) in now.difference(&s.warned) {
+                warn!(object = %object, "skipped: {reason}");
             }
+            s.warned = now;
             for (port, reason) in &outcome.refused {
                 warn!(service = %port, reason = ?reason, "the kernel refused this service port's rules; left out, the rest applied");
             }
