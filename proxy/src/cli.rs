@@ -69,7 +69,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} must be a positive duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // try_: a finite but huge value (1e300h) would panic in from_secs_f64.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long a duration"))
 }
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
@@ -235,7 +236,7 @@ mod tests {
         for (s, ms) in [("500ms", 500), ("1s", 1000), ("1.5s", 1500), ("2m", 120_000), ("1h", 3_600_000)] {
             assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
         }
-        for bad in ["", "10", "s", "1x", "-1s", "abc"] {
+        for bad in ["", "10", "s", "1x", "-1s", "abc", "1e300h", "NaNs", "infs"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
