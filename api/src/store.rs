@@ -44,6 +44,10 @@ pub enum Error {
     Compacted { prefix: String, requested: i64, compact_revision: i64 },
     #[error("watch on {prefix} ended: {reason}")]
     WatchClosed { prefix: String, reason: String },
+    /// The write's fence (`Store::with_fence`) no longer holds: this process is not the leader any more, and
+    /// nothing of the write was applied.
+    #[error("fenced: {key} is no longer held by etcd lease {lease_id:x}; the write was not applied")]
+    Fenced { key: String, lease_id: i64 },
 }
 
 impl Error {
@@ -59,6 +63,17 @@ impl Error {
     pub fn is_compacted(&self) -> bool {
         matches!(self, Error::Compacted { .. })
     }
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Fenced { .. })
+    }
+}
+
+/// What every write of a fenced store also compares, in the same transaction: the leader election key is still
+/// attached to this process's etcd lease. A paused or partitioned ex-leader's in-flight writes then fail whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub lease_id: i64,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -205,6 +220,8 @@ fn release_op((key, owner): &(String, String)) -> TxnOp {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// Compared by every write when set (`with_fence`).
+    fence: Option<Fence>,
     /// Keys per range request when listing: one reply must stay under the client's 4 MiB message limit
     /// (10,000 Endpoints of 10 addresses are ~4.4 MB), so lists are paged at one revision.
     page_size: i64,
@@ -311,7 +328,7 @@ fn spec_of<K: Serialize>(obj: &K) -> Option<serde_json::Value> {
 
 impl Store {
     pub fn new(client: Client) -> Self {
-        Store { client, page_size: LIST_PAGE }
+        Store { client, fence: None, page_size: LIST_PAGE }
     }
 
     /// The same store listing `page_size` keys per request (tests use small pages).
@@ -322,6 +339,28 @@ impl Store {
 
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// The same store with every write (create, update, delete) fenced on `fence`.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    fn add_fence(&self, when: &mut Vec<Compare>) {
+        if let Some(f) = &self.fence {
+            when.push(Compare::lease(f.key.as_str(), CompareOp::Equal, f.lease_id));
+        }
+    }
+
+    /// After a failed write: `Fenced` if the fence is what failed it.
+    async fn check_fence(&self) -> Result<()> {
+        let Some(f) = &self.fence else { return Ok(()) };
+        let resp = self.client.clone().get(f.key.as_str(), None).await.map_err(etcd("get", &f.key))?;
+        match resp.kvs().first() {
+            Some(kv) if kv.lease() == f.lease_id => Ok(()),
+            _ => Err(Error::Fenced { key: f.key.clone(), lease_id: f.lease_id }),
+        }
     }
 
     fn encode<K: Object>(key: &ObjectKey, obj: &K) -> Result<Vec<u8>> {
@@ -383,8 +422,10 @@ impl Store {
         let mut when = vec![Compare::version(path.clone(), CompareOp::Equal, 0)];
         let mut ops = vec![TxnOp::put(path.clone(), value, None)];
         claims.add_to(&mut when, &mut ops);
+        self.add_fence(&mut when);
         let resp = self.client.clone().txn(Txn::new().when(when).and_then(ops)).await.map_err(etcd("txn", &path))?;
         if !resp.succeeded() {
+            self.check_fence().await?;
             if self.exists(&path).await? {
                 return Err(Error::AlreadyExists { kind: K::KIND, key });
             }
@@ -528,8 +569,10 @@ impl Store {
         let mut when = vec![Compare::mod_revision(path.clone(), CompareOp::Equal, current_rev)];
         let mut ops = vec![TxnOp::put(path.clone(), value, None)];
         claims.add_to(&mut when, &mut ops);
+        self.add_fence(&mut when);
         let resp = self.client.clone().txn(Txn::new().when(when).and_then(ops)).await.map_err(etcd("txn", &path))?;
         if !resp.succeeded() {
+            self.check_fence().await?;
             let now: K = self.get_unchecked(key.namespace.as_deref(), &key.name).await?;
             if rev_of(&now) != current_rev {
                 return Err(Error::Conflict {
@@ -577,8 +620,13 @@ impl Store {
             let path = key_path::<K>(&key);
             let mut ops = vec![TxnOp::delete(path.clone(), None)];
             ops.extend(releases(&current).iter().map(release_op));
-            let txn = Txn::new().when([Compare::mod_revision(path.clone(), CompareOp::Equal, rev)]).and_then(ops);
+            let mut when = vec![Compare::mod_revision(path.clone(), CompareOp::Equal, rev)];
+            self.add_fence(&mut when);
+            let txn = Txn::new().when(when).and_then(ops);
             let resp = self.client.clone().txn(txn).await.map_err(etcd("txn", &path))?;
+            if !resp.succeeded() {
+                self.check_fence().await?;
+            }
             if resp.succeeded() {
                 let mut last = current;
                 if let Some(h) = resp.header() {

@@ -207,6 +207,9 @@ macro_rules! typed {
 }
 
 fn store_error(e: weft_api::store::Error) -> ApplyError {
+    if e.is_fenced() {
+        return ApplyError::NotLeader;
+    }
     if e.is_conflict() || e.is_not_found() {
         ApplyError::Conflict(weft_api::error_chain(&e))
     } else {
@@ -454,7 +457,7 @@ impl Controllers {
                 Ok(x) => return Ok(x),
                 Err(e) if e.is_already_exists() && generate.is_some() => continue,
                 Err(e) if e.is_already_exists() => return Err(ApplyError::Conflict(weft_api::error_chain(&e))),
-                Err(e) => return Err(ApplyError::Failed(weft_api::error_chain(&e))),
+                Err(e) => return Err(store_error(e)),
             }
         }
         Err(ApplyError::Failed(format!("no free name for {:?} after 5 tries", generate)))
@@ -475,7 +478,7 @@ impl Controllers {
         let ns = t.key.namespace.as_deref();
         for _ in 0..5 {
             let r: Result<bool, weft_api::store::Error> = typed!(t.kind, K => {
-                match self.store.get::<K>(ns, &t.key.name).await {
+                match self.store.get_unchecked::<K>(ns, &t.key.name).await {
                     Ok(cur) if cur.metadata().uid.as_deref() == Some(t.uid.as_str()) => {
                         let rv = rev_of(&cur).to_string();
                         self.store.delete::<K>(ns, &t.key.name, Some(&rv)).await.map(|_| true)
@@ -488,7 +491,7 @@ impl Controllers {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_not_found() => return Ok(()),
                 Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(ApplyError::Failed(weft_api::error_chain(&e))),
+                Err(e) => return Err(store_error(e)),
             }
         }
         Err(ApplyError::Conflict(format!("{t} kept changing while being deleted")))
@@ -626,7 +629,7 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         serve(opts.metrics_addr, metrics.clone()).await?;
     }
     let client = weft_api::connect(&opts.etcd).await?;
-    let store = Store::new(client.clone());
+    let mut store = Store::new(client.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Signal)?;
 
     let (leadership, lost, release) = match &opts.leader {
@@ -639,6 +642,8 @@ pub async fn run(opts: Options) -> Result<(), Error> {
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             };
             let leadership = elected.leadership();
+            // Every write compares the Lease key's etcd lease: an ex-leader's in-flight writes fail whole.
+            store = store.with_fence(weft_api::store::Fence { key: cfg.key(), lease_id: elected.lease_id() });
             let release = (elected.client(), elected.lease_id());
             (leadership, Some(tokio::spawn(elected.keep())), Some(release))
         }
