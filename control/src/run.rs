@@ -140,8 +140,8 @@ pub struct Controllers {
     enabled: HashSet<Ctl>,
     leadership: Leadership,
     nodes: nodes::Config,
-    /// When this process started acting (node lifecycle gives every node a grace period from then).
-    started: Timestamp,
+    /// Node lifecycle's observations of heartbeats, on this process's clock.
+    health: Mutex<nodes::Health>,
     write_concurrency: usize,
     /// Highest resourceVersion each kind's informer has delivered.
     seen: Mutex<HashMap<Kind, i64>>,
@@ -226,7 +226,7 @@ impl Controllers {
             enabled: opts.controllers.clone(),
             leadership,
             nodes: opts.nodes.clone(),
-            started: weft_api::store::now_timestamp(),
+            health: Mutex::default(),
             write_concurrency: opts.write_concurrency.max(1),
             seen: Mutex::default(),
             fences: Mutex::default(),
@@ -266,7 +266,11 @@ impl Controllers {
             Ctl::Deployment => deployment::reconcile(&key.obj, c, now),
             Ctl::Endpoints => endpoints::reconcile(&key.obj, c, now),
             Ctl::DaemonSet => daemonset::reconcile(&key.obj, c, now),
-            Ctl::NodeLifecycle => nodes::reconcile(c, now, self.started, &self.nodes),
+            Ctl::NodeLifecycle => {
+                let mut health = lock(&self.health);
+                nodes::observe(&mut health, c, now);
+                nodes::reconcile(c, now, &health, &self.nodes)
+            }
             Ctl::GarbageCollector => gc::collect(c, now),
         }
     }
