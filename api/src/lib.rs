@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod quantity;
 pub mod service;
 pub mod store;
+pub mod validation;
 pub mod workload;
 
 pub use etcd::{connect, EtcdArgs};

@@ -53,7 +53,7 @@ impl Quantity {
         let mut nanos: i128 = if int.is_empty() { 0 } else { int.parse().ok()? };
         nanos = nanos.checked_mul(NANO)?;
         let frac9: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-        nanos += frac9.parse::<i128>().ok()?;
+        nanos = nanos.checked_add(frac9.parse::<i128>().ok()?)?;
         let (format, mul_num, mul_den): (Format, i128, i128) = match suffix {
             "" => (Format::DecimalSI, 1, 1),
             "n" => (Format::DecimalSI, 1, NANO),
@@ -83,7 +83,7 @@ impl Quantity {
             _ => return None,
         };
         nanos = nanos.checked_mul(mul_num)? / mul_den;
-        Some(Quantity { nanos: if neg { -nanos } else { nanos }, format })
+        Some(Quantity { nanos: if neg { nanos.checked_neg()? } else { nanos }, format })
     }
 
     pub fn zero() -> Quantity {
@@ -97,18 +97,19 @@ impl Quantity {
     /// The sum, printed in the format of the first operand (as `Quantity.Add` keeps it).
     pub fn plus(self, other: Quantity) -> Quantity {
         let format = if self.is_zero() && self == Quantity::default() { other.format } else { self.format };
-        Quantity { nanos: self.nanos + other.nanos, format }
+        // Saturating: a sum of hostile quantities must not wrap (or panic in a debug build).
+        Quantity { nanos: self.nanos.saturating_add(other.nanos), format }
     }
 
     /// Milli-units, rounded up as `MilliValue` does.
     pub fn milli(&self) -> i128 {
         let m = NANO / 1000;
-        (self.nanos + m - 1).div_euclid(m)
+        self.nanos.saturating_add(m - 1).div_euclid(m)
     }
 
     /// Whole units, rounded up as `Value` does.
     pub fn value(&self) -> i128 {
-        (self.nanos + NANO - 1).div_euclid(NANO)
+        self.nanos.saturating_add(NANO - 1).div_euclid(NANO)
     }
 }
 
@@ -184,5 +185,16 @@ mod tests {
         assert_eq!(q("250m").milli(), 250);
         assert_eq!(q("1Ki").value(), 1024);
         assert!(q("1") > q("999m"));
+    }
+
+    #[test]
+    fn overflow_is_an_error_or_saturates_never_a_wrap() {
+        let huge = format!("{}", i128::MAX);
+        assert_eq!(Quantity::parse(&huge), None, "i128::MAX units do not fit in nano-units");
+        assert_eq!(Quantity::parse("1e40"), None);
+        assert_eq!(Quantity::parse("9Ei").map(|q| q.nanos), Some(9 * (1i128 << 60) * NANO));
+        let max = Quantity { nanos: i128::MAX, format: Format::DecimalSI };
+        assert_eq!(max.plus(max).nanos, i128::MAX);
+        assert!(max.milli() > 0 && max.value() > 0);
     }
 }

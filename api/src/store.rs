@@ -34,13 +34,20 @@ pub enum Error {
     Etcd { op: &'static str, key: String, source: etcd_client::Error },
     #[error("encoding {kind} \"{key}\"")]
     Encode { kind: &'static str, key: ObjectKey, source: serde_json::Error },
-    #[error("decoding {key}")]
+    #[error("decoding {key:?}")]
     Decode { key: String, source: serde_json::Error },
+    /// A stored value a reader refuses: it decodes, but is not what a valid write would have stored.
+    #[error("{key:?} is invalid: {reason}")]
+    Rejected { key: String, reason: String },
     /// The watch's start revision is gone: list again and watch from the list's revision.
     #[error("watch on {prefix} from revision {requested}: compacted (oldest kept is {compact_revision})")]
     Compacted { prefix: String, requested: i64, compact_revision: i64 },
     #[error("watch on {prefix} ended: {reason}")]
     WatchClosed { prefix: String, reason: String },
+    /// The write's fence (`Store::with_fence`) no longer holds: this process is not the leader any more, and
+    /// nothing of the write was applied.
+    #[error("fenced: {key} is no longer held by etcd lease {lease_id:x}; the write was not applied")]
+    Fenced { key: String, lease_id: i64 },
 }
 
 impl Error {
@@ -56,6 +63,17 @@ impl Error {
     pub fn is_compacted(&self) -> bool {
         matches!(self, Error::Compacted { .. })
     }
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Fenced { .. })
+    }
+}
+
+/// What every write of a fenced store also compares, in the same transaction: the leader election key is still
+/// attached to this process's etcd lease. A paused or partitioned ex-leader's in-flight writes then fail whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub lease_id: i64,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -76,6 +94,16 @@ pub trait Object:
     Resource + Metadata<Ty = ObjectMeta> + Serialize + DeserializeOwned + Clone + Default + Send + Sync + 'static
 {
     const NAMESPACED: bool;
+
+    /// The API server's defaults for this kind (`validation::default_object`); idempotent.
+    fn apply_defaults(&mut self) {
+        crate::validation::default_object(self);
+    }
+
+    /// The API server's validation for this kind (`validation::validate_object`): every error names its field.
+    fn validate(&self) -> Result<(), crate::service::FieldErrors> {
+        crate::validation::validate_object(Self::KIND, Self::NAMESPACED, self.metadata(), self)
+    }
 }
 
 impl<K> Object for K
@@ -192,6 +220,8 @@ fn release_op((key, owner): &(String, String)) -> TxnOp {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// Compared by every write when set (`with_fence`).
+    fence: Option<Fence>,
     /// Keys per range request when listing: one reply must stay under the client's 4 MiB message limit
     /// (10,000 Endpoints of 10 addresses are ~4.4 MB), so lists are paged at one revision.
     page_size: i64,
@@ -244,6 +274,59 @@ pub fn decode<K: Object>(kv: &KeyValue) -> Result<K> {
     Ok(obj)
 }
 
+/// `decode`, then what every reader checks before trusting a value another writer may have put in etcd: the key
+/// names an object of this kind, the object's name and namespace are the key's, and the kind's validation passes.
+pub fn decode_checked<K: Object>(kv: &KeyValue) -> Result<K> {
+    check_value(kv.key(), kv.value(), kv.mod_revision())
+}
+
+/// `decode_checked` on a raw key and value (what the etcd decoders' fuzz test drives).
+pub fn check_value<K: Object>(key: &[u8], value: &[u8], mod_revision: i64) -> Result<K> {
+    let key = String::from_utf8_lossy(key).into_owned();
+    let Some(okey) = parse_key::<K>(&key) else {
+        return Err(Error::Rejected { key, reason: "the key does not name an object of this kind".into() });
+    };
+    let mut obj: K = serde_json::from_slice(value).map_err(|source| Error::Decode { key: key.clone(), source })?;
+    obj.metadata_mut().resource_version = Some(mod_revision.to_string());
+    let meta = obj.metadata();
+    let ns = meta.namespace.as_deref().filter(|n| !n.is_empty());
+    if meta.name.as_deref() != Some(okey.name.as_str()) || (K::NAMESPACED && ns != okey.namespace.as_deref()) {
+        return Err(Error::Rejected { key, reason: "metadata.name/namespace differ from the key".into() });
+    }
+    obj.validate().map_err(|errors| Error::Rejected { key, reason: errors.to_string() })?;
+    Ok(obj)
+}
+
+/// Values readers refused (`decode_checked`), counted once per key and revision: the metric behind
+/// `weft_*_invalid_objects_total`.
+static REJECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many distinct (key, revision) values this process refused to read.
+pub fn rejected_total() -> u64 {
+    REJECTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Logs one warning per key and revision (a relist or a second informer on the same kind does not repeat it)
+/// and counts it.
+fn rejected<K: Object>(kv: &KeyValue, e: &Error) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashMap<Vec<u8>, i64>>> = Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = seen.get_or_insert_with(HashMap::new);
+    if seen.get(kv.key()) == Some(&kv.mod_revision()) {
+        return;
+    }
+    // Bounded: a flood of distinct bad keys forgets old ones (at worst a key is warned about twice).
+    if seen.len() >= 10_000 {
+        seen.clear();
+    }
+    seen.insert(kv.key().to_vec(), kv.mod_revision());
+    REJECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let key = String::from_utf8_lossy(kv.key());
+    tracing::warn!(key = ?key, revision = kv.mod_revision(), kind = K::KIND, error = %crate::error_chain(e), "skipping an object that fails validation");
+}
+
 /// The parts of an object that describe intent: what decides whether generation moves.
 fn spec_of<K: Serialize>(obj: &K) -> Option<serde_json::Value> {
     serde_json::to_value(obj).ok().and_then(|mut v| v.get_mut("spec").map(serde_json::Value::take))
@@ -251,7 +334,7 @@ fn spec_of<K: Serialize>(obj: &K) -> Option<serde_json::Value> {
 
 impl Store {
     pub fn new(client: Client) -> Self {
-        Store { client, page_size: LIST_PAGE }
+        Store { client, fence: None, page_size: LIST_PAGE }
     }
 
     /// The same store listing `page_size` keys per request (tests use small pages).
@@ -264,11 +347,46 @@ impl Store {
         self.client.clone()
     }
 
+    /// The same store with every write (create, update, delete) fenced on `fence`.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    fn add_fence(&self, when: &mut Vec<Compare>) {
+        if let Some(f) = &self.fence {
+            when.push(Compare::lease(f.key.as_str(), CompareOp::Equal, f.lease_id));
+        }
+    }
+
+    /// After a failed write: `Fenced` if the fence is what failed it.
+    async fn check_fence(&self) -> Result<()> {
+        let Some(f) = &self.fence else { return Ok(()) };
+        let resp = self.client.clone().get(f.key.as_str(), None).await.map_err(etcd("get", &f.key))?;
+        match resp.kvs().first() {
+            Some(kv) if kv.lease() == f.lease_id => Ok(()),
+            _ => Err(Error::Fenced { key: f.key.clone(), lease_id: f.lease_id }),
+        }
+    }
+
     fn encode<K: Object>(key: &ObjectKey, obj: &K) -> Result<Vec<u8>> {
         // resourceVersion is the key's mod revision, never part of the stored value.
         let mut obj = obj.clone();
         obj.metadata_mut().resource_version = None;
         serde_json::to_vec(&obj).map_err(|source| Error::Encode { kind: K::KIND, key: key.clone(), source })
+    }
+
+    /// The write gate every create and update passes, whoever calls it: the kind's defaults, then its
+    /// validation (errors name the field, as the API server's do).
+    fn admit<K: Object>(obj: &K) -> Result<K> {
+        let mut obj = obj.clone();
+        obj.apply_defaults();
+        obj.validate().map_err(|errors| Error::Invalid {
+            kind: K::KIND,
+            key: ObjectKey::of(&obj),
+            reason: errors.to_string(),
+        })?;
+        Ok(obj)
     }
 
     fn check_name<K: Object>(obj: &K) -> Result<ObjectKey> {
@@ -286,7 +404,7 @@ impl Store {
     /// The object as create stores it: namespace defaulted, uid, creationTimestamp and generation set.
     pub fn prepare_create<K: Object>(obj: &K) -> Result<(ObjectKey, K)> {
         let key = Self::check_name(obj)?;
-        let mut obj = obj.clone();
+        let mut obj = Self::admit(obj)?;
         let meta = obj.metadata_mut();
         meta.namespace = key.namespace.clone();
         meta.uid = Some(new_uid());
@@ -310,8 +428,10 @@ impl Store {
         let mut when = vec![Compare::version(path.clone(), CompareOp::Equal, 0)];
         let mut ops = vec![TxnOp::put(path.clone(), value, None)];
         claims.add_to(&mut when, &mut ops);
+        self.add_fence(&mut when);
         let resp = self.client.clone().txn(Txn::new().when(when).and_then(ops)).await.map_err(etcd("txn", &path))?;
         if !resp.succeeded() {
+            self.check_fence().await?;
             if self.exists(&path).await? {
                 return Err(Error::AlreadyExists { kind: K::KIND, key });
             }
@@ -338,13 +458,31 @@ impl Store {
         Ok(Error::Claimed { key: claims.claim.first().map(|c| c.0.clone()).unwrap_or_default() })
     }
 
-    /// The stored object and its etcd mod revision.
+    /// The stored object and its etcd mod revision; an object that fails the reader's checks (`decode_checked`)
+    /// is an error naming why.
     pub async fn get<K: Object>(&self, namespace: Option<&str>, name: &str) -> Result<K> {
         let key = ObjectKey::new(namespace.filter(|_| K::NAMESPACED).or(K::NAMESPACED.then_some("default")), name);
         let path = key_path::<K>(&key);
         let resp = self.client.clone().get(path.as_str(), None).await.map_err(etcd("get", &path))?;
         match resp.kvs().first() {
-            Some(kv) => decode(kv),
+            Some(kv) => decode_checked(kv),
+            None => Err(Error::NotFound { kind: K::KIND, key }),
+        }
+    }
+
+    /// `get` without the reader's checks, for writers that replace or delete what is stored, whatever it is.
+    /// The object's name and namespace are those of its key.
+    pub async fn get_unchecked<K: Object>(&self, namespace: Option<&str>, name: &str) -> Result<K> {
+        let key = ObjectKey::new(namespace.filter(|_| K::NAMESPACED).or(K::NAMESPACED.then_some("default")), name);
+        let path = key_path::<K>(&key);
+        let resp = self.client.clone().get(path.as_str(), None).await.map_err(etcd("get", &path))?;
+        match resp.kvs().first() {
+            Some(kv) => {
+                let mut obj: K = decode(kv)?;
+                obj.metadata_mut().name = Some(key.name.clone());
+                obj.metadata_mut().namespace = key.namespace.clone();
+                Ok(obj)
+            }
             None => Err(Error::NotFound { kind: K::KIND, key }),
         }
     }
@@ -382,16 +520,9 @@ impl Store {
     }
 
     fn decode_listed<K: Object>(&self, kv: &etcd_client::KeyValue, out: &mut Vec<K>) {
-        let key = String::from_utf8_lossy(kv.key());
-        if parse_key::<K>(&key).is_none() {
-            tracing::warn!(key = %key, kind = K::KIND, "skipping a key that does not name an object");
-            return;
-        }
-        match decode::<K>(kv) {
+        match decode_checked::<K>(kv) {
             Ok(o) => out.push(o),
-            Err(e) => {
-                tracing::warn!(key = %key, kind = K::KIND, error = %crate::error_chain(&e), "skipping an undecodable object")
-            }
+            Err(e) => rejected::<K>(kv, &e),
         }
     }
 
@@ -404,6 +535,7 @@ impl Store {
     /// `update` that also claims and releases keys in the same transaction.
     pub async fn update_claiming<K: Object>(&self, obj: &K, claims: &Claims) -> Result<K> {
         let key = Self::check_name(obj)?;
+        let obj = &Self::admit(obj)?;
         let expected = obj.metadata().resource_version.clone().filter(|v| !v.is_empty());
         let expected_rev = match &expected {
             Some(v) => Some(v.parse::<i64>().map_err(|_| Error::Invalid {
@@ -413,7 +545,7 @@ impl Store {
             })?),
             None => None,
         };
-        let current: K = self.get(key.namespace.as_deref(), &key.name).await?;
+        let current: K = self.get_unchecked(key.namespace.as_deref(), &key.name).await?;
         let current_rev = rev_of(&current);
         if let Some(exp) = expected_rev {
             if exp != current_rev {
@@ -443,9 +575,11 @@ impl Store {
         let mut when = vec![Compare::mod_revision(path.clone(), CompareOp::Equal, current_rev)];
         let mut ops = vec![TxnOp::put(path.clone(), value, None)];
         claims.add_to(&mut when, &mut ops);
+        self.add_fence(&mut when);
         let resp = self.client.clone().txn(Txn::new().when(when).and_then(ops)).await.map_err(etcd("txn", &path))?;
         if !resp.succeeded() {
-            let now: K = self.get(key.namespace.as_deref(), &key.name).await?;
+            self.check_fence().await?;
+            let now: K = self.get_unchecked(key.namespace.as_deref(), &key.name).await?;
             if rev_of(&now) != current_rev {
                 return Err(Error::Conflict {
                     kind: K::KIND,
@@ -480,7 +614,8 @@ impl Store {
         releases: impl Fn(&K) -> Vec<(String, String)>,
     ) -> Result<K> {
         loop {
-            let current: K = self.get(namespace, name).await?;
+            // Unchecked: an object that fails validation can still be deleted (under the key it is stored at).
+            let current: K = self.get_unchecked(namespace, name).await?;
             let key = ObjectKey::of(&current);
             let rev = rev_of(&current);
             if let Some(p) = precondition {
@@ -491,8 +626,13 @@ impl Store {
             let path = key_path::<K>(&key);
             let mut ops = vec![TxnOp::delete(path.clone(), None)];
             ops.extend(releases(&current).iter().map(release_op));
-            let txn = Txn::new().when([Compare::mod_revision(path.clone(), CompareOp::Equal, rev)]).and_then(ops);
+            let mut when = vec![Compare::mod_revision(path.clone(), CompareOp::Equal, rev)];
+            self.add_fence(&mut when);
+            let txn = Txn::new().when(when).and_then(ops);
             let resp = self.client.clone().txn(txn).await.map_err(etcd("txn", &path))?;
+            if !resp.succeeded() {
+                self.check_fence().await?;
+            }
             if resp.succeeded() {
                 let mut last = current;
                 if let Some(h) = resp.header() {
@@ -599,26 +739,30 @@ impl<K: Object> Watch<K> {
                 self.revision = self.revision.max(kv.mod_revision());
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 let Some(okey) = parse_key::<K>(&key) else {
-                    tracing::warn!(key = %key, kind = K::KIND, "watch: skipping a key that does not name an object");
+                    rejected::<K>(kv, &Error::Rejected { key, reason: "the key does not name an object".into() });
                     continue;
                 };
+                // An object with just the key's name: what a refused value or a delete without history leaves.
+                let stub = || {
+                    let mut o = K::default();
+                    o.metadata_mut().name = Some(okey.name.clone());
+                    o.metadata_mut().namespace = okey.namespace.clone();
+                    o.metadata_mut().resource_version = Some(kv.mod_revision().to_string());
+                    o
+                };
                 let event = match ev.event_type() {
-                    EventType::Put => match decode::<K>(kv) {
+                    EventType::Put => match decode_checked::<K>(kv) {
                         Ok(o) if kv.create_revision() == kv.mod_revision() => WatchEvent::Added(o),
                         Ok(o) => WatchEvent::Modified(o),
                         Err(e) => {
-                            tracing::warn!(key = %key, kind = K::KIND, error = %crate::error_chain(&e), "watch: skipping an undecodable object");
-                            continue;
+                            // As if deleted: a cache must not keep serving the valid version this replaced.
+                            rejected::<K>(kv, &e);
+                            WatchEvent::Deleted(stub())
                         }
                     },
                     EventType::Delete => {
-                        // The last stored version if it decodes, else an object with just its name.
-                        let mut last = ev.prev_kv().and_then(|p| decode::<K>(p).ok()).unwrap_or_else(|| {
-                            let mut o = K::default();
-                            o.metadata_mut().name = Some(okey.name.clone());
-                            o.metadata_mut().namespace = okey.namespace.clone();
-                            o
-                        });
+                        // The last stored version if it passes the checks, else the stub.
+                        let mut last = ev.prev_kv().and_then(|p| decode_checked::<K>(p).ok()).unwrap_or_else(stub);
                         last.metadata_mut().resource_version = Some(kv.mod_revision().to_string());
                         WatchEvent::Deleted(last)
                     }

@@ -87,7 +87,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total += n * unit;
         rest = &rest[u_end..];
     }
-    Ok(Duration::from_secs_f64(total))
+    // try_: a huge value would panic in from_secs_f64.
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
@@ -177,7 +178,7 @@ mod tests {
         for (s, want) in cases {
             assert_eq!(parse_duration(s).unwrap().as_secs_f64(), want, "{s}");
         }
-        for bad in ["", "5", "5x", "m"] {
+        for bad in ["", "5", "5x", "m", "99999999999999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

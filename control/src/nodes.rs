@@ -1,5 +1,7 @@
 //! Node lifecycle: a node's heartbeat is its Lease `kube-node-lease/<node>` (renewTime) or its Ready condition's
-//! lastHeartbeatTime, whichever is newer. A node silent past the grace period gets Ready (and its pressure
+//! lastHeartbeatTime. As Kubernetes does, those are only compared for change, never subtracted from our clock: the
+//! controller notes its own time when it sees a heartbeat change (`observe`), so a node with a skewed clock is
+//! judged by how long ago *we* saw it beat. A node silent past the grace period gets Ready (and its pressure
 //! conditions) Unknown, the `node.kubernetes.io/unreachable:NoSchedule` taint, and its pods' Ready condition set
 //! False; one not Ready for the eviction timeout loses its pods (DaemonSet pods stay), unless so many nodes are
 //! down that the fault is more likely the control plane's view (Kubernetes' zone disruption rule). Pods bound to
@@ -51,16 +53,63 @@ fn condition<'a>(n: &'a Node, type_: &str) -> Option<&'a NodeCondition> {
     n.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_)
 }
 
-/// The node's last sign of life; the controller's own start counts as one, so that every node gets a full grace
-/// period after a restart or a failover.
-pub fn heartbeat(n: &Node, cache: &Cache, started: Timestamp) -> Timestamp {
+/// The node's heartbeat values as the node wrote them (its Lease's renewTime, its Ready lastHeartbeatTime):
+/// compared for change only, since they come from another machine's clock.
+pub fn beat(n: &Node, cache: &Cache) -> (Option<Timestamp>, Option<Timestamp>) {
     let lease = cache
         .leases
         .get(&ObjectKey::new(Some(LEASE_NAMESPACE), node_name(n)))
         .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0));
     let ready = condition(n, "Ready").and_then(|c| c.last_heartbeat_time.as_ref()).map(|t| t.0);
-    let created = n.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    [lease, ready, created, Some(started)].into_iter().flatten().max().unwrap_or(started)
+    (lease, ready)
+}
+
+fn ready_status(n: &Node) -> String {
+    condition(n, "Ready").map(|c| c.status.clone()).unwrap_or_default()
+}
+
+/// What the controller last saw of one node, stamped with the controller's own clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub beat: (Option<Timestamp>, Option<Timestamp>),
+    /// Our time when `beat` last changed, or when we first saw the node (a full grace period after a restart
+    /// or a failover).
+    pub probe: Timestamp,
+    pub ready: String,
+    /// Our time when the Ready status last changed (or first seen).
+    pub ready_since: Timestamp,
+}
+
+/// Per node name: what `observe` saw. Kept by the controller between reconciles.
+pub type Health = HashMap<String, Observed>;
+
+/// Records, on our clock, which nodes' heartbeats or Ready status changed since the last look.
+pub fn observe(health: &mut Health, cache: &Cache, now: Timestamp) {
+    let nodes = cache.nodes.list();
+    health.retain(|name, _| nodes.iter().any(|n| node_name(n) == name.as_str()));
+    for n in &nodes {
+        let (beat, ready) = (beat(n, cache), ready_status(n));
+        match health.get_mut(node_name(n)) {
+            None => {
+                health.insert(node_name(n).to_string(), Observed { beat, probe: now, ready, ready_since: now });
+            }
+            Some(o) => {
+                if o.beat != beat {
+                    o.beat = beat;
+                    o.probe = now;
+                }
+                if o.ready != ready {
+                    o.ready = ready;
+                    o.ready_since = now;
+                }
+            }
+        }
+    }
+}
+
+/// The node's last sign of life on our clock (now, for a node not observed yet).
+fn last_seen(n: &Node, health: &Health, now: Timestamp) -> Timestamp {
+    health.get(node_name(n)).map_or(now, |o| o.probe)
 }
 
 /// Ready (and the pressure conditions) Unknown: the kubelet stopped posting.
@@ -134,7 +183,8 @@ fn is_daemon_pod(p: &Pod) -> bool {
     controller_of(&p.metadata).is_some_and(|r| r.kind == "DaemonSet")
 }
 
-pub fn reconcile(cache: &Cache, now: Timestamp, started: Timestamp, cfg: &Config) -> Outcome {
+/// The pure decision, from the cache and what `observe` recorded.
+pub fn reconcile(cache: &Cache, now: Timestamp, health: &Health, cfg: &Config) -> Outcome {
     let nodes = cache.nodes.list();
     let pods = cache.pods.list();
     let mut on_node: HashMap<&str, Vec<&Pod>> = HashMap::new();
@@ -145,7 +195,7 @@ pub fn reconcile(cache: &Cache, now: Timestamp, started: Timestamp, cfg: &Config
     let mut updated: Vec<Node> = Vec::new();
     for n in &nodes {
         let mut new = (**n).clone();
-        let silent = now.duration_since(heartbeat(n, cache, started)) > secs(cfg.grace_period);
+        let silent = now.duration_since(last_seen(n, health, now)) > secs(cfg.grace_period);
         let mut changed = silent && mark_unknown(&mut new, now);
         changed |= sync_taints(&mut new, now);
         if changed {
@@ -167,9 +217,9 @@ pub fn reconcile(cache: &Cache, now: Timestamp, started: Timestamp, cfg: &Config
         let Some(cond) = condition(n, "Ready").filter(|c| c.status != "True") else { continue };
         let pods = on_node.get(node_name(n)).map(Vec::as_slice).unwrap_or(&[]);
         let since = match cond.status.as_str() {
-            // Unknown: counted from the last heartbeat; False: from when it became False.
-            "Unknown" => heartbeat(n, cache, started),
-            _ => cond.last_transition_time.as_ref().map(|t| t.0).unwrap_or(now),
+            // Unknown: counted from the last heartbeat we saw; False: from when we saw it become False.
+            "Unknown" => last_seen(n, health, now),
+            _ => health.get(node_name(n)).map_or(now, |o| o.ready_since),
         };
         let expired = now.duration_since(since) > secs(cfg.eviction_timeout);
         for p in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {

@@ -140,8 +140,8 @@ pub struct Controllers {
     enabled: HashSet<Ctl>,
     leadership: Leadership,
     nodes: nodes::Config,
-    /// When this process started acting (node lifecycle gives every node a grace period from then).
-    started: Timestamp,
+    /// Node lifecycle's observations of heartbeats, on this process's clock.
+    health: Mutex<nodes::Health>,
     write_concurrency: usize,
     /// Highest resourceVersion each kind's informer has delivered.
     seen: Mutex<HashMap<Kind, i64>>,
@@ -163,6 +163,9 @@ pub fn generate_name(prefix: &str) -> String {
 }
 
 fn store_error(e: weft_api::store::Error) -> ApplyError {
+    if e.is_fenced() {
+        return ApplyError::NotLeader;
+    }
     if e.is_conflict() || e.is_not_found() {
         ApplyError::Conflict(weft_api::error_chain(&e))
     } else {
@@ -179,7 +182,7 @@ impl Controllers {
             enabled: opts.controllers.clone(),
             leadership,
             nodes: opts.nodes.clone(),
-            started: weft_api::store::now_timestamp(),
+            health: Mutex::default(),
             write_concurrency: opts.write_concurrency.max(1),
             seen: Mutex::default(),
             fences: Mutex::default(),
@@ -219,7 +222,11 @@ impl Controllers {
             Ctl::Deployment => deployment::reconcile(&key.obj, c, now),
             Ctl::Endpoints => endpoints::reconcile(&key.obj, c, now),
             Ctl::DaemonSet => daemonset::reconcile(&key.obj, c, now),
-            Ctl::NodeLifecycle => nodes::reconcile(c, now, self.started, &self.nodes),
+            Ctl::NodeLifecycle => {
+                let mut health = lock(&self.health);
+                nodes::observe(&mut health, c, now);
+                nodes::reconcile(c, now, &health, &self.nodes)
+            }
             Ctl::GarbageCollector => gc::collect(c, now),
         }
     }
@@ -411,7 +418,7 @@ impl Controllers {
                 Ok(x) => return Ok(x),
                 Err(e) if e.is_already_exists() && generate.is_some() => continue,
                 Err(e) if e.is_already_exists() => return Err(ApplyError::Conflict(weft_api::error_chain(&e))),
-                Err(e) => return Err(ApplyError::Failed(weft_api::error_chain(&e))),
+                Err(e) => return Err(store_error(e)),
             }
         }
         Err(ApplyError::Failed(format!("no free name for {:?} after 5 tries", generate)))
@@ -432,7 +439,7 @@ impl Controllers {
         let ns = t.key.namespace.as_deref();
         for _ in 0..5 {
             let r: Result<bool, weft_api::store::Error> = weft_api::with_kind!(t.kind, K => {
-                match self.store.get::<K>(ns, &t.key.name).await {
+                match self.store.get_unchecked::<K>(ns, &t.key.name).await {
                     Ok(cur) if cur.metadata().uid.as_deref() == Some(t.uid.as_str()) => {
                         let rv = rev_of(&cur).to_string();
                         self.store.delete::<K>(ns, &t.key.name, Some(&rv)).await.map(|_| true)
@@ -445,7 +452,7 @@ impl Controllers {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_not_found() => return Ok(()),
                 Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(ApplyError::Failed(weft_api::error_chain(&e))),
+                Err(e) => return Err(store_error(e)),
             }
         }
         Err(ApplyError::Conflict(format!("{t} kept changing while being deleted")))
@@ -583,7 +590,7 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         serve(opts.metrics_addr, metrics.clone()).await?;
     }
     let client = weft_api::connect(&opts.etcd).await?;
-    let store = Store::new(client.clone());
+    let mut store = Store::new(client.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Signal)?;
 
     let (leadership, lost, release) = match &opts.leader {
@@ -596,6 +603,8 @@ pub async fn run(opts: Options) -> Result<(), Error> {
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             };
             let leadership = elected.leadership();
+            // Every write compares the Lease key's etcd lease: an ex-leader's in-flight writes fail whole.
+            store = store.with_fence(weft_api::store::Fence { key: cfg.key(), lease_id: elected.lease_id() });
             let release = (elected.client(), elected.lease_id());
             (leadership, Some(tokio::spawn(elected.keep())), Some(release))
         }

@@ -72,7 +72,9 @@ async fn creations_go_in_slow_start_batches_and_stop_at_the_first_failing_one() 
 #[tokio::test]
 async fn deletes_touch_only_the_object_the_decision_saw() {
     let (_etcd, store, c) = setup().await;
-    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"}})).unwrap();
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
     let first = store.create(&p).await.unwrap();
     store.delete::<Pod>(Some("default"), "p", None).await.unwrap();
     let second = store.create(&p).await.unwrap();
@@ -92,10 +94,13 @@ async fn deletes_touch_only_the_object_the_decision_saw() {
 async fn the_collector_checks_the_store_before_deleting_a_dependent() {
     let (_etcd, store, c) = setup().await;
     let rs: ReplicaSet = serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "default"},
-        "spec": {"selector": {"matchLabels": {"app": "web"}}}}))
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}))
     .unwrap();
     let rs = store.create(&rs).await.unwrap();
-    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "web-a", "namespace": "default"}})).unwrap();
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "web-a", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
     let p = store.create(&p).await.unwrap();
     let owner = Target {
         kind: Kind::ReplicaSet,
@@ -124,14 +129,16 @@ async fn the_collector_checks_the_store_before_deleting_a_dependent() {
 async fn updates_are_compare_and_swap_and_nothing_is_written_without_leadership() {
     let etcd = EtcdFixture::start().unwrap();
     let store = Store::new(etcd.client().await.unwrap());
-    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"}})).unwrap();
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
     let seen = store.create(&p).await.unwrap();
     let mut newer = seen.clone();
     newer.metadata.labels = Some([("x".to_string(), "1".to_string())].into());
     store.update(&newer).await.unwrap();
     let c = Controllers::new(store.clone(), Cache::default(), &options(etcd.endpoint()), Leadership::always());
     let mut stale = seen.clone();
-    stale.spec = Some(Default::default());
+    stale.metadata.annotations = Some([("stale".to_string(), "1".to_string())].into());
     let err = c.apply(&key(), vec![Action::update(Obj::Pod(stale.clone()), "bind")]).await.unwrap_err();
     assert!(matches!(err, ApplyError::Conflict(_)), "{err:?}");
     let stopped = Leadership::always();
@@ -140,4 +147,38 @@ async fn updates_are_compare_and_swap_and_nothing_is_written_without_leadership(
     let err = c.apply(&key(), vec![pod_named("web-")]).await.unwrap_err();
     assert!(matches!(err, ApplyError::NotLeader), "{err:?}");
     assert_eq!(store.list::<Pod>(Some("default")).await.unwrap().0.len(), 1);
+}
+
+#[tokio::test]
+async fn an_ex_leaders_writes_fail_whole_once_the_lease_key_is_not_its_own() {
+    use weft_api::store::Fence;
+    let etcd = EtcdFixture::start().unwrap();
+    let mut client = etcd.client().await.unwrap();
+    let lease_key = "/registry/leases/kube-system/weft-controller";
+    let ours = client.lease_grant(60, None).await.unwrap().id();
+    let opts = etcd_client::PutOptions::new().with_lease(ours);
+    client.put(lease_key, "{}", Some(opts)).await.unwrap();
+    let store = Store::new(client.clone()).with_fence(Fence { key: lease_key.into(), lease_id: ours });
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
+    let created = store.create(&p).await.unwrap();
+    // Another controller takes the key over (our etcd lease expired while we were paused).
+    let theirs = client.lease_grant(60, None).await.unwrap().id();
+    client.put(lease_key, "{}", Some(etcd_client::PutOptions::new().with_lease(theirs))).await.unwrap();
+    let mut q = p.clone();
+    q.metadata.name = Some("q".into());
+    assert!(store.create(&q).await.unwrap_err().is_fenced());
+    let mut changed = created.clone();
+    changed.metadata.labels = Some([("x".to_string(), "1".to_string())].into());
+    assert!(store.update(&changed).await.unwrap_err().is_fenced());
+    assert!(store.delete::<Pod>(Some("default"), "p", None).await.unwrap_err().is_fenced());
+    let plain = Store::new(client.clone());
+    let (pods, _) = plain.list::<Pod>(Some("default")).await.unwrap();
+    assert_eq!(pods.len(), 1, "nothing of the fenced writes landed");
+    assert_eq!(pods[0].metadata.labels, None);
+    // Through the controllers' runtime, a fenced write reads as lost leadership.
+    let c = Controllers::new(store, Cache::default(), &options(etcd.endpoint()), Leadership::always());
+    let err = c.apply(&key(), vec![pod_named("web-")]).await.unwrap_err();
+    assert!(matches!(err, ApplyError::NotLeader), "{err:?}");
 }

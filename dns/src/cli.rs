@@ -67,7 +67,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !n.is_finite() || n < 0.0 {
         return Err(format!("{s:?} must be a positive duration"));
     }
-    Ok(Duration::from_secs_f64(n * mult))
+    // try_: a finite but huge value would panic in from_secs_f64.
+    Duration::try_from_secs_f64(n * mult).map_err(|_| format!("{s:?} is too long a duration"))
 }
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {

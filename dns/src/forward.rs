@@ -216,14 +216,43 @@ impl Forwarder {
     }
 }
 
+/// Whether `resp` answers `query` (RFC 5452 §9.1): a response under the query's id, with the same question —
+/// name (compared without case), type and class. A spoofer must then guess id, port and question.
+pub fn answers(query: &Message, resp: &Message) -> bool {
+    let same_question = match (query.query(), resp.query()) {
+        (Some(q), Some(r)) => {
+            q.name().to_lowercase() == r.name().to_lowercase()
+                && q.query_type() == r.query_type()
+                && q.query_class() == r.query_class()
+        }
+        _ => false,
+    };
+    resp.id() == query.id()
+        && resp.message_type() == MessageType::Response
+        && same_question
+        && resp.queries().len() == 1
+}
+
+/// A UDP socket on a random source port (RFC 5452 §9.2: ids alone are 16 bits); the kernel's choice if a few
+/// random ports are taken.
+async fn random_port_socket(up: SocketAddr) -> std::io::Result<UdpSocket> {
+    let ip: IpAddr = if up.is_ipv4() { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
+    for _ in 0..8 {
+        let port = rand::random::<u16>().max(1024);
+        if let Ok(s) = UdpSocket::bind(SocketAddr::new(ip, port)).await {
+            return Ok(s);
+        }
+    }
+    UdpSocket::bind(SocketAddr::new(ip, 0)).await
+}
+
 /// One query to one upstream under a fresh id: UDP, then TCP when truncated and the client is on TCP.
 async fn exchange(up: SocketAddr, raw: &[u8], tcp: bool) -> std::io::Result<Message> {
     let id: u16 = rand::random();
     let mut q = raw.to_vec();
     q[0..2].copy_from_slice(&id.to_be_bytes());
-    let bind: SocketAddr =
-        if up.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { "[::]:0".parse().expect("literal") };
-    let sock = UdpSocket::bind(bind).await?;
+    let sent = Message::from_vec(&q).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let sock = random_port_socket(up).await?;
     sock.connect(up).await?;
     sock.send(&q).await?;
     let mut buf = vec![0u8; 65535];
@@ -231,7 +260,7 @@ async fn exchange(up: SocketAddr, raw: &[u8], tcp: bool) -> std::io::Result<Mess
         let n = sock.recv(&mut buf).await?;
         // Only the answer to our question, under our id: anything else is dropped.
         if let Ok(m) = Message::from_vec(&buf[..n]) {
-            if m.id() == id && m.message_type() == MessageType::Response {
+            if answers(&sent, &m) {
                 break m;
             }
         }
@@ -247,7 +276,11 @@ async fn exchange(up: SocketAddr, raw: &[u8], tcp: bool) -> std::io::Result<Mess
     let len = s.read_u16().await?;
     let mut body = vec![0u8; usize::from(len)];
     s.read_exact(&mut body).await?;
-    Message::from_vec(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    let m = Message::from_vec(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if !answers(&sent, &m) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the TCP answer is not to our question"));
+    }
+    Ok(m)
 }
 
 #[cfg(test)]
@@ -305,6 +338,50 @@ mod tests {
         let soa = SOA::new(Name::root(), Name::root(), 1, 1, 1, 1, 5);
         nx.add_name_server(Record::from_rdata(Name::from_ascii("example.").unwrap(), 900, RData::SOA(soa)));
         assert_eq!(cache_ttl(&nx), Some(Duration::from_secs(5)), "negative TTL is the SOA minimum");
+    }
+
+    #[test]
+    fn only_an_answer_to_our_id_and_question_is_accepted() {
+        let q = query("example.com.", RecordType::A, 7);
+        let ok = answer(&q, 60);
+        assert!(answers(&q, &ok));
+        let mut case = answer(&query("EXAMPLE.com.", RecordType::A, 7), 60);
+        assert!(answers(&q, &case), "names compare without case");
+        case.set_id(8);
+        assert!(!answers(&q, &case), "another id");
+        assert!(!answers(&q, &answer(&query("example.org.", RecordType::A, 7), 60)), "another name");
+        assert!(!answers(&q, &answer(&query("example.com.", RecordType::AAAA, 7), 60)), "another type");
+        let mut not_resp = ok.clone();
+        not_resp.set_message_type(MessageType::Query);
+        assert!(!answers(&q, &not_resp), "a query is no answer");
+        let mut none = ok.clone();
+        none.queries_mut().clear();
+        assert!(!answers(&q, &none), "no question");
+        let mut two = ok;
+        two.add_query(Query::query(Name::from_ascii("evil.").unwrap(), RecordType::A));
+        assert!(!answers(&q, &two), "an extra question");
+    }
+
+    #[tokio::test]
+    async fn a_spoofed_answer_is_dropped_and_the_real_one_taken() {
+        // An upstream on loopback that first sends a reply with a wrong question, then the right one.
+        let up = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            let (n, from) = up.recv_from(&mut buf).await.unwrap();
+            let req = Message::from_vec(&buf[..n]).unwrap();
+            let mut spoof = answer(&query("evil.example.", RecordType::A, req.id()), 60);
+            spoof.set_id(req.id());
+            up.send_to(&spoof.to_vec().unwrap(), from).await.unwrap();
+            up.send_to(&answer(&req, 60).to_vec().unwrap(), from).await.unwrap();
+        });
+        let req = query("example.com.", RecordType::A, 1);
+        let f = Forwarder::new(vec![addr], Duration::from_secs(2), 0);
+        let got = f.forward(&req, &req.to_vec().unwrap(), false).await;
+        assert_eq!(got.msg.query().unwrap().name().to_ascii(), "example.com.");
+        assert_eq!(got.msg.answers().len(), 1);
+        assert_eq!(got.msg.id(), 1);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A bounded-frequency runner, after kube-proxy's: triggers are coalesced, runs are at least
-//! `min_interval` apart, a failed run is retried after `retry_interval`, and a run happens at least
+//! `min_interval` apart, a failed run is retried after `retry_interval` (doubling while runs keep failing, up to
+//! `max_interval`), and a run happens at least
 //! every `max_interval` even without triggers. Time is tokio's, so tests pause and advance it.
 
 use std::future::Future;
@@ -50,11 +51,15 @@ impl BoundedRunner {
     {
         let Intervals { min, max, retry } = self.intervals;
         let mut forced = true;
+        // Consecutive failures double the retry interval, up to the max interval.
+        let mut failures: u32 = 0;
         loop {
             let started = Instant::now();
             let ok = f(forced).await.is_ok();
+            failures = if ok { 0 } else { failures.saturating_add(1) };
+            let backoff = retry.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(max.max(retry));
             let earliest = started + min;
-            let deadline = if ok { started + max } else { (started + retry).max(earliest) };
+            let deadline = if ok { started + max } else { (started + backoff).max(earliest) };
             forced = tokio::select! {
                 _ = self.notify.notified() => false,
                 _ = sleep_until(deadline) => true,

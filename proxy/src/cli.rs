@@ -37,11 +37,11 @@ pub struct ProxyArgs {
     /// comma-separated CIDRs of node addresses that accept NodePorts [default: every local address]
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<Ipv4Network>,
-    /// address of /metrics and /services ("" to disable)
+    /// address of /metrics, /services and /healthz (loopback: metrics are not for the network); "" to disable
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
-    /// address of /healthz ("" to disable)
-    #[arg(long, default_value = "127.0.0.1:10256")]
+    /// address of /healthz, all addresses as kube-proxy's (load balancers probe it); "" to disable
+    #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
     /// minimum time between syncs; changes within it are coalesced (e.g. 1s, 500ms)
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -69,7 +69,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} must be a positive duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // try_: a finite but huge value (1e300h) would panic in from_secs_f64.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long a duration"))
 }
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
@@ -195,6 +196,10 @@ pub fn render_services(status: &ProxyStatus) -> String {
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }
+    for (name, reason) in &status.refused {
+        // Debug-quoted: the reason is a tool's stderr.
+        out.push_str(&format!("REFUSED {name}: {reason:?}\n"));
+    }
     out
 }
 
@@ -231,7 +236,7 @@ mod tests {
         for (s, ms) in [("500ms", 500), ("1s", 1000), ("1.5s", 1500), ("2m", 120_000), ("1h", 3_600_000)] {
             assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
         }
-        for bad in ["", "10", "s", "1x", "-1s", "abc"] {
+        for bad in ["", "10", "s", "1x", "-1s", "abc", "1e300h", "NaNs", "infs"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
@@ -255,6 +260,7 @@ mod tests {
     #[test]
     fn programmed_is_checked_against_iptables_save() {
         let mut st = ProxyStatus {
+            refused: vec![],
             mode: "iptables".into(),
             node: "node-1".into(),
             synced: true,

@@ -9,7 +9,7 @@ use crate::model::{ServicePortName, ServiceTable};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("iptables sync failed")]
-    Iptables(#[from] crate::iptables::Error),
+    Iptables(#[from] crate::restore::Error),
     #[error("userspace sync failed")]
     Userspace(#[from] crate::userspace::Error),
 }
@@ -40,6 +40,13 @@ pub trait Dataplane {
     fn describe(&self, _port: &ServicePortName) -> Option<String> {
         None
     }
+
+    /// Whether the kernel tool would take `table`'s rules, applying nothing (e.g. `iptables-restore --test`).
+    /// When a sync fails, the proxy bisects the table with this to find the service ports the kernel refuses,
+    /// skips them and applies the rest. The default cannot tell: every table passes.
+    fn check(&mut self, _table: &ServiceTable) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The daemon picks its mode at run time.
@@ -52,5 +59,8 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn describe(&self, port: &ServicePortName) -> Option<String> {
         (**self).describe(port)
+    }
+    fn check(&mut self, table: &ServiceTable) -> Result<()> {
+        (**self).check(table)
     }
 }

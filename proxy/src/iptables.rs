@@ -41,9 +41,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
-use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use ipnetwork::Ipv4Network;
@@ -52,20 +50,10 @@ use sha2::{Digest, Sha256};
 use crate::conntrack::stale_udp;
 use crate::dataplane::{self, Dataplane, SyncStats};
 use crate::model::{Endpoint, Protocol, ServiceEntry, ServicePortName, ServiceTable};
+use crate::restore;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("spawning `{program}` failed")]
-    Spawn {
-        program: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{program}` failed ({status}): {stderr}")]
-    Failed { program: String, status: String, stderr: String },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+// The restore/save machinery lives in `restore`; re-exported so `iptables::CommandRunner` & co. keep working.
+pub use crate::restore::{comment, scan_save, ChainKey, CommandRunner, Error, Result, Runner, SavedHook, Table};
 
 /// Prefix of every chain we own.
 pub const PREFIX: &str = "WEFT-";
@@ -118,23 +106,6 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Table {
-    Filter,
-    Nat,
-}
-
-impl Table {
-    fn name(self) -> &'static str {
-        match self {
-            Table::Filter => "filter",
-            Table::Nat => "nat",
-        }
-    }
-}
-
-pub type ChainKey = (Table, String);
-
 /// One chain's desired rules; each rule is what follows `-A <name> `.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
@@ -186,41 +157,6 @@ pub fn is_proxy_chain(name: &str) -> bool {
     const FIXED: [&str; 7] = [SERVICES, EXTERNAL_SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, FORWARD, HAIRPIN];
     const FAMILIES: [&str; 6] = ["WEFT-SVC-", "WEFT-SVL-", "WEFT-EXT-", "WEFT-SEP-", "WEFT-D-", "WEFT-HP-"];
     FIXED.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
-}
-
-/// A rule of a built-in chain jumping to one of ours: (table, built-in chain, rule after `-A <chain> `, target).
-pub type SavedHook = (Table, String, String, String);
-
-/// One pass over `iptables-save` output (nat and filter): the chains `owns` claims, and every rule of a
-/// built-in chain that jumps to one of them as (table, built-in chain, the rule after `-A <chain> `, target).
-/// Shared by the modes, which differ only in what they own.
-pub fn scan_save(text: &str, owns: impl Fn(&str) -> bool) -> (BTreeSet<ChainKey>, Vec<SavedHook>) {
-    let (mut chains, mut hooks) = (BTreeSet::new(), Vec::new());
-    let mut table = None;
-    for line in text.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = match t.trim() {
-                "nat" => Some(Table::Nat),
-                "filter" => Some(Table::Filter),
-                _ => None,
-            };
-            continue;
-        }
-        let Some(t) = table else { continue };
-        if let Some(decl) = line.strip_prefix(':') {
-            if let Some(name) = decl.split_whitespace().next().filter(|n| owns(n)) {
-                chains.insert((t, name.to_string()));
-            }
-        } else if let Some(rule) = line.strip_prefix("-A ") {
-            let Some((chain, rest)) = rule.split_once(' ') else { continue };
-            let words: Vec<&str> = rest.split_whitespace().collect();
-            let target = words.windows(2).find(|w| w[0] == "-j").map(|w| w[1]).unwrap_or_default();
-            if !chain.starts_with(PREFIX) && owns(target) {
-                hooks.push((t, chain.to_string(), rest.to_string(), target.to_string()));
-            }
-        }
-    }
-    (chains, hooks)
 }
 
 /// Parses `iptables-save` output (all tables) for our chains and hooks.
@@ -284,14 +220,6 @@ pub fn service_chains(spn: &ServicePortName) -> ServiceChains {
 /// kube-proxy's `servicePortEndpointChainName`.
 pub fn endpoint_chain(spn: &ServicePortName, ep: &Endpoint) -> String {
     format!("WEFT-SEP-{}", hash16(&[&spn.to_string(), spn.protocol.lower(), &ep.to_string()]))
-}
-
-fn comment(text: &str) -> String {
-    if text.contains(' ') {
-        format!("-m comment --comment \"{text}\"")
-    } else {
-        format!("-m comment --comment {text}")
-    }
 }
 
 fn proto_match(spn: &ServicePortName, port: u16) -> String {
@@ -835,66 +763,6 @@ pub fn render_partial(
     r.finish(state)
 }
 
-/// Runs the iptables tools. The real one is `CommandRunner`; tests run it inside a namespace.
-pub trait Runner: Send {
-    /// Runs `program args`, feeding `stdin`; returns stdout, or an error carrying stderr.
-    fn run(&mut self, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>>;
-}
-
-/// Runs programs directly, or behind a prefix such as `ip netns exec <ns>`.
-#[derive(Debug, Clone, Default)]
-pub struct CommandRunner {
-    prefix: Vec<String>,
-}
-
-impl CommandRunner {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn with_prefix<S: Into<String>>(prefix: impl IntoIterator<Item = S>) -> Self {
-        CommandRunner { prefix: prefix.into_iter().map(Into::into).collect() }
-    }
-}
-
-impl Runner for CommandRunner {
-    fn run(&mut self, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>> {
-        let mut cmd = match self.prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(program);
-                c
-            }
-            None => Command::new(program),
-        };
-        cmd.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let spawn_err = |source| Error::Spawn { program: program.to_string(), source };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        // Feed stdin from a thread so a tool that writes a lot before reading everything cannot deadlock us.
-        let writer = match (stdin, child.stdin.take()) {
-            (Some(data), Some(mut pipe)) => {
-                let data = data.to_vec();
-                Some(std::thread::spawn(move || pipe.write_all(&data)))
-            }
-            _ => None,
-        };
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        let write_result = writer.map(|w| w.join());
-        if !out.status.success() {
-            return Err(Error::Failed {
-                program: program.to_string(),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        if let Some(Ok(Err(e))) = write_result {
-            return Err(spawn_err(e));
-        }
-        Ok(out.stdout)
-    }
-}
-
 /// The iptables dataplane: one `iptables-restore --noflush` per sync.
 pub struct IptablesDataplane<R: Runner = CommandRunner> {
     runner: R,
@@ -939,7 +807,7 @@ impl<R: Runner> IptablesDataplane<R> {
         let started = Instant::now();
         self.state = None;
         for batch in &r.batches {
-            self.runner.run("iptables-restore", &["-w", "5", "--noflush"], Some(batch.as_bytes()))?;
+            restore::restore(&mut self.runner, batch.as_bytes())?;
         }
         self.state = Some(r.state);
         Ok(SyncStats { duration: started.elapsed(), ..r.stats })
@@ -955,6 +823,13 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
         Some(service_chains(port).svc)
     }
 
+    /// A fresh full render as one `iptables-restore --test` input (batches are not self-contained when nothing
+    /// is committed between them); nothing reaches the kernel.
+    fn check(&mut self, table: &ServiceTable) -> dataplane::Result<()> {
+        let r = render_sync_full(table, &self.cfg, &Existing::default());
+        Ok(restore::test_restore(&mut self.runner, r.text().as_bytes())?)
+    }
+
     fn sync(
         &mut self,
         table: &ServiceTable,
@@ -965,8 +840,8 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
             (Some(changed), Some(prev)) => render_partial(table, changed, &self.cfg, prev),
             _ => {
                 self.state = None;
-                let save = self.runner.run("iptables-save", &[], None)?;
-                let existing = parse_save(&String::from_utf8_lossy(&save));
+                let save = restore::save(&mut self.runner)?;
+                let existing = parse_save(&save);
                 render_sync_full(table, &self.cfg, &existing)
             }
         };

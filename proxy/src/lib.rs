@@ -9,6 +9,7 @@ pub mod iptables;
 pub mod metrics;
 pub mod model;
 pub mod proxier;
+pub mod restore;
 pub mod run;
 pub mod status;
 pub mod table;

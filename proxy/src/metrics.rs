@@ -25,6 +25,12 @@ pub struct Metrics {
     pub rules_written: usize,
     pub partial_syncs: u64,
     pub full_syncs: u64,
+    /// Objects in etcd this process refused to read (once per key and revision; `weft_api::store::rejected_total`).
+    pub invalid_objects: u64,
+    /// Service and Endpoints input the last sync could not serve.
+    pub skipped: usize,
+    /// Service ports left out because the kernel refused their rules.
+    pub refused: usize,
 }
 
 impl Metrics {
@@ -64,7 +70,7 @@ impl Metrics {
         let _ = writeln!(o, "weft_proxy_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {}", self.count);
         let _ = writeln!(o, "weft_proxy_sync_proxy_rules_duration_seconds_sum {}", self.sum);
         let _ = writeln!(o, "weft_proxy_sync_proxy_rules_duration_seconds_count {}", self.count);
-        let gauges: [(&str, &str, &str, String); 8] = [
+        let gauges: [(&str, &str, &str, String); 11] = [
             (
                 "weft_proxy_sync_proxy_rules_last_timestamp_seconds",
                 "gauge",
@@ -92,6 +98,24 @@ impl Metrics {
                 "gauge",
                 "Rules or sockets written by the last sync.",
                 self.rules_written.to_string(),
+            ),
+            (
+                "weft_proxy_invalid_objects_total",
+                "counter",
+                "Objects read from etcd that failed validation and were skipped (once per key and revision).",
+                self.invalid_objects.to_string(),
+            ),
+            (
+                "weft_proxy_skipped_inputs",
+                "gauge",
+                "Service or Endpoints input the last sync could not serve.",
+                self.skipped.to_string(),
+            ),
+            (
+                "weft_proxy_refused_service_ports",
+                "gauge",
+                "Service ports left out because the kernel refused their rules.",
+                self.refused.to_string(),
             ),
         ];
         for (name, kind, help, value) in gauges {

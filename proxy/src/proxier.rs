@@ -29,6 +29,16 @@ pub struct SyncOutcome {
     pub changed: usize,
     /// Input that could not be served (to be logged).
     pub skipped: Vec<Skipped>,
+    /// Service ports whose rules the kernel refused this sync (found by bisecting with `Dataplane::check`):
+    /// left out, the rest applied.
+    pub refused: Vec<(ServicePortName, String)>,
+}
+
+/// A service port the kernel refused, and the entry it refused: retried only once the entry changes.
+#[derive(Debug, Clone)]
+struct Refused {
+    entry: crate::model::ServiceEntry,
+    reason: String,
 }
 
 pub struct Proxier<D> {
@@ -40,6 +50,7 @@ pub struct Proxier<D> {
     endpoints_changes: ChangeTracker<Arc<Endpoints>>,
     /// The table the dataplane was last synced to successfully.
     synced: Option<ServiceTable>,
+    refused: BTreeMap<ServicePortName, Refused>,
     dataplane: D,
 }
 
@@ -52,6 +63,7 @@ impl<D: Dataplane> Proxier<D> {
             service_changes: ChangeTracker::new(),
             endpoints_changes: ChangeTracker::new(),
             synced: None,
+            refused: BTreeMap::new(),
             dataplane,
         }
     }
@@ -88,13 +100,23 @@ impl<D: Dataplane> Proxier<D> {
         &self.dataplane
     }
 
+    /// Service ports left out because the kernel refused their rules, with the tool's reason.
+    pub fn refused(&self) -> impl Iterator<Item = (&ServicePortName, &str)> {
+        self.refused.iter().map(|(k, r)| (k, r.reason.as_str()))
+    }
+
     /// Syncs the dataplane to the current objects; `full` forces a full sync.
     pub fn sync(&mut self, full: bool) -> Result<SyncOutcome> {
         let mut touched = self.service_changes.take();
         touched.extend(self.endpoints_changes.take());
         let services: Vec<&Service> = self.services.values().map(|s| &**s).collect();
         let endpoints: Vec<&Endpoints> = self.endpoints.values().map(|e| &**e).collect();
-        let (table, skipped) = desired_table(&services, &endpoints, &self.node_name);
+        let (mut table, skipped) = desired_table(&services, &endpoints, &self.node_name);
+        // A port the kernel refused stays out while its entry is what was refused; a changed entry is tried again.
+        self.refused.retain(|k, r| table.get(k) == Some(&r.entry));
+        for k in self.refused.keys() {
+            table.remove(k);
+        }
         let changed: Option<BTreeSet<ServicePortName>> = match (&self.synced, full) {
             // Only ports whose entry really differs: an annotation-only update rewrites nothing.
             (Some(old), false) => Some(touched.into_iter().filter(|k| old.get(k) != table.get(k)).collect()),
@@ -103,9 +125,44 @@ impl<D: Dataplane> Proxier<D> {
         let n = changed.as_ref().map_or(table.len(), BTreeSet::len);
         // Forget the synced table first: if the sync fails, the next one is full.
         self.synced = None;
-        let stats = self.dataplane.sync(&table, changed.as_ref())?;
+        let mut refused = Vec::new();
+        let stats = match self.dataplane.sync(&table, changed.as_ref()) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // One bad service must not keep the others out: find what the kernel refuses, leave it out, and
+                // retry at once with a full sync of the rest.
+                let keys: Vec<ServicePortName> = table.keys().cloned().collect();
+                refused = self.bisect(&table, &keys);
+                if refused.is_empty() {
+                    return Err(e.into());
+                }
+                for (k, reason) in &refused {
+                    if let Some(entry) = table.remove(k) {
+                        self.refused.insert(k.clone(), Refused { entry, reason: reason.clone() });
+                    }
+                }
+                self.dataplane.sync(&table, None)?
+            }
+        };
         self.synced = Some(table);
-        Ok(SyncOutcome { stats, changed: n, skipped })
+        Ok(SyncOutcome { stats, changed: n, skipped, refused })
+    }
+
+    /// The ports of `keys` whose rules `Dataplane::check` refuses, each with the tool's reason: halves are
+    /// checked until the refused ports stand alone (a few checks per bad port, not one per port).
+    fn bisect(&mut self, table: &ServiceTable, keys: &[ServicePortName]) -> Vec<(ServicePortName, String)> {
+        let sub: ServiceTable = keys.iter().filter_map(|k| Some((k.clone(), table.get(k)?.clone()))).collect();
+        let err = match self.dataplane.check(&sub) {
+            Ok(()) => return vec![],
+            Err(e) => e,
+        };
+        if keys.len() == 1 {
+            return vec![(keys[0].clone(), weft_api::error_chain(&err))];
+        }
+        let (a, b) = keys.split_at(keys.len() / 2);
+        let mut out = self.bisect(table, a);
+        out.extend(self.bisect(table, b));
+        out
     }
 }
 
@@ -115,11 +172,20 @@ mod tests {
     use crate::model::Protocol;
     use serde_json::json;
 
-    /// Records what it was asked to do; fails on demand.
+    /// Records what it was asked to do; fails on demand, and refuses any table holding a port named `poison`.
     #[derive(Default)]
     struct Recorder {
         calls: Vec<(usize, Option<BTreeSet<ServicePortName>>)>,
         fail_next: bool,
+        checks: usize,
+    }
+
+    fn poisoned(table: &ServiceTable) -> bool {
+        table.keys().any(|k| k.name.starts_with("poison"))
+    }
+
+    fn refuse() -> dataplane::Error {
+        crate::restore::Error::Failed { program: "x".into(), status: "2".into(), stderr: "Bad argument".into() }.into()
     }
 
     impl Dataplane for Recorder {
@@ -129,9 +195,12 @@ mod tests {
             changed: Option<&BTreeSet<ServicePortName>>,
         ) -> dataplane::Result<SyncStats> {
             self.calls.push((table.len(), changed.cloned()));
+            if poisoned(table) {
+                return Err(refuse());
+            }
             if std::mem::take(&mut self.fail_next) {
                 let e =
-                    crate::iptables::Error::Failed { program: "x".into(), status: "1".into(), stderr: "boom".into() };
+                    crate::restore::Error::Failed { program: "x".into(), status: "1".into(), stderr: "boom".into() };
                 return Err(e.into());
             }
             Ok(SyncStats { full: changed.is_none(), ..SyncStats::default() })
@@ -140,6 +209,41 @@ mod tests {
         fn mode(&self) -> &'static str {
             "recorder"
         }
+
+        fn check(&mut self, table: &ServiceTable) -> dataplane::Result<()> {
+            self.checks += 1;
+            if poisoned(table) {
+                return Err(refuse());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ports_the_kernel_refuses_are_left_out_and_the_rest_applied() {
+        let mut p = Proxier::new("node-1", Recorder::default());
+        for i in 0..30 {
+            p.on_service(k(&format!("s{i}")), Some(svc(&format!("s{i}"), &format!("10.96.0.{i}"), "x")));
+        }
+        p.on_service(k("poison-a"), Some(svc("poison-a", "10.96.1.1", "x")));
+        p.on_service(k("poison-b"), Some(svc("poison-b", "10.96.1.2", "x")));
+        let out = p.sync(false).unwrap();
+        let refused: Vec<String> = out.refused.iter().map(|(k, _)| k.name.clone()).collect();
+        assert_eq!(refused, ["poison-a", "poison-b"]);
+        assert_eq!(p.table().unwrap().len(), 30, "every other port applied");
+        assert_eq!(p.dataplane().calls.last().unwrap(), &(30, None), "retried at once as a full sync");
+        assert!(p.dataplane().checks <= 20, "bisected, not one check per port: {}", p.dataplane().checks);
+        assert_eq!(p.refused().count(), 2, "reported for `weft services`");
+        // Unchanged, they stay out without another bisection; a fixed one comes back.
+        let checks = p.dataplane().checks;
+        p.on_service(k("s1"), Some(svc("s1", "10.96.0.1", "y")));
+        p.sync(false).unwrap();
+        assert_eq!(p.dataplane().checks, checks);
+        p.on_service(k("poison-b"), None);
+        p.on_service(k("poison-b"), Some(svc("poison-b", "10.96.1.3", "x")));
+        p.sync(false).unwrap();
+        assert!(p.dataplane().checks > checks, "a changed entry is tried again");
+        assert_eq!(p.refused().count(), 2, "and refused again");
     }
 
     fn svc(name: &str, ip: &str, annotation: &str) -> Arc<Service> {

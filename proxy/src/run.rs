@@ -42,6 +42,8 @@ struct Shared {
     metrics: Metrics,
     status: ProxyStatus,
     last_ok: Option<Instant>,
+    /// The skipped inputs already warned about (what the last successful sync skipped).
+    warned: std::collections::HashSet<(String, String)>,
 }
 
 fn key(k: &weft_api::ObjectKey) -> ObjectKey {
@@ -98,7 +100,10 @@ pub async fn run(opts: ProxyOptions, dataplane: Box<dyn Dataplane + Send>) -> Re
     let node = opts.node_name.clone();
     let sync_loop = runner.run(move |forced| {
         let (proxier, shared, node) = (proxier.clone(), shared.clone(), node.clone());
-        async move { sync_once(&proxier, &shared, &node, forced) }
+        // Off the runtime: an iptables-restore of seconds must not stall /healthz, /metrics or userspace relays.
+        async move {
+            tokio::task::spawn_blocking(move || sync_once(&proxier, &shared, &node, forced)).await.unwrap_or(Err(()))
+        }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Listen { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
@@ -128,16 +133,41 @@ fn sync_once(
     let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
     match result {
         Ok(outcome) => {
-            for skipped in &outcome.skipped {
-                warn!(object = %skipped.object, "skipped: {}", skipped.reason);
+            // One warning per problem, not one per sync: only what the last sync did not already report.
+            let now: std::collections::HashSet<(String, String)> =
+                outcome.skipped.iter().map(|k| (k.object.clone(), k.reason.clone())).collect();
+            for (object, reason) in now.difference(&s.warned) {
+                warn!(object = %object, "skipped: {reason}");
+            }
+            s.warned = now;
+            for (port, reason) in &outcome.refused {
+                warn!(service = %port, reason = ?reason, "the kernel refused this service port's rules; left out, the rest applied");
             }
             if let Some(table) = p.table() {
                 s.status = status::build(table, p.dataplane(), node);
+                s.status.refused = p.refused().map(|(k, r)| (k.to_string(), r.to_string())).collect();
                 s.metrics.service_ports = table.len();
                 s.metrics.endpoints = table.values().map(|e| e.endpoints.len()).sum();
             }
+            s.metrics.skipped = outcome.skipped.len();
+            s.metrics.refused = s.status.refused.len();
             s.metrics.observe_sync(took, &outcome.stats, SystemTime::now());
+            let first = s.last_ok.is_none();
             s.last_ok = Some(Instant::now());
+            if outcome.stats.full || first {
+                // One line an operator can find: the proxy is serving, and how big and slow a full sync is.
+                info!(
+                    first,
+                    full = outcome.stats.full,
+                    service_ports = p.table().map_or(0, |t| t.len()),
+                    rules = outcome.stats.rules_written,
+                    chains = outcome.stats.chains_written,
+                    skipped = outcome.skipped.len(),
+                    duration_ms = took.as_millis() as u64,
+                    "{}",
+                    if first { "first sync complete" } else { "full sync complete" }
+                );
+            }
             if outcome.stats.full {
                 release_freed_memory();
             }
@@ -164,28 +194,37 @@ fn release_freed_memory() {
 
 async fn serve_endpoints(opts: &ProxyOptions, shared: Arc<Mutex<Shared>>, mode: &'static str) -> Result<(), Error> {
     let sync = opts.sync;
-    let handler: http::Handler = Arc::new(move |path: &str| {
-        let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-        match path {
-            "/metrics" => {
-                Response { status: 200, content_type: "text/plain; version=0.0.4", body: s.metrics.render(mode) }
-            }
-            "/services" => Response::json(serde_json::to_string(&s.status).unwrap_or_default()),
-            "/healthz" | "/livez" => {
-                if healthy(s.last_ok, Instant::now(), sync) {
-                    Response::text(200, "ok\n")
-                } else {
-                    Response::text(503, "no successful sync yet (or none recently)\n")
+    let handler = |full: bool| -> http::Handler {
+        let shared = shared.clone();
+        Arc::new(move |path: &str| {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            match path {
+                "/metrics" if full => {
+                    let mut m = s.metrics.clone();
+                    m.invalid_objects = weft_api::store::rejected_total();
+                    Response { status: 200, content_type: "text/plain; version=0.0.4", body: m.render(mode) }
                 }
+                "/services" if full => Response::json(serde_json::to_string(&s.status).unwrap_or_default()),
+                "/healthz" | "/livez" => {
+                    if healthy(s.last_ok, Instant::now(), sync) {
+                        Response::text(200, "ok\n")
+                    } else {
+                        Response::text(503, "no successful sync yet (or none recently)\n")
+                    }
+                }
+                _ => Response::not_found(),
             }
-            _ => Response::not_found(),
-        }
-    });
-    let mut addrs: Vec<SocketAddr> = opts.metrics_addr.into_iter().collect();
-    addrs.extend(opts.healthz_addr.filter(|h| Some(*h) != opts.metrics_addr));
-    for addr in addrs {
-        let server = http::bind(addr, handler.clone()).await.map_err(|source| Error::Listen { addr, source })?;
+        })
+    };
+    if let Some(addr) = opts.metrics_addr {
+        let server = http::bind(addr, handler(true)).await.map_err(|source| Error::Listen { addr, source })?;
         info!(%addr, "serving /metrics, /healthz and /services");
+        tokio::spawn(server);
+    }
+    // The health address is often every address (a load balancer probes it): it answers /healthz only.
+    if let Some(addr) = opts.healthz_addr.filter(|h| Some(*h) != opts.metrics_addr) {
+        let server = http::bind(addr, handler(false)).await.map_err(|source| Error::Listen { addr, source })?;
+        info!(%addr, "serving /healthz");
         tokio::spawn(server);
     }
     Ok(())

@@ -30,6 +30,9 @@ pub struct ProxyStatus {
     pub node: String,
     pub synced: bool,
     pub services: Vec<ServiceStatus>,
+    /// Service ports left out because the kernel refused their rules: (`ns/name:port`, the tool's reason).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<(String, String)>,
 }
 
 pub fn build(table: &ServiceTable, dataplane: &dyn Dataplane, node: &str) -> ProxyStatus {
@@ -49,5 +52,5 @@ pub fn build(table: &ServiceTable, dataplane: &dyn Dataplane, node: &str) -> Pro
             programmed: dataplane.describe(name),
         })
         .collect();
-    ProxyStatus { mode: dataplane.mode().to_string(), node: node.to_string(), synced: true, services }
+    ProxyStatus { mode: dataplane.mode().to_string(), node: node.to_string(), synced: true, services, refused: vec![] }
 }

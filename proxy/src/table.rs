@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
+use weft_api::service::{is_dns1035_label, is_dns1123_label};
 
 use crate::model::{
     Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable, DEFAULT_AFFINITY_TIMEOUT,
@@ -56,16 +57,25 @@ pub fn desired_table<S: Borrow<Service>, E: Borrow<Endpoints>>(
     let mut by_name: BTreeMap<(&str, &str), &Endpoints> = BTreeMap::new();
     for ep in endpoints.iter().map(Borrow::borrow) {
         if let Some(name) = ep.metadata.name.as_deref() {
-            by_name.insert((ep.metadata.namespace.as_deref().unwrap_or("default"), name), ep);
+            let ns = ep.metadata.namespace.as_deref().unwrap_or("default");
+            // Only a Service's (validated) name can match; anything else is never looked up or printed.
+            if is_dns1123_label(ns) && is_dns1035_label(name) {
+                by_name.insert((ns, name), ep);
+            }
         }
     }
     let mut table = ServiceTable::new();
     for svc in services.iter().map(Borrow::borrow) {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
         let Some(name) = svc.metadata.name.as_deref() else {
-            skip(&mut skipped, format!("Service {ns}/?"), "no metadata.name");
+            skip(&mut skipped, format!("Service {:?}/?", ns), "no metadata.name");
             continue;
         };
+        // Names end up in rule comments and chain hashes: only what the API server would have accepted.
+        if !is_dns1123_label(ns) || !is_dns1035_label(name) {
+            skip(&mut skipped, format!("Service {ns:?}/{name:?}"), "namespace or name is not a DNS label");
+            continue;
+        }
         let ports = service_ports(svc, ns, name, &mut skipped);
         if ports.is_empty() {
             continue;
@@ -147,8 +157,13 @@ fn service_ports(
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
 
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     for p in spec.ports.iter().flatten() {
         let port_name = p.name.clone().unwrap_or_default();
+        if !port_name.is_empty() && !is_dns1123_label(&port_name) {
+            skip(skipped, format!("Service {ns}/{name}:{port_name:?}"), "port name is not a DNS-1123 label");
+            continue;
+        }
         let object = format!("Service {ns}/{name}:{port_name}");
         let Some((protocol, port)) = checked_port(skipped, &object, p.protocol.as_deref(), p.port) else {
             continue;
@@ -175,7 +190,12 @@ fn service_ports(
         };
         // As kube-proxy: the external policy only means something for externally reachable services.
         sp.external_policy_local = external_local && sp.is_external();
-        out.push((ServicePortName::new(ns, name, &port_name, protocol), sp));
+        let spn = ServicePortName::new(ns, name, &port_name, protocol);
+        if !seen.insert(spn.clone()) {
+            skip(skipped, object, "duplicate port name and protocol");
+            continue;
+        }
+        out.push((spn, sp));
     }
     out
 }
@@ -205,7 +225,7 @@ fn endpoint_ports(
         }
         for p in subset.ports.iter().flatten() {
             let port_name = p.name.clone().unwrap_or_default();
-            let object = format!("Endpoints {ns}/{name}:{port_name}");
+            let object = format!("Endpoints {ns}/{name}:{port_name:?}");
             let Some((protocol, port)) = checked_port(skipped, &object, p.protocol.as_deref(), p.port) else {
                 continue;
             };
@@ -258,6 +278,32 @@ mod tests {
         endpoints: Option<Endpoints>,
         want: Vec<(ServicePortName, ServiceEntry)>,
         skipped: usize,
+    }
+
+    #[test]
+    fn names_that_are_not_dns_labels_are_skipped_and_the_rest_served() {
+        let hostile = [
+            ("default", "evil", Some("a\" -j ACCEPT\n")),
+            ("default", "Bad_Name", Some("http")),
+            ("de\nfault", "web", None),
+            ("default", "x", Some("")),
+        ];
+        let mut services: Vec<Service> = hostile
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, name, port))| {
+                svc(json!({"metadata": {"name": name, "namespace": ns},
+                    "spec": {"clusterIP": format!("10.96.0.{}", i + 1), "ports": [{"name": port, "port": 80}]}}))
+            })
+            .collect();
+        services
+            .push(svc(json!({"metadata": {"name": "dup", "namespace": "default"}, "spec": {"clusterIP": "10.96.1.1",
+            "ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]}})));
+        let (table, skipped) = desired_table(&services, &[] as &[Endpoints], "node-1");
+        let keys: Vec<String> = table.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["default/dup:a", "default/x"], "{skipped:?}");
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert!(skipped.iter().all(|s| !s.object.contains('\n')), "{skipped:?}");
     }
 
     #[test]

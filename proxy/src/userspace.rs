@@ -17,8 +17,8 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::dataplane::{self, Dataplane, SyncStats};
-use crate::iptables::{CommandRunner, Runner, Table};
 use crate::model::{Protocol, ServiceEntry, ServicePortName, ServiceTable};
+use crate::restore::{self, comment, CommandRunner, Runner, Table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,7 +33,7 @@ pub enum Error {
     #[error("the runtime that owns the proxy sockets has shut down")]
     RuntimeGone,
     #[error("applying the portal rules failed")]
-    Iptables(#[from] crate::iptables::Error),
+    Iptables(#[from] crate::restore::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -173,25 +173,15 @@ pub struct Existing {
 
 impl Existing {
     fn has_hook(&self, table: Table, builtin: &str, target: &str) -> bool {
-        self.hooks.iter().any(|(t, b, r)| *t == table && b == builtin && jump_target(r) == Some(target))
-    }
-}
-
-fn jump_target(rule: &str) -> Option<&str> {
-    let words: Vec<&str> = rule.split_whitespace().collect();
-    words.windows(2).find(|w| w[0] == "-j").map(|w| w[1])
-}
-
-fn table_name(t: Table) -> &'static str {
-    match t {
-        Table::Filter => "filter",
-        Table::Nat => "nat",
+        self.hooks
+            .iter()
+            .any(|(t, b, r)| *t == table && b == builtin && restore::jump_target(r).as_deref() == Some(target))
     }
 }
 
 /// Parses `iptables-save` output for our chains and the rules that jump to them.
 pub fn parse_save(text: &str) -> Existing {
-    let (chains, hooks) = crate::iptables::scan_save(text, |n| n.starts_with(PREFIX));
+    let (chains, hooks) = restore::scan_save(text, |n| n.starts_with(PREFIX));
     Existing { chains, hooks: hooks.into_iter().map(|(t, chain, rest, _)| (t, chain, rest)).collect() }
 }
 
@@ -231,7 +221,7 @@ fn finish(tables: BTreeMap<Table, TableText>) -> String {
         if tt.decls.is_empty() && tt.rules.is_empty() && tt.deletes.is_empty() {
             continue;
         }
-        let _ = writeln!(s, "*{}", table_name(t));
+        let _ = writeln!(s, "*{}", t.name());
         for line in tt.decls.iter().chain(&tt.rules).chain(&tt.deletes) {
             s.push_str(line);
             s.push('\n');
@@ -245,7 +235,7 @@ fn finish(tables: BTreeMap<Table, TableText>) -> String {
 fn sweep(existing: &Existing, keep: &[&str], tables: &mut BTreeMap<Table, TableText>) -> usize {
     let stale: Vec<&(Table, String)> = existing.chains.iter().filter(|(_, c)| !keep.contains(&c.as_str())).collect();
     for (t, builtin, rule) in &existing.hooks {
-        if jump_target(rule).is_some_and(|j| !keep.contains(&j)) {
+        if restore::jump_target(rule).is_some_and(|j| !keep.contains(&j.as_str())) {
             tables.entry(*t).or_default().rules.insert(0, format!("-D {builtin} {rule}"));
         }
     }
@@ -256,10 +246,6 @@ fn sweep(existing: &Existing, keep: &[&str], tables: &mut BTreeMap<Table, TableT
         tt.deletes.push(format!("-X {c}"));
     }
     stale.len()
-}
-
-fn comment(text: &str) -> String {
-    format!("-m comment --comment \"{text}\"")
 }
 
 /// The whole desired state of our chains as one restore input: our three chains rewritten, the jumps into
@@ -618,10 +604,10 @@ impl<R: Runner> UserspaceDataplane<R> {
     /// Removes our chains and the jumps to them (the sockets stay until the dataplane is dropped).
     pub fn cleanup(&mut self) -> Result<()> {
         self.installed = None;
-        let save = self.runner.run("iptables-save", &[], None)?;
-        let text = render_cleanup(&parse_save(&String::from_utf8_lossy(&save)));
+        let save = restore::save(&mut self.runner)?;
+        let text = render_cleanup(&parse_save(&save));
         if !text.is_empty() {
-            self.runner.run("iptables-restore", &["-w", "5", "--noflush"], Some(text.as_bytes()))?;
+            restore::restore(&mut self.runner, text.as_bytes())?;
         }
         Ok(())
     }
@@ -706,8 +692,8 @@ impl<R: Runner> UserspaceDataplane<R> {
             (Some(i), false) => (i.clone(), false),
             _ => {
                 self.installed = None;
-                let save = self.runner.run("iptables-save", &[], None)?;
-                (parse_save(&String::from_utf8_lossy(&save)), true)
+                let save = restore::save(&mut self.runner)?;
+                (parse_save(&save), true)
             }
         };
         let portals: Vec<Portal<'_>> = self
@@ -718,7 +704,7 @@ impl<R: Runner> UserspaceDataplane<R> {
             .collect();
         let r = render(&portals, &self.cfg, &existing);
         self.installed = None;
-        self.runner.run("iptables-restore", &["-w", "5", "--noflush"], Some(r.text.as_bytes()))?;
+        restore::restore(&mut self.runner, r.text.as_bytes())?;
         self.installed = Some(r.installed);
 
         // Sockets of removed ports close only now that no rule sends traffic to them.
@@ -952,10 +938,10 @@ COMMIT
     }
 
     impl Runner for FakeRunner {
-        fn run(&mut self, program: &str, _: &[&str], _: Option<&[u8]>) -> crate::iptables::Result<Vec<u8>> {
+        fn run(&mut self, program: &str, _: &[&str], _: Option<&[u8]>) -> crate::restore::Result<Vec<u8>> {
             lock(&self.calls).push(program.to_string());
             if program == "iptables-restore" && self.fail.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(crate::iptables::Error::Failed {
+                return Err(crate::restore::Error::Failed {
                     program: program.into(),
                     status: "exit status: 2".into(),
                     stderr: "iptables-restore: line 7 failed".into(),

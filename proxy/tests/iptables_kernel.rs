@@ -267,3 +267,18 @@ fn removed_udp_endpoint_gets_no_more_datagrams_of_an_existing_flow() -> Result<(
     assert_eq!(udp_answer(&lab.client, "10.96.0.53", 53)?, "server-b");
     Ok(())
 }
+
+#[test]
+fn quoted_comments_reach_the_kernel_as_one_argument() -> Result<()> {
+    use weft_proxy::restore::{comment, restore, save};
+    let node = Netns::create("pxq")?;
+    let mut runner = CommandRunner::with_prefix(["ip", "netns", "exec", node.name()]);
+    let hostile = "a\" -j ACCEPT\n-A INPUT -j DROP # it's \\ café\0";
+    let input = format!("*filter\n:WEFT-QUOTE - [0:0]\n-A WEFT-QUOTE {} -j RETURN\nCOMMIT\n", comment(hostile));
+    restore(&mut runner, input.as_bytes())?;
+    let saved = save(&mut runner)?;
+    let rules: Vec<&str> = saved.lines().filter(|l| l.starts_with("-A ")).collect();
+    assert_eq!(rules.len(), 1, "one rule, nothing injected:\n{saved}");
+    assert!(rules[0].contains("-A INPUT -j DROP # it") && rules[0].ends_with("-j RETURN"), "{}", rules[0]);
+    Ok(())
+}

@@ -140,7 +140,11 @@ async fn put(c: &mut etcd_client::Client, resource: &str, name: &str, obj: serde
     Ok(())
 }
 
-fn service(name: &str, spec: serde_json::Value) -> serde_json::Value {
+fn service(name: &str, mut spec: serde_json::Value) -> serde_json::Value {
+    // As the API server would have stored it (readers skip anything else): a ClusterIP Service has a port.
+    if spec.get("ports").is_none() && spec["clusterIP"] != "None" && spec["type"] != "ExternalName" {
+        spec["ports"] = serde_json::json!([{"port": 80}]);
+    }
     serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec})
 }
 

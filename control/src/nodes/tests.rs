@@ -26,8 +26,21 @@ fn node(name: &str, ready: &str, beat_ago: i64, lease_ago: Option<i64>) -> Vec<O
     out
 }
 
-fn run(objs: Vec<Obj>, started_ago: i64) -> Outcome {
-    reconcile(&Cache::of(objs), now(), now() - SignedDuration::from_secs(started_ago), &cfg())
+/// The controller has watched these nodes for `watched` seconds and saw each heartbeat (and Ready transition)
+/// at the time the node's object says (the test's clocks agree; the skew tests below make them disagree).
+fn run(objs: Vec<Obj>, watched: i64) -> Outcome {
+    let cache = Cache::of(objs);
+    let first = now() - SignedDuration::from_secs(watched);
+    let mut health = Health::new();
+    for n in cache.nodes.list() {
+        let b = beat(&n, &cache);
+        let when = [b.0, b.1].into_iter().flatten().max().unwrap_or(first).max(first);
+        let ready = condition(&n, "Ready").map(|c| c.status.clone()).unwrap_or_default();
+        let since =
+            condition(&n, "Ready").and_then(|c| c.last_transition_time.as_ref()).map_or(first, |t| t.0.max(first));
+        health.insert(node_name(&n).to_string(), Observed { beat: b, probe: when, ready, ready_since: since });
+    }
+    reconcile(&cache, now(), &health, &cfg())
 }
 
 fn node_update(o: &Outcome, name: &str) -> Option<Value> {
@@ -146,4 +159,53 @@ fn pods_on_nodes_that_are_gone_are_deleted() {
     objs.push(pod("orphan").node("n9").running().into());
     objs.push(pod("unbound").into());
     assert_eq!(deleted(&run(objs, 3600)), ["orphan"]);
+}
+
+/// A node whose Lease says `renew` (its own clock).
+fn beating(renew: Timestamp) -> Vec<Obj> {
+    let mut objs = node("n1", "True", 0, None);
+    objs.push(Obj::Lease(from(json!({"metadata": {"name": "n1", "namespace": "kube-node-lease"},
+        "spec": {"holderIdentity": "n1", "renewTime": format!("{}", renew.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"))}}))));
+    objs
+}
+
+#[test]
+fn a_skewed_node_clock_neither_keeps_a_dead_node_ready_nor_flaps_a_live_one() {
+    for skew in [-600i64, 600] {
+        let t0 = now();
+        let at = |s: i64| t0 + SignedDuration::from_secs(s);
+        let node_clock = |s: i64| at(s + skew);
+        let mut health = Health::new();
+        // Alive: renewing every 10 s on its own (skewed) clock; checked every 10 s on ours for two minutes.
+        let mut last = Outcome::default();
+        for t in (0..120).step_by(10) {
+            let cache = Cache::of(beating(node_clock(t)));
+            observe(&mut health, &cache, at(t));
+            last = reconcile(&cache, at(t), &health, &cfg());
+            assert!(node_update(&last, "n1").is_none(), "skew {skew}: a live node flapped at {t}s: {:?}", last.lines());
+        }
+        assert!(last.actions.is_empty());
+        // Dead: its Lease stops changing at 110 s. Within the grace period it is still Ready; past it, Unknown,
+        // however far in the future its last renewTime reads.
+        let dead = Cache::of(beating(node_clock(110)));
+        observe(&mut health, &dead, at(140));
+        assert!(node_update(&reconcile(&dead, at(140), &health, &cfg()), "n1").is_none(), "skew {skew}");
+        observe(&mut health, &dead, at(151));
+        let out = reconcile(&dead, at(151), &health, &cfg());
+        let n = node_update(&out, "n1").unwrap_or_else(|| panic!("skew {skew}: a dead node kept Ready"));
+        assert_eq!(conds(&n)[0], "Ready=Unknown", "skew {skew}");
+    }
+}
+
+#[test]
+fn a_restarted_controller_observes_first_and_gives_a_grace_period() {
+    // Heartbeats that stopped long ago by the node's clock: a fresh controller has not seen them stop.
+    let cache = Cache::of([node("n1", "True", 3600, Some(3600)), healthy()].concat());
+    let mut health = Health::new();
+    observe(&mut health, &cache, now());
+    assert!(reconcile(&cache, now(), &health, &cfg()).actions.is_empty());
+    let later = now() + SignedDuration::from_secs(41);
+    observe(&mut health, &cache, later);
+    let out = reconcile(&cache, later, &health, &cfg());
+    assert!(node_update(&out, "n1").is_some() && node_update(&out, "n2").is_some(), "{:?}", out.lines());
 }
