@@ -3,6 +3,7 @@
 //! It touches only namespaces, files and processes it created itself, all named with a unique id.
 
 pub mod cli;
+pub mod containerd;
 pub mod etcd;
 pub mod lab;
 pub mod netns;
