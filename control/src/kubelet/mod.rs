@@ -5,3 +5,4 @@
 pub mod cli;
 pub mod containerd;
 pub mod cri;
+pub mod decide;
