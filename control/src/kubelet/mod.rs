@@ -3,6 +3,8 @@
 //! the daemon that reads and writes the store (`run`, `node`).
 
 pub mod cli;
+pub mod config;
 pub mod containerd;
 pub mod cri;
 pub mod decide;
+pub mod probe;
