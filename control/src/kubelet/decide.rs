@@ -96,10 +96,11 @@ fn add(t: Timestamp, d: Duration) -> Timestamp {
 }
 
 impl BackoffPolicy {
-    /// How long to wait still before restarting after an event at `at`, if at all (`IsInBackOffSince`).
+    /// How long to wait still before restarting after an event (an exit, a failed start) at `at`, if at all
+    /// (`IsInBackOffSince`): the entry's delay counts from the latest event, unless the entry has expired.
     pub fn remaining(&self, entry: Option<&Backoff>, at: Timestamp, now: Timestamp) -> Option<Duration> {
         let e = entry?;
-        if e.since != at {
+        if at > add(e.since, self.reset_after) {
             return None;
         }
         let until = add(at, e.delay);
@@ -240,6 +241,18 @@ pub fn compute_pod_actions(
         // A pod that never restarts and whose containers already ran is over: no new sandbox for it.
         if restart == "Never" && obs.sandbox.is_some() && !obs.containers.is_empty() {
             a.kill_pod = Some("the pod's sandbox is gone and its restart policy is Never".into());
+            return a;
+        }
+        // Every app container finished for good (e.g. all succeeded under OnFailure): the pod is done.
+        let apps = app_containers(pod);
+        let finished = !apps.is_empty()
+            && apps.iter().all(|c| {
+                obs.latest(&c.name)
+                    .0
+                    .is_some_and(|o| o.state == RunState::Exited && !should_restart(restart, o.exit_code))
+            });
+        if finished {
+            a.kill_pod = Some("every container has terminated and none restarts".into());
             return a;
         }
         if obs.sandbox.is_some() || obs.containers.iter().any(|c| c.state == RunState::Running) {
@@ -471,12 +484,25 @@ fn container_status(
     s
 }
 
-/// ErrImagePull turns into ImagePullBackOff while its back-off runs.
-fn pull_reason(e: &StartError, policy: &BackoffPolicy, mem: &PodMemory, name: &str, now: Timestamp) -> String {
-    if e.reason == "ErrImagePull" && policy.remaining(mem.backoff.get(&key(name)), e.at, now).is_some() {
-        "ImagePullBackOff".into()
-    } else {
-        e.reason.clone()
+fn pull_reason(e: &StartError, _policy: &BackoffPolicy, _mem: &PodMemory, _name: &str, _now: Timestamp) -> String {
+    e.reason.clone()
+}
+
+/// After a sync that left a container whose image pull failed waiting out its back-off, its reason turns from
+/// `ErrImagePull` into `ImagePullBackOff` (and back to `ErrImagePull` when the next pull fails), as Kubernetes
+/// shows it.
+pub fn mark_pull_backoff(pod: &Pod, actions: &PodActions, mem: &mut PodMemory) {
+    let starting: Vec<&str> = actions
+        .start
+        .iter()
+        .filter_map(|i| app_containers(pod).get(*i))
+        .chain(actions.start_init.and_then(|i| init_containers(pod).get(i)))
+        .map(|c| c.name.as_str())
+        .collect();
+    for (name, e) in mem.start_errors.iter_mut() {
+        if e.reason == "ErrImagePull" && !starting.contains(&name.as_str()) {
+            e.reason = "ImagePullBackOff".into();
+        }
     }
 }
 
@@ -1000,6 +1026,15 @@ mod tests {
         };
         let (a, _) = decide(&p, &dead);
         assert_eq!((a.create_sandbox, a.kill_pod.is_some()), (None, true));
+        // OnFailure: a pod whose containers all succeeded gets no new sandbox either.
+        let p = pod("OnFailure", &["a"], &[]);
+        let done = Observed {
+            sandbox: Some(SandboxObs { ready: false, ..sandbox().unwrap() }),
+            containers: vec![exited("a", 0, 0, "Completed", 3)],
+        };
+        let (a, s) = decide(&p, &done);
+        assert_eq!((a.create_sandbox, a.kill_pod.is_some()), (None, true));
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
     }
 
     #[test]
@@ -1050,9 +1085,14 @@ mod tests {
             .insert(key("a"), StartError { reason: "ErrImagePull".into(), message: "not found".into(), at: at(1) });
         assert_eq!(reason(&mem, now()), "ErrImagePull");
         mem.backoff.insert(key("a"), Backoff { delay: Duration::from_secs(10), since: at(1) });
-        assert_eq!(reason(&mem, now()), "ImagePullBackOff");
         let a = compute_pod_actions(&p, &o, &mem, &pol, now());
         assert!(a.start.is_empty() && a.requeue_after.is_some(), "no pull during the back-off");
+        mark_pull_backoff(&p, &a, &mut mem);
+        assert_eq!(reason(&mem, now()), "ImagePullBackOff");
+        // When the back-off has passed the pull is retried.
+        let later = now() + SignedDuration::from_secs(10);
+        let a = compute_pod_actions(&p, &o, &mem, &pol, later);
+        assert_eq!(a.start, vec![0]);
         mem.start_errors.insert(
             key("a"),
             StartError { reason: "CreateContainerError".into(), message: "exec: nope".into(), at: at(1) },

@@ -7,4 +7,6 @@ pub mod config;
 pub mod containerd;
 pub mod cri;
 pub mod decide;
+pub mod node;
 pub mod probe;
+pub mod run;
