@@ -44,4 +44,6 @@ if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt >/dev/null 2>&1 || true
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy >/dev/null 2>&1 || true
 fi
+# The kubelet's local images (weft.local/pause:1, weft.local/busybox:1) and containerd, runc, gcc.
+bash "$(dirname "${BASH_SOURCE[0]}")/images.sh" >/dev/null
 exit 0

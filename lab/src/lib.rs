@@ -4,6 +4,7 @@
 
 pub mod bins;
 pub mod cli;
+pub mod containerd;
 pub mod etcd;
 pub mod lab;
 pub mod netns;
