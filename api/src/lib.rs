@@ -7,6 +7,7 @@
 pub mod etcd;
 pub mod http;
 pub mod informer;
+pub mod kind;
 pub mod labels;
 pub mod manifest;
 pub mod quantity;
@@ -16,6 +17,7 @@ pub mod workload;
 
 pub use etcd::{connect, EtcdArgs};
 pub use informer::{Informer, InformerEvent};
+pub use kind::{AnyObject, Kind};
 pub use service::ServiceRanges;
 pub use store::{Object, ObjectKey, Store, WatchEvent};
 

@@ -6,13 +6,12 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, ReplicationController, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::kind::Kind;
 use crate::service::{self, ServiceRanges};
 use crate::workload;
 
@@ -50,58 +49,10 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Every kind `weft apply` knows, as its current version's type.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AnyObject {
-    Pod(Pod),
-    Service(Service),
-    Endpoints(Endpoints),
-    Node(Node),
-    Namespace(Namespace),
-    Deployment(Deployment),
-    ReplicaSet(ReplicaSet),
-    DaemonSet(DaemonSet),
-    ReplicationController(ReplicationController),
-}
+/// Every kind `weft apply` knows, as its current version's type: the registry's enum.
+pub use crate::kind::AnyObject;
 
-/// Calls `$body` with `$o` bound to the typed object inside any variant.
-#[macro_export]
-macro_rules! with_object {
-    ($obj:expr, $o:ident => $body:expr) => {
-        match $obj {
-            $crate::manifest::AnyObject::Pod($o) => $body,
-            $crate::manifest::AnyObject::Service($o) => $body,
-            $crate::manifest::AnyObject::Endpoints($o) => $body,
-            $crate::manifest::AnyObject::Node($o) => $body,
-            $crate::manifest::AnyObject::Namespace($o) => $body,
-            $crate::manifest::AnyObject::Deployment($o) => $body,
-            $crate::manifest::AnyObject::ReplicaSet($o) => $body,
-            $crate::manifest::AnyObject::DaemonSet($o) => $body,
-            $crate::manifest::AnyObject::ReplicationController($o) => $body,
-        }
-    };
-}
-
-impl AnyObject {
-    pub fn kind(&self) -> &'static str {
-        with_object!(self, o => kind_of(o))
-    }
-    pub fn metadata(&self) -> &ObjectMeta {
-        with_object!(self, o => o.metadata())
-    }
-    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        with_object!(self, o => o.metadata_mut())
-    }
-    /// kubectl's `resource[.group]/name`, e.g. `service/my-service`, `deployment.apps/web`.
-    pub fn display_name(&self) -> String {
-        with_object!(self, o => display_name(o))
-    }
-}
-
-fn kind_of<K: Resource>(_: &K) -> &'static str {
-    K::KIND
-}
-
+/// kubectl's `resource[.group]/name` of a typed object, e.g. `deployment.apps/web`.
 pub fn display_name<K: Resource + Metadata<Ty = ObjectMeta>>(o: &K) -> String {
     let kind = K::KIND.to_lowercase();
     let name = o.metadata().name.clone().unwrap_or_default();
@@ -246,26 +197,15 @@ pub fn decode(source: &Source, value: Value) -> Result<(AnyObject, Vec<String>)>
     }
     let value = convert(&api_version, &kind, value);
     let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-    let obj = match (api_version, kind.as_str()) {
-        ("v1", "Pod") => typed(source, value).map(|(o, u)| (AnyObject::Pod(o), u))?,
-        ("v1", "Service") => typed(source, value).map(|(o, u)| (AnyObject::Service(o), u))?,
-        ("v1", "Endpoints") => typed(source, value).map(|(o, u)| (AnyObject::Endpoints(o), u))?,
-        ("v1", "Node") => typed(source, value).map(|(o, u)| (AnyObject::Node(o), u))?,
-        ("v1", "Namespace") => typed(source, value).map(|(o, u)| (AnyObject::Namespace(o), u))?,
-        ("apps/v1", "Deployment") => typed(source, value).map(|(o, u)| (AnyObject::Deployment(o), u))?,
-        ("apps/v1", "ReplicaSet") => typed(source, value).map(|(o, u)| (AnyObject::ReplicaSet(o), u))?,
-        ("apps/v1", "DaemonSet") => typed(source, value).map(|(o, u)| (AnyObject::DaemonSet(o), u))?,
-        ("v1", "ReplicationController") => {
-            typed(source, value).map(|(o, u)| (AnyObject::ReplicationController(o), u))?
-        }
-        (v, k) => {
-            return Err(doc_error(
-                source,
-                "kind",
-                format!("no kind {k:?} is registered for version {v:?} (known: v1 Pod, Service, Endpoints, Node, Namespace, ReplicationController; apps/v1 Deployment, ReplicaSet, DaemonSet)"),
-            ))
-        }
+    let Some(k) = Kind::from_api(api_version, &kind) else {
+        let known: Vec<String> = Kind::ALL.iter().map(|k| format!("{} {}", k.api_version(), k.name())).collect();
+        return Err(doc_error(
+            source,
+            "kind",
+            format!("no kind {kind:?} is registered for version {api_version:?} (known: {})", known.join(", ")),
+        ));
     };
+    let obj = crate::with_kind!(k, K => typed::<K>(source, value).map(|(o, u)| (AnyObject::from(o), u))?);
     Ok(obj)
 }
 
@@ -389,11 +329,11 @@ pub fn validate(docs: &[Document], ranges: &ServiceRanges) -> Result<()> {
             AnyObject::ReplicaSet(r) => workload::validate_replicaset(r),
             AnyObject::DaemonSet(d) => workload::validate_daemonset(d),
             AnyObject::ReplicationController(r) => workload::validate_replicationcontroller(r),
-            AnyObject::Endpoints(_) | AnyObject::Node(_) | AnyObject::Namespace(_) => Ok(()),
+            AnyObject::Endpoints(_) | AnyObject::Node(_) | AnyObject::Namespace(_) | AnyObject::Lease(_) => Ok(()),
         };
         checked.map_err(|errors| Error::Invalid {
             source_: doc.source.clone(),
-            kind: doc.object.kind(),
+            kind: doc.object.kind().name(),
             name: name.clone(),
             errors,
         })?;
@@ -429,7 +369,7 @@ mod tests {
         assert_eq!(docs[1].source.index, 2, "empty documents still count");
         let json = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"}},{"apiVersion":"v1","kind":"Endpoints","metadata":{"name":"e"}}]}"#;
         let docs = parse("l.json", json).unwrap();
-        assert_eq!(docs.iter().map(|d| d.object.kind()).collect::<Vec<_>>(), ["Pod", "Endpoints"]);
+        assert_eq!(docs.iter().map(|d| d.object.kind().name()).collect::<Vec<_>>(), ["Pod", "Endpoints"]);
         assert_eq!(docs[1].source.to_string(), "l.json (document 0) items[1]");
     }
 

@@ -1209,7 +1209,7 @@ pub async fn describe_to(store: &Store, args: &DescribeArgs, out: &mut dyn Write
     let mut code = 0;
     let mut found: Vec<(Kind, String, String)> = Vec::new(); // kind, namespace, name
     for t in &targets {
-        let names = crate::with_kind!(t.kind, K => names_of::<K>(store, t.kind, scope, &t.names, selector.as_ref(), args.args.len() == 2 && !args.args[0].contains('/'), &mut code).await?);
+        let names = weft_api::with_kind!(t.kind, K => names_of::<K>(store, t.kind, scope, &t.names, selector.as_ref(), args.args.len() == 2 && !args.args[0].contains('/'), &mut code).await?);
         found.extend(names.into_iter().map(|(n, name)| (t.kind, n, name)));
     }
     if found.is_empty() && code == 0 {
@@ -1366,5 +1366,6 @@ async fn describe_one(
             describe_node(&n, &pods, Some(&lease), events.as_deref(), now)
         }
         Kind::Namespace => describe_namespace(&store.get::<Namespace>(None, name).await?),
+        Kind::Lease => bail!("describe does not print leases yet: use `weft get leases -o yaml`"),
     })
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind};
+use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind, KindNames};
 use weft_api::labels::Selector;
 use weft_api::store::{Object, Store, WatchEvent};
 use weft_api::EtcdArgs;

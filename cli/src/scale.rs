@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind};
+use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind, KindNames};
 use weft_api::labels::Selector;
 use weft_api::store::{Object, Store};
 use weft_api::{DaemonSet, Deployment, EtcdArgs, Pod, ReplicaSet, ReplicationController};
@@ -193,7 +193,7 @@ async fn objects(
                 bail!("resource(s) were provided, but no name was specified");
             }
             let names =
-                crate::with_kind!(t.kind, K => verbs::list_names::<K>(store, Some(ns), selector.as_ref()).await?);
+                weft_api::with_kind!(t.kind, K => verbs::list_names::<K>(store, Some(ns), selector.as_ref()).await?);
             out.extend(names.into_iter().map(|n| (t.kind, n)));
         } else {
             out.extend(t.names.into_iter().map(|n| (t.kind, n)));

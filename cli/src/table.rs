@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     Container, Endpoints, Namespace, Node, Pod, PodTemplateSpec, ReplicationController, Service,
 };
@@ -18,7 +19,8 @@ use weft_api::labels::Selector;
 pub struct Columns {
     pub wide: bool,
     pub namespace: bool,
-    pub kind_prefix: Option<&'static str>,
+    /// The kind whose `singular[.group]` prefixes names.
+    pub kind_prefix: Option<weft_api::Kind>,
 }
 
 /// Headers and rows of one kind's table.
@@ -236,8 +238,8 @@ pub trait Tabular: Sized {
                 if !cols.wide {
                     cells.truncate(Self::HEADERS.len());
                 }
-                if let (Some(prefix), Some(first)) = (cols.kind_prefix, cells.first_mut()) {
-                    *first = format!("{prefix}/{first}");
+                if let (Some(kind), Some(first)) = (cols.kind_prefix, cells.first_mut()) {
+                    *first = format!("{}/{first}", kind.info().qualified_singular());
                 }
                 r.extend(cells);
                 r
@@ -584,6 +586,22 @@ impl Tabular for Namespace {
         vec![
             name(&self.metadata),
             self.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Active".into()),
+            age(self.metadata.creation_timestamp.as_ref(), now),
+        ]
+    }
+}
+
+/// `kubectl get leases`: who holds each (a node's heartbeat, the controller's leader election).
+impl Tabular for Lease {
+    const HEADERS: &'static [&'static str] = &["NAME", "HOLDER", "AGE"];
+    const WIDE: &'static [&'static str] = &[];
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn cells(&self, now: Timestamp) -> Vec<String> {
+        vec![
+            name(&self.metadata),
+            self.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default(),
             age(self.metadata.creation_timestamp.as_ref(), now),
         ]
     }

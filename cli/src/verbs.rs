@@ -187,121 +187,36 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
-/// The kinds the CLI knows, with kubectl's names for them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Service,
-    Endpoints,
-    Pod,
-    Node,
-    Namespace,
-    Deployment,
-    ReplicaSet,
-    DaemonSet,
-    ReplicationController,
-}
+/// The kinds come from weft-api's registry; this crate adds kubectl's words for them and the printers
+/// (`table::Tabular`, `describe`).
+pub use weft_api::kind::Kind;
+pub use weft_api::with_kind;
 
-/// Runs `$body` with `$K` the object type of `$kind`.
-#[macro_export]
-macro_rules! with_kind {
-    ($kind:expr, $K:ident => $body:expr) => {
-        match $kind {
-            $crate::verbs::Kind::Service => {
-                type $K = ::weft_api::Service;
-                $body
-            }
-            $crate::verbs::Kind::Endpoints => {
-                type $K = ::weft_api::Endpoints;
-                $body
-            }
-            $crate::verbs::Kind::Pod => {
-                type $K = ::weft_api::Pod;
-                $body
-            }
-            $crate::verbs::Kind::Node => {
-                type $K = ::weft_api::Node;
-                $body
-            }
-            $crate::verbs::Kind::Namespace => {
-                type $K = ::weft_api::Namespace;
-                $body
-            }
-            $crate::verbs::Kind::Deployment => {
-                type $K = ::weft_api::Deployment;
-                $body
-            }
-            $crate::verbs::Kind::ReplicaSet => {
-                type $K = ::weft_api::ReplicaSet;
-                $body
-            }
-            $crate::verbs::Kind::DaemonSet => {
-                type $K = ::weft_api::DaemonSet;
-                $body
-            }
-            $crate::verbs::Kind::ReplicationController => {
-                type $K = ::weft_api::ReplicationController;
-                $body
-            }
-        }
-    };
-}
-
-impl Kind {
-    pub fn parse(s: &str) -> anyhow::Result<Kind> {
-        // kubectl accepts `kind.group` too (services.v1 is rare; deployments.apps is common).
-        let base = s.split('.').next().unwrap_or(s).to_lowercase();
-        Ok(match base.as_str() {
-            "svc" | "service" | "services" => Kind::Service,
-            "ep" | "endpoints" => Kind::Endpoints,
-            "po" | "pod" | "pods" => Kind::Pod,
-            "no" | "node" | "nodes" => Kind::Node,
-            "ns" | "namespace" | "namespaces" => Kind::Namespace,
-            "deploy" | "deployment" | "deployments" => Kind::Deployment,
-            "rs" | "replicaset" | "replicasets" => Kind::ReplicaSet,
-            "ds" | "daemonset" | "daemonsets" => Kind::DaemonSet,
-            "rc" | "replicationcontroller" | "replicationcontrollers" => Kind::ReplicationController,
-            _ => bail!("the server doesn't have a resource type {s:?}"),
-        })
-    }
-
-    /// What `kubectl get all` lists, in its order.
-    pub const ALL: [Kind; 6] =
-        [Kind::Pod, Kind::ReplicationController, Kind::Service, Kind::DaemonSet, Kind::Deployment, Kind::ReplicaSet];
-
-    /// The resource name in URLs and kubectl's messages: `services`, `deployments.apps`.
-    pub fn plural(self) -> &'static str {
-        match self {
-            Kind::Service => "services",
-            Kind::Endpoints => "endpoints",
-            Kind::Pod => "pods",
-            Kind::Node => "nodes",
-            Kind::Namespace => "namespaces",
-            Kind::Deployment => "deployments.apps",
-            Kind::ReplicaSet => "replicasets.apps",
-            Kind::DaemonSet => "daemonsets.apps",
-            Kind::ReplicationController => "replicationcontrollers",
-        }
-    }
-
+/// kubectl's names for a kind, from the registry.
+pub trait KindNames: Sized {
+    /// A resource name on the command line (`svc`, `deployments.apps`, `Pod`).
+    fn parse(s: &str) -> anyhow::Result<Self>;
+    /// The resource name in kubectl's messages: `services`, `deployments.apps`.
+    fn plural(self) -> String;
     /// kubectl's word in `service "x" deleted` and `deployment.apps/x scaled`.
-    pub fn word(self) -> &'static str {
-        match self {
-            Kind::Service => "service",
-            Kind::Endpoints => "endpoints",
-            Kind::Pod => "pod",
-            Kind::Node => "node",
-            Kind::Namespace => "namespace",
-            Kind::Deployment => "deployment.apps",
-            Kind::ReplicaSet => "replicaset.apps",
-            Kind::DaemonSet => "daemonset.apps",
-            Kind::ReplicationController => "replicationcontroller",
-        }
-    }
+    fn word(self) -> String;
+}
 
-    pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node | Kind::Namespace)
+impl KindNames for Kind {
+    fn parse(s: &str) -> anyhow::Result<Kind> {
+        Kind::from_resource(s).ok_or_else(|| anyhow!("the server doesn't have a resource type {s:?}"))
+    }
+    fn plural(self) -> String {
+        self.info().qualified_resource()
+    }
+    fn word(self) -> String {
+        self.info().qualified_singular()
     }
 }
+
+/// What `kubectl get all` lists, in its order.
+pub const GET_ALL: [Kind; 6] =
+    [Kind::Pod, Kind::ReplicationController, Kind::Service, Kind::DaemonSet, Kind::Deployment, Kind::ReplicaSet];
 
 /// One kind and the names a command gave for it (none: every object of the kind, or those `-l` selects).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,7 +251,7 @@ pub fn parse_targets(args: &[String]) -> anyhow::Result<Vec<Target>> {
     let mut kinds = Vec::new();
     for k in first.split(',').filter(|k| !k.is_empty()) {
         if k == "all" {
-            kinds.extend(Kind::ALL);
+            kinds.extend(GET_ALL);
         } else {
             kinds.push(Kind::parse(k)?);
         }
@@ -686,7 +601,7 @@ fn columns<K: Object>(args: &GetArgs, kind: Kind, prefix: bool) -> Columns {
     Columns {
         wide: args.output == Some(Output::Wide),
         namespace: args.all_namespaces && K::NAMESPACED,
-        kind_prefix: prefix.then(|| kind.word()),
+        kind_prefix: prefix.then_some(kind),
     }
 }
 
@@ -841,7 +756,7 @@ pub async fn delete_to(store: &Store, args: &DeleteArgs, out: &mut dyn Write) ->
         let mut docs = manifest::load(&args.filenames)?;
         set_namespaces(&mut docs, args.namespace.as_deref())?;
         for d in docs {
-            let kind = Kind::parse(d.object.kind())?;
+            let kind = d.object.kind();
             let meta = d.object.metadata();
             targets.push((kind, meta.namespace.clone(), meta.name.clone().unwrap_or_default()));
         }

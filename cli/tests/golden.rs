@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use weft_api::labels::Selector;
@@ -39,6 +40,7 @@ struct Objects {
     rss: Vec<ReplicaSet>,
     dss: Vec<DaemonSet>,
     rcs: Vec<ReplicationController>,
+    leases: Vec<Lease>,
 }
 
 fn objects() -> Objects {
@@ -56,6 +58,7 @@ fn objects() -> Objects {
             AnyObject::ReplicaSet(r) => o.rss.push(r),
             AnyObject::DaemonSet(d) => o.dss.push(d),
             AnyObject::ReplicationController(r) => o.rcs.push(r),
+            AnyObject::Lease(l) => o.leases.push(l),
         }
     }
     o
@@ -91,10 +94,12 @@ fn tables_match_golden_files() {
     check("get-ds-wide.golden", &table::daemonsets(&o.dss, wide, now));
     check("get-rc.golden", &table::replicationcontrollers(&o.rcs, plain, now));
     check("get-rc-wide.golden", &table::replicationcontrollers(&o.rcs, wide, now));
+    check("get-lease-all-namespaces.golden", &Lease::table(&o.leases, all, now).render());
 
     // `weft get svc,ep`: one table per kind, names prefixed with the kind, a blank line between.
-    let svc = Service::table(&default_svcs, Columns { kind_prefix: Some("service"), ..plain }, now).render();
-    let ep = Endpoints::table(&o.eps, Columns { kind_prefix: Some("endpoints"), ..plain }, now).render();
+    let svc =
+        Service::table(&default_svcs, Columns { kind_prefix: Some(weft_api::Kind::Service), ..plain }, now).render();
+    let ep = Endpoints::table(&o.eps, Columns { kind_prefix: Some(weft_api::Kind::Endpoints), ..plain }, now).render();
     check("get-svc-ep.golden", &format!("{svc}\n{ep}"));
 
     // `-l` with a set-based selector picks the rows.

@@ -63,7 +63,7 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::Create(o) => {
-                let m = o.meta();
+                let m = o.metadata();
                 let ns = m.namespace.as_deref().map(|n| format!("{n}/")).unwrap_or_default();
                 let name = m.name.clone().or_else(|| m.generate_name.clone()).unwrap_or_default();
                 write!(f, "create {} {ns}{name}", o.kind())

@@ -104,6 +104,8 @@ impl Cache {
                 Obj::Endpoints(x) => c.6.push(x),
                 Obj::Node(x) => c.7.push(x),
                 Obj::Lease(x) => c.8.push(x),
+                // The controllers do not cache namespaces.
+                Obj::Namespace(_) => {}
             }
         }
         Cache {
@@ -135,6 +137,7 @@ impl Cache {
             Kind::Endpoints => m(&self.endpoints, key),
             Kind::Node => m(&self.nodes, key),
             Kind::Lease => m(&self.leases, key),
+            Kind::Namespace => None,
         }
     }
 
@@ -166,6 +169,7 @@ impl Cache {
             Kind::Endpoints => Obj::Endpoints((*self.endpoints.get(key)?).clone()),
             Kind::Node => Obj::Node((*self.nodes.get(key)?).clone()),
             Kind::Lease => Obj::Lease((*self.leases.get(key)?).clone()),
+            Kind::Namespace => return None,
         })
     }
 }

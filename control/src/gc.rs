@@ -45,7 +45,7 @@ impl Item {
 /// The cached object with `edit` applied, as an update (None if it vanished from the cache).
 fn edit(cache: &Cache, it: &Item, why: String, f: impl FnOnce(&mut ObjectMeta)) -> Option<Action> {
     let mut obj: Obj = cache.obj(it.kind, &it.key())?;
-    f(obj.meta_mut());
+    f(obj.metadata_mut());
     Some(Action::update(obj, why))
 }
 

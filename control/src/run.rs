@@ -162,50 +162,6 @@ pub fn generate_name(prefix: &str) -> String {
     format!("{prefix}{suffix}")
 }
 
-/// Runs `f` with `$t` bound to the Rust type of a kind.
-macro_rules! typed {
-    ($kind:expr, $t:ident => $body:expr) => {
-        match $kind {
-            Kind::Pod => {
-                type $t = Pod;
-                $body
-            }
-            Kind::ReplicaSet => {
-                type $t = ReplicaSet;
-                $body
-            }
-            Kind::ReplicationController => {
-                type $t = ReplicationController;
-                $body
-            }
-            Kind::Deployment => {
-                type $t = Deployment;
-                $body
-            }
-            Kind::DaemonSet => {
-                type $t = DaemonSet;
-                $body
-            }
-            Kind::Service => {
-                type $t = Service;
-                $body
-            }
-            Kind::Endpoints => {
-                type $t = Endpoints;
-                $body
-            }
-            Kind::Node => {
-                type $t = Node;
-                $body
-            }
-            Kind::Lease => {
-                type $t = Lease;
-                $body
-            }
-        }
-    };
-}
-
 fn store_error(e: weft_api::store::Error) -> ApplyError {
     if e.is_conflict() || e.is_not_found() {
         ApplyError::Conflict(weft_api::error_chain(&e))
@@ -415,8 +371,8 @@ impl Controllers {
             }
             Action::Update { obj, .. } => {
                 let okey = obj.key();
-                let rev =
-                    crate::with_obj!(obj, o => self.store.update(&o).await.map(|n| rev_of(&n))).map_err(store_error)?;
+                let rev = weft_api::with_object!(obj, o => self.store.update(&o).await.map(|n| rev_of(&n)))
+                    .map_err(store_error)?;
                 self.fence(key, kind, okey, Want::Revision(rev));
             }
             Action::Delete { target, owners_gone, .. } => {
@@ -444,12 +400,13 @@ impl Controllers {
     }
 
     async fn create(&self, mut obj: Obj) -> Result<(ObjectKey, i64), ApplyError> {
-        let generate = obj.meta().name.is_none().then(|| obj.meta().generate_name.clone().unwrap_or_default());
+        let generate = obj.metadata().name.is_none().then(|| obj.metadata().generate_name.clone().unwrap_or_default());
         for _ in 0..5 {
             if let Some(prefix) = &generate {
-                obj.meta_mut().name = Some(generate_name(prefix));
+                obj.metadata_mut().name = Some(generate_name(prefix));
             }
-            let r = crate::with_obj!(&obj, o => self.store.create(o).await.map(|n| (ObjectKey::of(&n), rev_of(&n))));
+            let r =
+                weft_api::with_object!(&obj, o => self.store.create(o).await.map(|n| (ObjectKey::of(&n), rev_of(&n))));
             match r {
                 Ok(x) => return Ok(x),
                 Err(e) if e.is_already_exists() && generate.is_some() => continue,
@@ -463,7 +420,7 @@ impl Controllers {
     /// Does the store hold `t` (same uid)? Read from etcd, not the cache.
     async fn exists(&self, t: &Target) -> Result<bool, ApplyError> {
         let ns = t.key.namespace.as_deref();
-        typed!(t.kind, K => match self.store.get::<K>(ns, &t.key.name).await {
+        weft_api::with_kind!(t.kind, K => match self.store.get::<K>(ns, &t.key.name).await {
             Ok(o) => Ok(o.metadata().uid.as_deref() == Some(t.uid.as_str())),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(ApplyError::Failed(weft_api::error_chain(&e))),
@@ -474,7 +431,7 @@ impl Controllers {
     async fn delete(&self, t: &Target) -> Result<(), ApplyError> {
         let ns = t.key.namespace.as_deref();
         for _ in 0..5 {
-            let r: Result<bool, weft_api::store::Error> = typed!(t.kind, K => {
+            let r: Result<bool, weft_api::store::Error> = weft_api::with_kind!(t.kind, K => {
                 match self.store.get::<K>(ns, &t.key.name).await {
                     Ok(cur) if cur.metadata().uid.as_deref() == Some(t.uid.as_str()) => {
                         let rv = rev_of(&cur).to_string();

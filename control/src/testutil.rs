@@ -133,7 +133,7 @@ pub fn updates(o: &Outcome) -> Vec<Value> {
     o.actions
         .iter()
         .filter_map(|a| match a {
-            Action::Update { obj, .. } => Some(crate::with_obj!(obj, x => serde_json::to_value(x).unwrap())),
+            Action::Update { obj, .. } => Some(weft_api::with_object!(obj, x => serde_json::to_value(x).unwrap())),
             _ => None,
         })
         .collect()
