@@ -131,6 +131,9 @@ pub struct KubeletArgs {
     /// the back-off starts over when the last exit is this long ago
     #[arg(long, default_value = "10m", value_parser = crate::cli::parse_duration)]
     pub backoff_reset: std::time::Duration,
+    /// pods whose sandbox and containers are created at once (the rest wait their turn)
+    #[arg(long, default_value_t = 4)]
+    pub parallel_pod_starts: usize,
     /// address of /healthz ("" to disable)
     #[arg(long, default_value = "127.0.0.1:10248")]
     pub healthz_bind_address: String,
@@ -203,6 +206,7 @@ impl KubeletArgs {
             lease_renew: self.node_lease_renew_interval.max(std::time::Duration::from_millis(100)),
             lease_duration_secs: self.node_lease_duration_seconds,
             healthz,
+            parallel_starts: self.parallel_pod_starts.max(1),
         })
     }
 }

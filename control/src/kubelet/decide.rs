@@ -964,7 +964,8 @@ mod tests {
     #[test]
     fn init_containers_run_in_order_each_to_success() {
         let p = pod("Always", &["app"], &["i1", "i2"]);
-        let steps: Vec<(Vec<ContainerObs>, Option<usize>, Vec<usize>, &str, bool)> = vec![
+        type Step = (Vec<ContainerObs>, Option<usize>, Vec<usize>, &'static str, bool);
+        let steps: Vec<Step> = vec![
             (vec![], Some(0), vec![], "Pending", false),
             (vec![running("i1", 0)], None, vec![], "Pending", false),
             (vec![exited("i1", 0, 0, "Completed", 1)], Some(1), vec![], "Pending", false),

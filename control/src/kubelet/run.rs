@@ -45,6 +45,9 @@ pub struct Options {
     pub lease_renew: Duration,
     pub lease_duration_secs: i32,
     pub healthz: Option<SocketAddr>,
+    /// Pods whose sandbox and containers are being created at once: the runtime does them on the same cores, so
+    /// a bounded number finish early instead of all finishing late.
+    pub parallel_starts: usize,
 }
 
 /// One pod's sandboxes and containers as CRI lists them.
@@ -87,6 +90,7 @@ struct Shared<R> {
     statuses: Mutex<HashMap<String, ContainerObs>>,
     /// Sandbox addresses by id (fixed for a sandbox's life).
     ips: Mutex<HashMap<String, Option<String>>>,
+    starts: tokio::sync::Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -231,6 +235,7 @@ pub async fn run<R: Runtime>(opts: Options, rt: R) -> Result<()> {
         services,
         statuses: Mutex::new(HashMap::new()),
         ips: Mutex::new(HashMap::new()),
+        starts: tokio::sync::Semaphore::new(opts.parallel_starts.max(1)),
     });
     let mut workers: HashMap<String, Worker> = HashMap::new();
     let mut tick = tokio::time::interval(opts.sync_period);
@@ -412,6 +417,8 @@ impl<R: Runtime> PodWorker<R> {
         let mut obs = raw.observed();
         self.run_probes(pod, &obs).await;
         let actions = decide::compute_pod_actions(pod, &obs, &self.mem, &opts.backoff, now);
+        let creates = actions.create_sandbox.is_some() || actions.start_init.is_some() || !actions.start.is_empty();
+        let permit = if creates { shared.starts.acquire().await.ok() } else { None };
         let acted = self.execute(pod, &obs, raw, &actions, now).await;
         decide::mark_pull_backoff(pod, &actions, &mut self.mem);
         if acted {
@@ -422,6 +429,7 @@ impl<R: Runtime> PodWorker<R> {
         }
         let inputs = decide::StatusInputs { host_ip: opts.settings.host_ip.clone(), previous: pod.status.clone() };
         let status = decide::pod_status(pod, &obs, &self.mem, &opts.backoff, &inputs, weft_api::store::now_timestamp());
+        drop(permit);
         self.write_status(pod, status).await;
         self.collect_garbage(raw).await;
         false
