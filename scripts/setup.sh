@@ -18,6 +18,7 @@ PACKAGES=(
   dnsperf knot                       # DNS load generator and the authoritative server weft dns is compared with (make bench)
   procps                             # ps, sysctl
   openssl                            # test certificates for etcd over TLS
+  python3                            # make demo reads weft's JSON output (the lab's PKI uses openssl above)
 )
 
 missing=()
