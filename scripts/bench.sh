@@ -75,7 +75,8 @@ throughput() {
   fi
   LABS+=("$lab")
   echo "== throughput, $label: lab $lab (2 nodes), $ROUNDS rounds x ${SECS}s, overlay and underlay alternating" >&2
-  if ! "$WEFT" lab up --name "$lab" --nodes 2 --backend "$backend" "${extra[@]}" >"$OUT/$lab.up" 2>&1; then
+  # The overlay alone, as before `weft lab up` ran a whole cluster: no kubelets, containerd or DNS to share the cores.
+  if ! "$WEFT" lab up --name "$lab" --nodes 2 --backend "$backend" --no-kubelet --no-dns "${extra[@]}" >"$OUT/$lab.up" 2>&1; then
     cat "$OUT/$lab.up" >&2; fail "$backend: lab up failed"; return
   fi
   local a b

@@ -217,6 +217,10 @@ fn status(name: Option<&str>) -> Result<i32> {
             "lab {id}: {} nodes, network {}, backend {}, etcd {}",
             state.nodes, state.network, state.backend, state.etcd
         );
+        if state.kubelet {
+            let up = lab::daemon_alive(&dir.join("controller.pid"), "controller");
+            println!("  fabric  192.168.56.10  etcd, weft controller {}", if up { "up" } else { "down" });
+        }
         for i in 1..=state.nodes {
             let node_dir = dir.join(format!("node-{i}"));
             let ns = format!("{}node-{i}", lab::ns_prefix(&id));

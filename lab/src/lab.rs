@@ -392,7 +392,14 @@ pub fn teardown(id: &str) -> Result<()> {
     cluster::kill_cgroup(&subtree, Duration::from_secs(5));
     // Sandboxes' namespaces, container root filesystems and shm mounts under containerd's state.
     let mounts = cluster::unmount_under(&dir);
-    let cgroups = cluster::remove_cgroup(&subtree);
+    // A killed container can take a moment to leave its cgroup (its shim reaps it first).
+    let mut cgroups = cluster::remove_cgroup(&subtree);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cgroups.is_empty() && Instant::now() < deadline {
+        cluster::kill_cgroup(&subtree, Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(100));
+        cgroups = cluster::remove_cgroup(&subtree);
+    }
     for n in &names {
         let _ = Command::new("ip").args(["netns", "del", n]).output();
         let _ = std::fs::remove_dir_all(netns_etc(n));
