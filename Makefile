@@ -1,4 +1,5 @@
-# weft: `make demo` shows the overlay in a 3-node lab; `make test` runs every check and test.
+# weft: `make demo` runs a Deployment behind a Service on a 3-node cluster lab (containerd + weft kubelet per
+# node); `make test` runs every check and test.
 # Both install what is missing first (scripts/setup.sh, idempotent). Run as root.
 
 CARGO ?= cargo

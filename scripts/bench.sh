@@ -15,6 +15,8 @@
 #    latency percentiles at 10,000 QPS, and the RSS of `weft dns`. BENCH_DNS=0 skips it.
 # 6. Controllers: tests/examples/control_bench.rs — `weft apply` of a 1,000-replica Deployment to 1,000 pods bound,
 #    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
+# 7. Kubelet: tests/examples/kubelet_bench.rs — pod start latency bind → Running (p50/p99 over BENCH_PODS, 50, pods
+#    written at once) and kubelet RSS at BENCH_SCALE (100) pods, real containerd + runc + CNI. BENCH_KUBELET=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -73,7 +75,8 @@ throughput() {
   fi
   LABS+=("$lab")
   echo "== throughput, $label: lab $lab (2 nodes), $ROUNDS rounds x ${SECS}s, overlay and underlay alternating" >&2
-  if ! "$WEFT" lab up --name "$lab" --nodes 2 --backend "$backend" "${extra[@]}" >"$OUT/$lab.up" 2>&1; then
+  # The overlay alone, as before `weft lab up` ran a whole cluster: no kubelets, containerd or DNS to share the cores.
+  if ! "$WEFT" lab up --name "$lab" --nodes 2 --backend "$backend" --no-kubelet --no-dns "${extra[@]}" >"$OUT/$lab.up" 2>&1; then
     cat "$OUT/$lab.up" >&2; fail "$backend: lab up failed"; return
   fi
   local a b
@@ -146,5 +149,11 @@ if [ "${BENCH_CONTROL:-1}" = 1 ]; then
   echo "== controllers: cargo run --release -p weft-tests --example control_bench (WEFT_BIN=$WEFT)" >&2
   WEFT_BIN="$WEFT" cargo run -q --release -p weft-tests --example control_bench >"$OUT/control.md" || fail "controller benchmark failed"
   [ -s "$OUT/control.md" ] && { echo; cat "$OUT/control.md"; }
+fi
+
+if [ "${BENCH_KUBELET:-1}" = 1 ]; then
+  echo "== kubelet: cargo run --release -p weft-lab --example kubelet_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example kubelet_bench >"$OUT/kubelet.md" || fail "kubelet benchmark failed"
+  [ -s "$OUT/kubelet.md" ] && { echo; cat "$OUT/kubelet.md"; }
 fi
 exit $failed

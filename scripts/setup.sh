@@ -18,6 +18,7 @@ PACKAGES=(
   dnsperf knot                       # DNS load generator and the authoritative server weft dns is compared with (make bench)
   procps                             # ps, sysctl
   openssl                            # test certificates for etcd over TLS
+  python3                            # make demo reads weft's JSON output (the lab's PKI uses openssl above)
 )
 
 missing=()
@@ -44,4 +45,6 @@ if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt >/dev/null 2>&1 || true
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy >/dev/null 2>&1 || true
 fi
+# The kubelet's local images (weft.local/pause:1, weft.local/busybox:1) and containerd, runc, gcc.
+bash "$(dirname "${BASH_SOURCE[0]}")/images.sh" >/dev/null
 exit 0

@@ -47,6 +47,13 @@ enum Command {
     Rollout(weft_cli::rollout::RolloutCommand),
     /// Run the scheduler and controllers (kube-controller-manager's and kube-scheduler's job)
     Controller(weft_control::cli::ControllerArgs),
+    /// Run the pods bound to this node on containerd through CRI (the kubelet's job)
+    Kubelet(weft_control::kubelet::cli::KubeletArgs),
+    /// Container images in containerd (what the kubelet runs)
+    #[command(subcommand)]
+    Image(weft_control::kubelet::cli::ImageCommand),
+    /// Write a containerd config for the kubelet (root, state and socket under one directory)
+    ContainerdConfig(weft_control::kubelet::cli::ContainerdConfigArgs),
 }
 
 fn invoked_as_cni() -> bool {
@@ -115,6 +122,9 @@ fn main() {
         Command::Set(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::scale::set(cmd))),
         Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::rollout::run(cmd))),
         Command::Controller(a) => runtime().and_then(|rt| rt.block_on(weft_control::cli::run(a))).map(|_| 0),
+        Command::Kubelet(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::cli::kubelet(a))),
+        Command::Image(cmd) => weft_control::kubelet::cli::image(cmd),
+        Command::ContainerdConfig(a) => weft_control::kubelet::cli::containerd_config(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -11,6 +11,7 @@ pub mod deployment;
 pub mod endpoints;
 pub mod events;
 pub mod gc;
+pub mod kubelet;
 pub mod leader;
 pub mod nodes;
 pub mod obj;

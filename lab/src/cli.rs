@@ -7,10 +7,12 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::lab::{self, Lab, LabOptions, LabState, ETCD_ENDPOINT};
+use crate::pki::Pki;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
-    /// Build a lab: fabric with etcd, N nodes, a weft agent in each.
+    /// Build a lab: fabric with etcd and weft controller, N nodes each with weft agent, proxy, containerd and
+    /// weft kubelet, weft dns behind 10.96.0.10, and a PKI for the kubelets' port.
     Up {
         #[arg(long, default_value = "default")]
         name: String,
@@ -31,8 +33,21 @@ pub enum LabCommand {
         #[arg(long, default_value = "iptables")]
         proxy_mode: String,
         /// Run `weft dns` behind kube-system/kube-dns (10.96.0.10) and give pods a resolv.conf using it
-        #[arg(long)]
+        /// (the default; kept for older scripts)
+        #[arg(long, conflicts_with = "no_dns")]
         dns: bool,
+        /// No `weft dns`
+        #[arg(long)]
+        no_dns: bool,
+        /// No containerd, `weft kubelet` or `weft controller`: the overlay, proxy and DNS only (bare pod namespaces)
+        #[arg(long)]
+        no_kubelet: bool,
+        /// An extra flag for every node's `weft kubelet` (repeatable), e.g. --kubelet-arg=--sync-frequency=500ms
+        #[arg(long = "kubelet-arg", allow_hyphen_values = true)]
+        kubelet_args: Vec<String>,
+        /// An extra flag for `weft controller` (repeatable), e.g. --controller-arg=--pod-eviction-timeout=10s
+        #[arg(long = "controller-arg", allow_hyphen_values = true)]
+        controller_args: Vec<String>,
         /// The reference CNI plugins' directory (bridge, host-local); default: the first of $CNI_PATH,
         /// /opt/cni/bin, /usr/lib/cni, /usr/libexec/cni that has them
         #[arg(long, env = "WEFT_CNI_BIN_DIR")]
@@ -76,7 +91,21 @@ pub enum PodAction {
 /// Runs one `weft lab` command; the result is the process exit code.
 pub fn run(cmd: LabCommand) -> Result<i32> {
     match cmd {
-        LabCommand::Up { name, nodes, backend, network, no_agents, agent_args, proxy_mode, dns, cni_bin_dir } => {
+        LabCommand::Up {
+            name,
+            nodes,
+            backend,
+            network,
+            no_agents,
+            agent_args,
+            proxy_mode,
+            dns: _,
+            no_dns,
+            no_kubelet,
+            kubelet_args,
+            controller_args,
+            cni_bin_dir,
+        } => {
             let proxy_mode = (proxy_mode != "none" && !no_agents).then_some(proxy_mode);
             let opts = LabOptions {
                 id: Some(name),
@@ -85,9 +114,13 @@ pub fn run(cmd: LabCommand) -> Result<i32> {
                 backend,
                 start_agents: !no_agents,
                 agent_args,
-                dns: dns && proxy_mode.is_some(),
+                // The cluster DNS is reached through its Service VIP: it needs the proxy.
+                dns: !no_dns && proxy_mode.is_some(),
                 proxy_mode,
                 cni_bin_dir,
+                kubelet: !no_kubelet && !no_agents,
+                kubelet_args,
+                controller_args,
             };
             up(opts)
         }
@@ -145,6 +178,11 @@ fn up(opts: LabOptions) -> Result<i32> {
     let lab = Lab::up(opts, &mut |step| println!("  {step}"))?;
     println!("lab {name} is up ({nodes} nodes, state in {}). Try:", lab.dir().display());
     let flag = if name == "default" { String::new() } else { format!(" --name {name}") };
+    if lab.state().kubelet {
+        println!("  weft lab exec{flag} node-1 -- weft get nodes");
+        println!("  weft lab exec{flag} node-1 -- weft apply -f deployment.yaml");
+        println!("  weft lab exec{flag} node-1 -- weft get pods -o wide");
+    }
     println!("  weft lab exec{flag} node-1 -- weft routes");
     println!("  weft lab pod{flag} add node-1 a && weft lab pod{flag} add node-2 b");
     println!("  weft lab exec{flag} node-1-a -- ping -c1 <b's address>");
@@ -179,12 +217,22 @@ fn status(name: Option<&str>) -> Result<i32> {
             "lab {id}: {} nodes, network {}, backend {}, etcd {}",
             state.nodes, state.network, state.backend, state.etcd
         );
+        if state.kubelet {
+            let up = lab::daemon_alive(&dir.join("controller.pid"), "controller");
+            println!("  fabric  192.168.56.10  etcd, weft controller {}", if up { "up" } else { "down" });
+        }
         for i in 1..=state.nodes {
             let node_dir = dir.join(format!("node-{i}"));
             let ns = format!("{}node-{i}", lab::ns_prefix(&id));
             let present = if namespaces.contains(&ns) { "" } else { "  (namespace missing!)" };
+            let kube = if state.kubelet {
+                let up = |f: &str, what: &str| if lab::daemon_alive(&node_dir.join(f), what) { "up" } else { "down" };
+                format!("  containerd {}  kubelet {}", up("containerd.pid", "containerd"), up("kubelet.pid", "kubelet"))
+            } else {
+                String::new()
+            };
             println!(
-                "  node-{i}  192.168.56.{}  subnet {}  agent {}{present}",
+                "  node-{i}  192.168.56.{}  subnet {}  agent {}{kube}{present}",
                 10 + i,
                 subnet_of(&node_dir.join("subnet.env")),
                 if lab::node_agent_alive(&node_dir) { "up" } else { "down" },
@@ -211,6 +259,13 @@ fn exec(id: &str, target: &str, cmd: &[String]) -> Result<i32> {
     }
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &ns]).args(cmd).env("WEFT_ETCD_ENDPOINTS", ETCD_ENDPOINT);
+    // `weft logs` and `weft exec` reach the kubelets' port with the lab's admin certificate.
+    let pki = Pki::at(&lab::lab_dir(id).join("pki"));
+    if pki.ca().cert.exists() {
+        for (var, path) in pki.client_env() {
+            c.env(var, path);
+        }
+    }
     // On a node, `weft routes` reads that node's subnet file, not the host's /run/flannel/subnet.env.
     if let Some(node) = target.strip_prefix("node-").and_then(|r| r.split('-').next()) {
         c.env("WEFT_SUBNET_FILE", lab::lab_dir(id).join(format!("node-{node}")).join("subnet.env"));
@@ -252,7 +307,12 @@ mod tests {
         assert!(matches!(c.lab, LabCommand::Exec { ref name, ref target, ref cmd }
             if name == "default" && target == "node-1" && cmd == &["ping", "-c1", "10.0.0.1"]));
         let c = Cli::try_parse_from(["lab", "up"]).unwrap();
-        assert!(matches!(c.lab, LabCommand::Up { nodes: 3, ref backend, .. } if backend == "vxlan"));
+        assert!(matches!(c.lab, LabCommand::Up { nodes: 3, ref backend, no_kubelet: false, no_dns: false, .. }
+            if backend == "vxlan"));
+        let c = Cli::try_parse_from(["lab", "up", "--dns", "--kubelet-arg=--sync-frequency=500ms"]).unwrap();
+        assert!(matches!(c.lab, LabCommand::Up { dns: true, ref kubelet_args, .. }
+            if kubelet_args == &["--sync-frequency=500ms"]));
+        assert!(Cli::try_parse_from(["lab", "up", "--dns", "--no-dns"]).is_err());
         let c = Cli::try_parse_from(["lab", "pod", "add", "node-1", "web"]).unwrap();
         assert!(matches!(c.lab, LabCommand::Pod { action: PodAction::Add { .. }, .. }));
     }

@@ -1,6 +1,8 @@
 //! The multi-node lab on one machine: a `fabric` namespace (bridge `br0` + a real etcd) and one namespace
-//! per node joined to it by veth, pods as namespaces wired by `weft-cni`. Every namespace is named
-//! `weft-<id>-…`, every file lives under `/run/weft/lab/<id>/`; teardown removes exactly those.
+//! per node joined to it by veth, pods as namespaces wired by `weft-cni`, or (with `kubelet`) a whole cluster:
+//! per node its own containerd and `weft kubelet`, per lab `weft controller`, `weft dns` and a small PKI. Every
+//! namespace is named `weft-<id>-…`, every file lives under `/run/weft/lab/<id>/`, every cgroup under
+//! `/weft-lab-<id>`; teardown removes exactly those.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -11,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::{self, KubeletSetup};
 use crate::netns::{Netns, NsRuntime};
+use crate::pki::Pki;
 
 /// Where every lab keeps its state.
 pub const LAB_ROOT: &str = "/run/weft/lab";
@@ -43,6 +47,13 @@ pub struct LabOptions {
     /// The reference CNI plugins (`bridge`, `host-local`); `None`: `$WEFT_CNI_BIN_DIR`, else searched
     /// (`crate::bins::cni_bin_dir`). They are linked into the lab's own `cni-bin` beside `weft-cni`.
     pub cni_bin_dir: Option<PathBuf>,
+    /// Run a whole cluster: the lab's PKI, `weft controller` in the fabric, and on every node its own
+    /// containerd (with weft's local images imported) and `weft kubelet`. Needs the agents (for the subnets).
+    pub kubelet: bool,
+    /// Extra arguments for every `weft kubelet` (e.g. `--sync-frequency=500ms`).
+    pub kubelet_args: Vec<String>,
+    /// Extra arguments for `weft controller` (e.g. `--node-monitor-grace-period=8s`).
+    pub controller_args: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -57,6 +68,9 @@ impl Default for LabOptions {
             proxy_mode: None,
             dns: false,
             cni_bin_dir: None,
+            kubelet: false,
+            kubelet_args: Vec::new(),
+            controller_args: Vec::new(),
         }
     }
 }
@@ -72,6 +86,9 @@ pub struct LabState {
     /// Pods get a resolv.conf pointing at the cluster DNS.
     #[serde(default)]
     pub dns: bool,
+    /// Every node runs containerd and `weft kubelet`; the fabric runs `weft controller`.
+    #[serde(default)]
+    pub kubelet: bool,
 }
 
 /// One node: a namespace with `eth0` on the fabric.
@@ -84,6 +101,8 @@ pub struct Node {
     dir: PathBuf,
     agent: Option<Child>,
     proxy: Option<Child>,
+    containerd: Option<Child>,
+    kubelet: Option<Child>,
 }
 
 impl Node {
@@ -128,6 +147,29 @@ impl Node {
     fn pods_dir(&self) -> PathBuf {
         self.dir.join("pods")
     }
+    /// containerd's root, state, socket and config live here.
+    pub fn containerd_dir(&self) -> PathBuf {
+        self.dir.join("containerd")
+    }
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.containerd_dir().join("containerd.sock")
+    }
+    pub fn containerd_log_path(&self) -> PathBuf {
+        self.dir.join("containerd.log")
+    }
+    fn containerd_pid_path(&self) -> PathBuf {
+        self.dir.join("containerd.pid")
+    }
+    pub fn kubelet_log_path(&self) -> PathBuf {
+        self.dir.join("kubelet.log")
+    }
+    fn kubelet_pid_path(&self) -> PathBuf {
+        self.dir.join("kubelet.pid")
+    }
+    /// The kubelet's `--root-dir` (pod logs under `pods/`).
+    pub fn kubelet_root(&self) -> PathBuf {
+        self.dir.join("kubelet")
+    }
 }
 
 /// A pod: a namespace behind its node's `cni0`.
@@ -162,6 +204,7 @@ pub struct Lab {
     nodes: Vec<Node>,
     etcd: Option<Child>,
     dns: Option<Child>,
+    controller: Option<Child>,
     rt: Option<NsRuntime>,
     keep: bool,
 }
@@ -264,6 +307,26 @@ fn spawn_in(ns: &Netns, program: &Path, args: &[String], log: &Path, pid_file: &
     Ok(child)
 }
 
+/// Like `spawn_in`, but entering only the namespace's network (`nsenter --net`): `ip netns exec` also remounts
+/// /sys in a mount namespace of its own, which hides the cgroup hierarchies runc needs and the mounts
+/// containerd makes from everyone else.
+fn spawn_net(ns: &Netns, program: &Path, args: &[String], log: &Path, pid_file: &Path) -> Result<Child> {
+    let out = log_file(log)?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg("--")
+        .arg("setsid")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {} in {}", program.display(), ns.name()))?;
+    std::fs::write(pid_file, child.id().to_string())?;
+    Ok(child)
+}
+
 /// SIGTERM (or `sig`), then wait up to `grace` before SIGKILL; reaps the child.
 fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
@@ -303,6 +366,16 @@ pub fn teardown(id: &str) -> Result<()> {
     let names: Vec<String> = netns_list().into_iter().filter(|n| n.starts_with(&prefix)).collect();
     // Everything dies before any namespace goes: a process in a deleted namespace would be unreachable.
     // Nodes and pods first, so agents do not spend their last breath on a vanished etcd.
+    // Kubelets and the controller go first, so nothing recreates what is being removed; then the containers
+    // (by the lab's cgroup subtree: they live in pod namespaces no `ip netns` lists).
+    kill_pid_file(&dir.join("controller.pid"), "controller");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            kill_pid_file(&e.path().join("kubelet.pid"), "kubelet");
+        }
+    }
+    let subtree = cluster::cgroup_subtree(id);
+    cluster::kill_cgroup(&subtree, Duration::from_secs(10));
     let (fabric, others): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| n.ends_with("-fabric"));
     for n in others.iter().chain(fabric.iter()) {
         Netns::attach(n).kill_all();
@@ -312,12 +385,30 @@ pub fn teardown(id: &str) -> Result<()> {
             kill_pid_file(&e.path().join("agent.pid"), "agent");
             kill_pid_file(&e.path().join("proxy.pid"), "proxy");
             kill_pid_file(&e.path().join("dns.pid"), "dns");
+            kill_pid_file(&e.path().join("containerd.pid"), "containerd");
         }
     }
     kill_pid_file(&dir.join("etcd.pid"), "etcd");
+    cluster::kill_cgroup(&subtree, Duration::from_secs(5));
+    // Sandboxes' namespaces, container root filesystems and shm mounts under containerd's state.
+    let mounts = cluster::unmount_under(&dir);
+    // A killed container can take a moment to leave its cgroup (its shim reaps it first).
+    let mut cgroups = cluster::remove_cgroup(&subtree);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cgroups.is_empty() && Instant::now() < deadline {
+        cluster::kill_cgroup(&subtree, Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(100));
+        cgroups = cluster::remove_cgroup(&subtree);
+    }
     for n in &names {
         let _ = Command::new("ip").args(["netns", "del", n]).output();
         let _ = std::fs::remove_dir_all(netns_etc(n));
+    }
+    if !mounts.is_empty() {
+        bail!("mounts left after teardown of lab {id}: {mounts:?}");
+    }
+    if !cgroups.is_empty() {
+        bail!("cgroups left after teardown of lab {id}: {cgroups:?}");
     }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -406,6 +497,7 @@ impl Lab {
             backend: opts.backend.clone(),
             etcd: ETCD_ENDPOINT.into(),
             dns: opts.dns,
+            kubelet: opts.kubelet,
         };
         // From here on, an early return drops `lab`, and its Drop removes what was built.
         let mut lab = Lab {
@@ -415,6 +507,7 @@ impl Lab {
             nodes: Vec::new(),
             etcd: None,
             dns: None,
+            controller: None,
             rt: None,
             keep: false,
         };
@@ -449,6 +542,14 @@ impl Lab {
         for plugin in crate::bins::CNI_PLUGINS {
             std::os::unix::fs::symlink(plugins.join(plugin), bin_dir.join(plugin))?;
         }
+        // containerd's CRI brings up each sandbox's `lo` with the reference `loopback` plugin.
+        if opts.kubelet {
+            let lo = plugins.join("loopback");
+            if !lo.exists() {
+                bail!("{} lacks the CNI plugin `loopback` that containerd's CRI needs", plugins.display());
+            }
+            std::os::unix::fs::symlink(lo, bin_dir.join("loopback"))?;
+        }
         for i in 1..=opts.nodes {
             let node = self.make_node(&id, i)?;
             progress(&format!("{}: namespace {} eth0 {}/24", node.name, node.ns.name(), node.ip));
@@ -481,6 +582,216 @@ impl Lab {
                 self.dns_log_path().display()
             ));
             self.start_dns()?;
+        }
+        if opts.kubelet {
+            if !opts.start_agents {
+                bail!("the kubelets need the agents (their subnet files give the nodes' pod CIDRs)");
+            }
+            self.start_cluster(opts, progress)?;
+        }
+        Ok(())
+    }
+
+    /// `<lab>/pki`: the cluster CA, the kubelets' serving certificates and the admin client certificate.
+    pub fn pki(&self) -> Pki {
+        Pki::at(&self.dir.join("pki"))
+    }
+
+    pub fn controller_log_path(&self) -> PathBuf {
+        self.dir.join("controller.log")
+    }
+
+    /// The PKI, the controller, then every node's containerd (images imported) and kubelet; waits for every
+    /// Node to be Ready.
+    fn start_cluster(&mut self, opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let pki = self.pki();
+        progress(&format!(
+            "pki: cluster CA, kubelet serving certificates and an admin client certificate in {}",
+            pki.dir().display()
+        ));
+        let nodes: Vec<(String, Ipv4Addr)> = self.nodes.iter().map(|n| (n.name.clone(), n.ip)).collect();
+        pki.create(&self.state.id, &nodes)?;
+        progress(&format!("fabric: weft controller (log {})", self.controller_log_path().display()));
+        self.start_controller(&opts.controller_args)?;
+        let images = crate::containerd::images_dir().context("building weft's local images (scripts/images.sh)")?;
+        for i in 1..=self.nodes.len() {
+            progress(&format!(
+                "node-{i}: containerd in {} (log {})",
+                self.node(i).containerd_dir().display(),
+                self.node(i).containerd_log_path().display()
+            ));
+            self.start_containerd(i)?;
+            self.import_images(i, &[images.join("pause.tar"), images.join("busybox.tar")])?;
+        }
+        for i in 1..=self.nodes.len() {
+            progress(&format!("node-{i}: weft kubelet (log {})", self.node(i).kubelet_log_path().display()));
+            self.start_kubelet(i, &opts.kubelet_args)?;
+        }
+        let n = self.nodes.len();
+        let mut ready = 0;
+        let waited = wait_until(Duration::from_secs(90), "every Node to be Ready", || {
+            ready = self.ready_nodes().len();
+            ready == n
+        });
+        if let Err(e) = waited {
+            let logs: Vec<String> =
+                (1..=n).map(|i| format!("node-{i} kubelet:\n{}", tail(&self.node(i).kubelet_log_path(), 8))).collect();
+            bail!("{e} ({ready} of {n} Ready)\n{}", logs.join("\n"));
+        }
+        progress(&format!("{n} nodes Ready"));
+        Ok(())
+    }
+
+    /// Names of the Nodes whose Ready condition is True.
+    pub fn ready_nodes(&self) -> Vec<String> {
+        let Ok(out) = self.weft(&["get", "nodes", "-o", "json"], None) else {
+            return Vec::new();
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else {
+            return Vec::new();
+        };
+        let items = match v.get("items").and_then(|i| i.as_array()) {
+            Some(items) => items.clone(),
+            None => vec![v],
+        };
+        items
+            .iter()
+            .filter(|n| {
+                n.pointer("/status/conditions")
+                    .and_then(|c| c.as_array())
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            })
+            .filter_map(|n| n.pointer("/metadata/name").and_then(|s| s.as_str()).map(String::from))
+            .collect()
+    }
+
+    /// Starts `weft controller` in the fabric against the lab's etcd.
+    pub fn start_controller(&mut self, extra_args: &[String]) -> Result<()> {
+        if let Some(c) = self.controller.as_mut() {
+            if c.try_wait()?.is_none() {
+                bail!("the controller is already running");
+            }
+        }
+        let mut args: Vec<String> = vec!["controller".into(), "--etcd-endpoints".into(), ETCD_ENDPOINT.into()];
+        args.extend(extra_args.iter().cloned());
+        let log = self.controller_log_path();
+        let child = spawn_in(&self.fabric, &weft_binary(), &args, &log, &self.dir.join("controller.pid"))?;
+        self.controller = Some(child);
+        Ok(())
+    }
+
+    /// Writes node `i`'s containerd config (with the kubelet crate's writer, `weft containerd-config`: sandbox
+    /// image weft.local/pause:1, CNI conf dir the node's `cni/`, plugins the lab's `cni-bin`), starts
+    /// containerd in the node's network namespace under the lab's cgroup subtree, and waits for its socket.
+    pub fn start_containerd(&mut self, i: usize) -> Result<()> {
+        let bin = weft_binary();
+        let id = self.state.id.clone();
+        let cni_bin = self.dir.join("cni-bin");
+        let containerd = crate::bins::find("containerd", "WEFT_CONTAINERD_BIN")?;
+        let node = self.node_mut(i)?;
+        let dir = node.containerd_dir();
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("config.toml");
+        crate::netns::run(
+            Command::new(&bin)
+                .args(["containerd-config", "--dir"])
+                .arg(&dir)
+                .arg("--cni-conf-dir")
+                .arg(node.dir.join("cni"))
+                .arg("--cni-bin-dir")
+                .arg(&cni_bin)
+                .arg("-o")
+                .arg(&config),
+        )?;
+        let mut text = std::fs::read_to_string(&config)?;
+        text.push_str(&cluster::containerd_cgroup_section(&cluster::containerd_cgroup(&id, &node.name)));
+        std::fs::write(&config, text)?;
+        let args = vec!["--config".to_string(), config.to_string_lossy().into_owned()];
+        let mut child =
+            spawn_net(&node.ns, &containerd, &args, &node.containerd_log_path(), &node.containerd_pid_path())?;
+        let socket = node.containerd_socket();
+        let log = node.containerd_log_path();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("containerd on {} exited ({status}):\n{}", node.name, tail(&log, 10));
+            }
+            let ok = Command::new("ctr")
+                .arg("--address")
+                .arg(&socket)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("containerd on {} not ready within 30s:\n{}", node.name, tail(&log, 10));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        node.containerd = Some(child);
+        Ok(())
+    }
+
+    /// `weft image import` of `tarballs` into node `i`'s containerd.
+    pub fn import_images(&self, i: usize, tarballs: &[PathBuf]) -> Result<()> {
+        let node = self.node(i);
+        crate::netns::run(
+            Command::new(weft_binary())
+                .args(["image", "import", "--address"])
+                .arg(node.containerd_socket())
+                .args(tarballs),
+        )?;
+        Ok(())
+    }
+
+    /// Starts `weft kubelet` on node `i`: its own containerd, its address, its subnet file, the cluster DNS, pods
+    /// under the lab's cgroup subtree; the serving certificate when this kubelet takes the TLS flags.
+    pub fn start_kubelet(&mut self, i: usize, extra_args: &[String]) -> Result<()> {
+        let bin = weft_binary();
+        let id = self.state.id.clone();
+        let pki = self.pki();
+        let tls_flags = ["--tls-cert-file", "--tls-private-key-file", "--client-ca-file"];
+        let tls_ok = cluster::accepts_flags(&cluster::kubelet_help(&bin), &tls_flags);
+        let node = self.node_mut(i)?;
+        if let Some(child) = node.kubelet.as_mut() {
+            if child.try_wait()?.is_none() {
+                bail!("the kubelet on {} is already running", node.name);
+            }
+        }
+        let resolv = node.dir.join("resolv.conf");
+        // Pods with dnsPolicy Default get the node's resolver: the fabric, where nothing answers (no way out).
+        std::fs::write(&resolv, format!("nameserver {FABRIC_IP}\n"))?;
+        let serving = pki.kubelet(&node.name);
+        let setup = KubeletSetup {
+            etcd: ETCD_ENDPOINT.into(),
+            node: node.name.clone(),
+            ip: node.ip,
+            socket: node.containerd_socket(),
+            cgroup_parent: cluster::pods_cgroup(&id, &node.name),
+            root_dir: node.kubelet_root(),
+            subnet_file: node.subnet_env_path(),
+            resolv_conf: resolv,
+            cluster_dns: CLUSTER_DNS,
+            tls: (tls_ok && serving.cert.exists()).then(|| (serving.cert, serving.key, pki.ca().cert)),
+        };
+        let args = cluster::kubelet_args(&setup, extra_args);
+        let child = spawn_net(&node.ns, &bin, &args, &node.kubelet_log_path(), &node.kubelet_pid_path())?;
+        node.kubelet = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM node `i`'s kubelet and wait for it to exit (its containers keep running in containerd).
+    pub fn stop_kubelet(&mut self, i: usize) -> Result<()> {
+        let node = self.node_mut(i)?;
+        match node.kubelet.take() {
+            Some(mut child) => stop_child(&mut child, libc::SIGTERM, Duration::from_secs(10)),
+            None => kill_pid_file(&node.kubelet_pid_path(), "kubelet"),
         }
         Ok(())
     }
@@ -606,7 +917,7 @@ impl Lab {
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &FABRIC_IP.to_string()])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        let node = Node { index: i, name, ns, ip, dir, agent: None, proxy: None };
+        let node = Node { index: i, name, ns, ip, dir, agent: None, proxy: None, containerd: None, kubelet: None };
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "weft",
@@ -638,6 +949,8 @@ impl Lab {
                 dir: dir.join(format!("node-{i}")),
                 agent: None,
                 proxy: None,
+                containerd: None,
+                kubelet: None,
             })
             .collect();
         Ok(Lab {
@@ -647,6 +960,7 @@ impl Lab {
             nodes,
             etcd: None,
             dns: None,
+            controller: None,
             rt: None,
             keep: true,
         })
@@ -878,8 +1192,14 @@ impl Lab {
     pub fn persist(mut self) {
         self.keep = true;
         // Reap the daemons whenever they die (e.g. `Lab::down` from this same process): no zombies.
-        let children =
-            self.nodes.iter_mut().filter_map(|n| n.agent.take()).chain(self.dns.take()).chain(self.etcd.take());
+        let children = self
+            .nodes
+            .iter_mut()
+            .flat_map(|n| [n.agent.take(), n.proxy.take(), n.kubelet.take(), n.containerd.take()])
+            .flatten()
+            .chain(self.controller.take())
+            .chain(self.dns.take())
+            .chain(self.etcd.take());
         for mut child in children {
             std::thread::spawn(move || child.wait());
         }
@@ -901,12 +1221,7 @@ impl Lab {
 }
 
 fn agent_alive(pid_file: &Path) -> bool {
-    let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
-        return false;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    String::from_utf8_lossy(&cmdline).contains("agent") && !status.contains("State:\tZ")
+    daemon_alive(pid_file, "agent")
 }
 
 pub(crate) fn pods_in(dir: &Path) -> Vec<(String, String)> {
@@ -930,15 +1245,35 @@ pub(crate) fn node_agent_alive(node_dir: &Path) -> bool {
     agent_alive(&node_dir.join("agent.pid"))
 }
 
+/// Whether the daemon of `pid_file` runs (its command line names `what`, and it is not a zombie).
+pub(crate) fn daemon_alive(pid_file: &Path, what: &str) -> bool {
+    let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        return false;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    String::from_utf8_lossy(&cmdline).contains(what) && !status.contains("State:\tZ")
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if self.keep {
             return;
         }
         // Our own children first, so they are reaped rather than left as zombies.
+        if let Some(mut c) = self.controller.take() {
+            stop_child(&mut c, libc::SIGTERM, Duration::from_secs(5));
+        }
         for node in &mut self.nodes {
-            if let Some(mut c) = node.agent.take() {
+            for mut c in [node.kubelet.take(), node.agent.take(), node.proxy.take()].into_iter().flatten() {
                 stop_child(&mut c, libc::SIGTERM, Duration::from_secs(5));
+            }
+        }
+        // The containers die first (by the lab's cgroup subtree), then their containerd.
+        cluster::kill_cgroup(&cluster::cgroup_subtree(&self.state.id), Duration::from_secs(5));
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.containerd.take() {
+                stop_child(&mut c, libc::SIGKILL, Duration::from_secs(5));
             }
         }
         if let Some(mut c) = self.dns.take() {

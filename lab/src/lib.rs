@@ -4,9 +4,12 @@
 
 pub mod bins;
 pub mod cli;
+pub mod cluster;
+pub mod containerd;
 pub mod etcd;
 pub mod lab;
 pub mod netns;
+pub mod pki;
 
 pub use etcd::EtcdFixture;
 pub use lab::{Lab, LabOptions, Node, Pod};

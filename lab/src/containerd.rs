@@ -1,0 +1,254 @@
+//! A real containerd for tests: its own netns (where CNI's bridge + host-local give sandboxes addresses), its own
+//! root/state/socket in a temporary directory, its own cgroup parent (never the root cgroup), weft's local images
+//! imported. On drop: containers killed through their cgroups, containerd and its shims killed, mounts under the
+//! directory unmounted, the directory, cgroups and netns removed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::{run, unique_id, Netns};
+
+/// The pod subnet CNI hands out inside a fixture's namespace (each fixture has its own namespace).
+pub const POD_SUBNET: &str = "10.88.0.0/24";
+
+pub struct ContainerdFixture {
+    id: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    etcd: Option<Child>,
+    ns: Netns,
+}
+
+/// Builds (if needed) weft's local images with scripts/images.sh; returns the directory holding the tarballs.
+pub fn images_dir() -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/images.sh");
+    let out = run(Command::new("bash").arg(&script))?;
+    let dir = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default().to_string();
+    Ok(PathBuf::from(dir))
+}
+
+impl ContainerdFixture {
+    /// Starts containerd in a fresh namespace and imports `weft.local/pause:1` and `weft.local/busybox:1`.
+    pub fn start() -> Result<ContainerdFixture> {
+        let id = unique_id();
+        let ns = Netns::create_named(&format!("weft-{id}-ctd"))?;
+        let dir = tempfile::Builder::new().prefix("weft-ctd-").tempdir()?;
+        let mut f = ContainerdFixture { id, dir, child: None, etcd: None, ns };
+        let net_d = f.dir().join("net.d");
+        std::fs::create_dir_all(&net_d)?;
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "weft-test",
+            "plugins": [{
+                "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
+                         "dataDir": f.dir().join("ipam")},
+            }],
+        });
+        std::fs::write(net_d.join("10-weft-test.conflist"), serde_json::to_vec_pretty(&conf)?)?;
+        let config = f.dir().join("config.toml");
+        run(Command::new(crate::weft_bin())
+            .args(["containerd-config", "--dir"])
+            .arg(f.dir())
+            .arg("--cni-conf-dir")
+            .arg(&net_d)
+            .args(["--cni-bin-dir", "/usr/lib/cni", "-o"])
+            .arg(&config))?;
+        let log = std::fs::File::create(f.log_path())?;
+        let child = f
+            .net_command("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting containerd (run scripts/setup.sh)")?;
+        f.child = Some(child);
+        f.wait_ready(Duration::from_secs(30))?;
+        let images = images_dir()?;
+        run(Command::new(crate::weft_bin())
+            .args(["image", "import", "--address"])
+            .arg(f.socket())
+            .arg(images.join("pause.tar"))
+            .arg(images.join("busybox.tar")))?;
+        Ok(f)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("containerd exited ({status}): {}", self.log_tail(10));
+                }
+            }
+            let ok = Command::new("ctr")
+                .arg("--address")
+                .arg(self.socket())
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("containerd not ready within {limit:?}: {}", self.log_tail(10))
+    }
+
+    /// Starts a real etcd inside the namespace on 127.0.0.1:2379 (the namespace's own loopback), for a kubelet
+    /// running in the namespace; the test reaches it through `self.netns().runtime()`.
+    pub fn start_etcd(&mut self) -> Result<String> {
+        let data = self.dir().join("etcd");
+        let log = std::fs::File::create(self.dir().join("etcd.log"))?;
+        let child = self
+            .net_command("/usr/bin/etcd")
+            .args(["--name", "node", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls=http://127.0.0.1:2379",
+                "--advertise-client-urls=http://127.0.0.1:2379",
+                "--listen-peer-urls=http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+                "--initial-cluster=node=http://127.0.0.1:2380",
+                "--log-level=error",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.etcd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let ok =
+                self.ns.command("etcdctl").args(["--endpoints=http://127.0.0.1:2379", "endpoint", "health"]).output();
+            if ok.is_ok_and(|o| o.status.success()) {
+                return Ok("http://127.0.0.1:2379".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("etcd in {} not healthy", self.ns.name())
+    }
+
+    /// A command in the namespace's network only. Not `ip netns exec`: that also remounts /sys in a new mount
+    /// namespace, which hides the cgroup mounts runc needs.
+    pub fn net_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.ns.path().display())).arg("--").arg(program);
+        c
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir().join("containerd.sock")
+    }
+    /// `unix://…` as `--container-runtime-endpoint` takes it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+    /// The cgroupfs parent (relative to each hierarchy's root) the pods of this fixture go under.
+    pub fn cgroup_parent(&self) -> String {
+        format!("/weft-test-{}", self.id)
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir().join("containerd.log")
+    }
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Every cgroup directory of our parent, in every mounted hierarchy.
+    fn cgroup_roots(&self) -> Vec<PathBuf> {
+        let parent = self.cgroup_parent();
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in rd.flatten() {
+                let p = e.path().join(parent.trim_start_matches('/'));
+                if p.is_dir() {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    fn kill_cgroup_procs(dir: &Path) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a pid listed in our own cgroup; at worst ESRCH.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    Self::kill_cgroup_procs(&e.path());
+                }
+            }
+        }
+    }
+
+    fn remove_cgroup_tree(dir: &Path) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    Self::remove_cgroup_tree(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    fn unmount_under(dir: &Path) {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = dir.to_string_lossy().to_string();
+        let mut points: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&prefix))
+            .map(|p| p.replace("\\040", " "))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").arg("-l").arg(&p).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+impl Drop for ContainerdFixture {
+    fn drop(&mut self) {
+        let roots = self.cgroup_roots();
+        for _ in 0..3 {
+            for r in &roots {
+                Self::kill_cgroup_procs(r);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for c in [self.child.as_mut(), self.etcd.as_mut()].into_iter().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // containerd's shims live in the namespace too.
+        self.ns.kill_all();
+        Self::unmount_under(self.dir.path());
+        for r in &roots {
+            Self::remove_cgroup_tree(r);
+        }
+    }
+}

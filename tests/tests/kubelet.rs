@@ -1,0 +1,540 @@
+//! `weft kubelet` end to end: a real containerd + runc + CNI (bridge, host-local) in a namespace of its own, a real
+//! etcd and the kubelet beside it, pods written through `weft apply`. One containerd and one kubelet serve every
+//! test of this file (they run in parallel, each with its own pods); shortened back-off and sync periods.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+use weft_lab::containerd::{ContainerdFixture, POD_SUBNET};
+use weft_lab::NsRuntime;
+
+const NODE: &str = "node-k1";
+const ETCD: &str = "http://127.0.0.1:2379";
+
+struct Env {
+    fx: ContainerdFixture,
+    ns: NsRuntime,
+    kubelet: Mutex<Option<Child>>,
+    client: etcd_client::Client,
+}
+
+static ENV: OnceLock<Mutex<Option<Arc<Env>>>> = OnceLock::new();
+
+extern "C" fn teardown() {
+    if let Some(m) = ENV.get() {
+        let env = m.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(env) = env {
+            if let Some(mut k) = env.kubelet.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = k.kill();
+                let _ = k.wait();
+            }
+            drop(env);
+        }
+    }
+}
+
+fn env() -> Arc<Env> {
+    let m = ENV.get_or_init(|| Mutex::new(None));
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = g.as_ref() {
+        return e.clone();
+    }
+    let e = Arc::new(start_env().expect("kubelet environment"));
+    // The harness exits the process after the last test: clean up then.
+    // SAFETY: registering a plain extern "C" function with no arguments.
+    unsafe { libc::atexit(teardown) };
+    *g = Some(e.clone());
+    e
+}
+
+fn start_env() -> Result<Env> {
+    let mut fx = ContainerdFixture::start()?;
+    fx.start_etcd()?;
+    std::fs::write(fx.dir().join("resolv.conf"), "nameserver 192.0.2.53\nsearch example.test\n")?;
+    let ns = fx.netns().runtime()?;
+    let client = ns.block_on(async { etcd_client::Client::connect([ETCD], None).await })??;
+    let env = Env { fx, ns, kubelet: Mutex::new(None), client };
+    env.start_kubelet()?;
+    Ok(env)
+}
+
+impl Env {
+    fn kubelet_log(&self) -> std::path::PathBuf {
+        self.fx.dir().join("kubelet.log")
+    }
+
+    fn start_kubelet(&self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.kubelet_log())?;
+        let child = self
+            .fx
+            .net_command(weft_lab::weft_bin())
+            .args(["kubelet", "--etcd-endpoints", ETCD, "--hostname-override", NODE, "--node-ip", "10.88.0.1"])
+            .arg("--container-runtime-endpoint")
+            .arg(self.fx.endpoint())
+            .arg("--cgroup-parent")
+            .arg(self.fx.cgroup_parent())
+            .arg("--root-dir")
+            .arg(self.fx.dir().join("kubelet"))
+            .arg("--resolv-conf")
+            .arg(self.fx.dir().join("resolv.conf"))
+            .args(["--pod-cidr", POD_SUBNET, "--sync-frequency", "300ms", "--node-status-update-frequency", "1s"])
+            .args(["--node-lease-renew-interval", "1s", "--backoff-initial", "1s", "--backoff-max", "4s"])
+            .args(["--backoff-reset", "2m", "--healthz-bind-address", "127.0.0.1:10248"])
+            .env("WEFT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        *self.kubelet.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        Ok(())
+    }
+
+    fn kill_kubelet(&self) {
+        if let Some(mut k) = self.kubelet.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    }
+
+    fn kubelet_alive(&self) -> bool {
+        let mut g = self.kubelet.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_mut().is_some_and(|k| matches!(k.try_wait(), Ok(None)))
+    }
+
+    fn weft(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .fx
+            .net_command(weft_lab::weft_bin())
+            .args(args)
+            .env("WEFT_ETCD_ENDPOINTS", ETCD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+            input.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("weft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn apply(&self, manifest: &str) {
+        self.weft(&["apply", "-f", "-"], Some(manifest)).expect("weft apply");
+    }
+
+    fn get_key(&self, key: &str) -> Option<Value> {
+        let mut c = self.client.clone();
+        let key = key.to_string();
+        let resp = self.ns.block_on(async move { c.get(key, None).await }).ok()?.ok()?;
+        resp.kvs().first().and_then(|kv| serde_json::from_slice(kv.value()).ok())
+    }
+
+    fn put_key(&self, key: &str, v: &Value) {
+        let mut c = self.client.clone();
+        let (key, v) = (key.to_string(), serde_json::to_vec(v).unwrap());
+        self.ns.block_on(async move { c.put(key, v, None).await }).unwrap().unwrap();
+    }
+
+    fn pod(&self, name: &str) -> Option<Value> {
+        self.get_key(&format!("/registry/pods/default/{name}"))
+    }
+
+    /// Polls the pod until `cond` holds; fails with the pod and the kubelet's log tail.
+    fn wait_pod(&self, name: &str, limit: Duration, what: &str, mut cond: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(p) = self.pod(name) {
+                if cond(&p) {
+                    return p;
+                }
+                last = Some(p);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = std::fs::read_to_string(self.kubelet_log()).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "pod {name}: timed out waiting for {what}; last seen:\n{}\nkubelet log (newest first):\n{}",
+            serde_json::to_string_pretty(&last.unwrap_or(Value::Null)).unwrap_or_default(),
+            tail.join("\n")
+        );
+    }
+
+    /// Runs `cmd` in a container through containerd (the task id is the CRI container id).
+    fn exec(&self, container_id: &str, cmd: &[&str]) -> Result<String> {
+        let id = container_id.trim_start_matches("containerd://");
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.fx.socket())
+            .args(["-n", "k8s.io", "tasks", "exec", "--exec-id", &format!("t{}", weft_lab::unique_id()), id])
+            .args(cmd)
+            .output()?;
+        if !out.status.success() {
+            bail!("exec {cmd:?} in {id}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kill_task(&self, container_id: &str) -> Result<()> {
+        let id = container_id.trim_start_matches("containerd://");
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.fx.socket())
+            .args(["-n", "k8s.io", "tasks", "kill", "-s", "KILL", id])
+            .output()?;
+        if !out.status.success() {
+            bail!("kill {id}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn container_exists(&self, container_id: &str) -> bool {
+        let id = container_id.trim_start_matches("containerd://");
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.fx.socket())
+            .args(["-n", "k8s.io", "containers", "info", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+fn pod_yaml(name: &str, restart: &str, containers: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: {name}\nspec:\n  nodeName: {NODE}\n  restartPolicy: {restart}\n  terminationGracePeriodSeconds: 1\n  containers:\n{containers}"
+    )
+}
+
+fn container(name: &str, script: &str) -> String {
+    format!(
+        "  - name: {name}\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", {}]\n",
+        serde_json::to_string(script).unwrap()
+    )
+}
+
+fn phase(p: &Value) -> &str {
+    p["status"]["phase"].as_str().unwrap_or("")
+}
+
+fn cstatus<'a>(p: &'a Value, name: &str) -> &'a Value {
+    p["status"]["containerStatuses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+fn restarts(p: &Value, name: &str) -> i64 {
+    cstatus(p, name)["restartCount"].as_i64().unwrap_or(0)
+}
+
+fn condition(p: &Value, t: &str) -> String {
+    p["status"]["conditions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == t))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_pod_runs_gets_an_address_and_the_node_registers() {
+    let env = env();
+    env.apply(&pod_yaml("web", "Always", &container("httpd", "httpd -f -p 80 -h /var/www")));
+    let p = env.wait_pod("web", T, "Running and Ready", |p| phase(p) == "Running" && condition(p, "Ready") == "True");
+    let ip: std::net::Ipv4Addr = p["status"]["podIP"].as_str().unwrap().parse().unwrap();
+    let net: ipnetwork::Ipv4Network = POD_SUBNET.parse().unwrap();
+    assert!(net.contains(ip), "{ip} in {POD_SUBNET}");
+    assert_eq!(p["status"]["hostIP"], "10.88.0.1");
+    assert!(cstatus(&p, "httpd")["containerID"].as_str().unwrap().starts_with("containerd://"));
+    // The pod serves on its address, from the node's namespace.
+    // Running means started, not yet listening: poll.
+    let deadline = Instant::now() + T;
+    loop {
+        let out =
+            env.fx.net_command("curl").args(["-sS", "--max-time", "5", &format!("http://{ip}/")]).output().unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("hello from weft.local/busybox:1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pod does not serve on {ip}: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The Node: Ready, the runtime named, the pod CIDR set; the Lease renewed.
+    let node =
+        env.get_key(&format!("/registry/minions/{NODE}")).or_else(|| env.get_key(&format!("/registry/nodes/{NODE}")));
+    let node = node.expect("node registered");
+    assert_eq!(node["spec"]["podCIDR"], POD_SUBNET);
+    assert!(node["status"]["nodeInfo"]["containerRuntimeVersion"].as_str().unwrap().starts_with("containerd://"));
+    let ready = node["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!(ready["status"], "True");
+    let lease = env.get_key(&format!("/registry/leases/kube-node-lease/{NODE}")).expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], NODE);
+    let healthz =
+        env.fx.net_command("curl").args(["-sS", "--max-time", "5", "http://127.0.0.1:10248/healthz"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&healthz.stdout).trim(), "ok");
+}
+
+#[test]
+fn restart_policy_rows_with_real_exits() {
+    let env = env();
+    // (pod, policy, containers, final phase, container → restarts at least)
+    type Row<'a> = (&'a str, &'a str, String, &'a str, Vec<(&'a str, i64)>);
+    let rows: Vec<Row> = vec![
+        ("ok-always", "Always", container("c", "exit 0"), "Running", vec![("c", 1)]),
+        ("ok-onfailure", "OnFailure", container("c", "exit 0"), "Succeeded", vec![]),
+        ("ok-never", "Never", container("c", "exit 0"), "Succeeded", vec![]),
+        ("fail-always", "Always", container("c", "exit 3"), "Running", vec![("c", 1)]),
+        ("fail-onfailure", "OnFailure", container("c", "exit 3"), "Running", vec![("c", 1)]),
+        ("fail-never", "Never", container("c", "exit 3"), "Failed", vec![]),
+        ("two-never", "Never", container("bad", "exit 1") + &container("good", "sleep 1000"), "Running", vec![]),
+        ("two-always", "Always", container("bad", "exit 1") + &container("good", "sleep 1000"), "Running", vec![("bad", 1)]),
+        ("two-both-never", "Never", container("bad", "exit 1") + &container("later", "sleep 1; exit 2"), "Failed", vec![]),
+        ("oom-never", "Never", "  - name: c\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"x=$(head -c 200000000 /dev/zero | tr '\\\\0' a)\"]\n    resources:\n      limits:\n        memory: 16Mi\n".to_string(), "Failed", vec![]),
+    ];
+    for (name, policy, cs, _, _) in &rows {
+        env.apply(&pod_yaml(name, policy, cs));
+    }
+    for (name, policy, _, want, restarted) in &rows {
+        let p = env.wait_pod(name, T, &format!("phase {want} ({policy})"), |p| {
+            phase(p) == *want && restarted.iter().all(|(c, n)| restarts(p, c) >= *n)
+        });
+        if *name == "two-never" {
+            let bad = cstatus(&p, "bad");
+            assert_eq!(bad["state"]["terminated"]["exitCode"], 1, "{bad}");
+            assert!(cstatus(&p, "good")["state"]["running"].is_object());
+        }
+        if *name == "fail-never" {
+            assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "Error");
+        }
+        if *name == "oom-never" {
+            assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "OOMKilled", "{p}");
+        }
+        if *want == "Succeeded" {
+            assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "Completed");
+        }
+    }
+}
+
+#[test]
+fn a_crash_loop_backs_off_with_crashloopbackoff() {
+    let env = env();
+    env.apply(&pod_yaml("crasher", "Always", &container("c", "exit 1")));
+    let mut saw_backoff = false;
+    let p = env.wait_pod("crasher", T, "3 restarts with CrashLoopBackOff in between", |p| {
+        let c = cstatus(p, "c");
+        if c["state"]["waiting"]["reason"] == "CrashLoopBackOff" {
+            saw_backoff = true;
+            assert_eq!(c["lastState"]["terminated"]["exitCode"], 1);
+        }
+        saw_backoff && restarts(p, "c") >= 3
+    });
+    assert_eq!(phase(&p), "Running");
+}
+
+#[test]
+fn init_containers_run_in_order_before_the_app() {
+    let env = env();
+    let y = format!(
+        "{}  initContainers:\n  - name: first\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 1\"]\n  - name: second\n    image: weft.local/busybox:1\n    command: [\"true\"]\n",
+        pod_yaml("inits", "Always", &container("app", "sleep 1000"))
+    );
+    env.apply(&y);
+    let p = env.wait_pod("inits", T, "Running after its init containers", |p| phase(p) == "Running");
+    let inits = p["status"]["initContainerStatuses"].as_array().unwrap();
+    let t = |i: usize, f: &str| inits[i]["state"]["terminated"][f].as_str().unwrap().to_string();
+    assert_eq!(inits[0]["state"]["terminated"]["exitCode"], 0);
+    assert_eq!(inits[1]["state"]["terminated"]["exitCode"], 0);
+    assert!(t(0, "finishedAt") <= t(1, "startedAt"), "first finished before second started");
+    assert_eq!(condition(&p, "Initialized"), "True");
+
+    // A failing init container blocks the app and is retried.
+    let y = format!(
+        "{}  initContainers:\n  - name: broken\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"exit 1\"]\n",
+        pod_yaml("init-fails", "Always", &container("app", "sleep 1000"))
+    );
+    env.apply(&y);
+    let p = env.wait_pod("init-fails", T, "the init container retried", |p| {
+        p["status"]["initContainerStatuses"][0]["restartCount"].as_i64().unwrap_or(0) >= 2
+    });
+    assert_eq!(phase(&p), "Pending");
+    assert_eq!(condition(&p, "Initialized"), "False");
+    assert!(cstatus(&p, "app")["containerID"].is_null(), "the app never started");
+    assert_eq!(cstatus(&p, "app")["state"]["waiting"]["reason"], "PodInitializing");
+}
+
+#[test]
+fn probes_fail_and_recover() {
+    let env = env();
+    let y = format!(
+        "{}    readinessProbe:\n      exec:\n        command: [\"test\", \"-e\", \"/tmp/ready\"]\n      periodSeconds: 1\n      failureThreshold: 1\n    livenessProbe:\n      httpGet:\n        path: /index.html\n        port: 80\n      periodSeconds: 1\n      failureThreshold: 2\n  - name: tcp\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 2; httpd -f -p 8080 -h /var/www\"]\n    readinessProbe:\n      tcpSocket:\n        port: 8080\n      periodSeconds: 1\n",
+        pod_yaml("probed", "Always", &container("web", "httpd -f -p 80 -h /var/www"))
+    );
+    env.apply(&y);
+    let p = env.wait_pod("probed", T, "running, tcp ready, web not ready", |p| {
+        phase(p) == "Running" && cstatus(p, "tcp")["ready"] == true && cstatus(p, "web")["ready"] == false
+    });
+    assert_eq!(condition(&p, "Ready"), "False");
+    let id = cstatus(&p, "web")["containerID"].as_str().unwrap().to_string();
+    env.exec(&id, &["touch", "/tmp/ready"]).unwrap();
+    env.wait_pod("probed", T, "Ready after the readiness file appears", |p| condition(p, "Ready") == "True");
+    env.exec(&id, &["rm", "/tmp/ready"]).unwrap();
+    env.wait_pod("probed", T, "not Ready after it goes", |p| condition(p, "Ready") == "False");
+    // Liveness: the page disappears → the container is restarted (a fresh one serves it again).
+    env.exec(&id, &["rm", "/var/www/index.html"]).unwrap();
+    let p = env.wait_pod("probed", T, "web restarted by its liveness probe", |p| {
+        restarts(p, "web") >= 1 && cstatus(p, "web")["state"]["running"].is_object()
+    });
+    assert_ne!(cstatus(&p, "web")["containerID"].as_str().unwrap(), id);
+}
+
+#[test]
+fn env_downward_api_and_service_variables_inside_the_container() {
+    let env = env();
+    env.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: redis-master\n  namespace: default\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - port: 6379\n    protocol: TCP\n",
+    );
+    let y = format!(
+        "{}    env:\n    - name: GREETING\n      value: hello\n    - name: POD_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.name\n    - name: POD_NAMESPACE\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.namespace\n    - name: POD_IP\n      valueFrom:\n        fieldRef:\n          fieldPath: status.podIP\n    - name: NODE_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: spec.nodeName\n    - name: HOST_IP\n      valueFrom:\n        fieldRef:\n          fieldPath: status.hostIP\n",
+        pod_yaml("envy", "Always", &container("c", "sleep 1000"))
+    );
+    env.apply(&y);
+    let p = env.wait_pod("envy", T, "Running", |p| phase(p) == "Running");
+    let id = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    let out = env.exec(&id, &["env"]).unwrap();
+    let ip = p["status"]["podIP"].as_str().unwrap();
+    for want in [
+        "GREETING=hello".to_string(),
+        "POD_NAME=envy".into(),
+        "POD_NAMESPACE=default".into(),
+        format!("POD_IP={ip}"),
+        format!("NODE_NAME={NODE}"),
+        "HOST_IP=10.88.0.1".into(),
+        "REDIS_MASTER_SERVICE_HOST=10.96.0.11".into(),
+        "REDIS_MASTER_SERVICE_PORT=6379".into(),
+        "REDIS_MASTER_PORT=tcp://10.96.0.11:6379".into(),
+        "REDIS_MASTER_PORT_6379_TCP=tcp://10.96.0.11:6379".into(),
+        "REDIS_MASTER_PORT_6379_TCP_PROTO=tcp".into(),
+        "REDIS_MASTER_PORT_6379_TCP_PORT=6379".into(),
+        "REDIS_MASTER_PORT_6379_TCP_ADDR=10.96.0.11".into(),
+    ] {
+        assert!(out.lines().any(|l| l == want), "{want} missing from:\n{out}");
+    }
+    let resolv = env.exec(&id, &["cat", "/etc/resolv.conf"]).unwrap();
+    assert!(resolv.contains("nameserver 10.96.0.10"), "{resolv}");
+    assert!(
+        resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local example.test"),
+        "{resolv}"
+    );
+    assert!(resolv.contains("ndots:5"), "{resolv}");
+}
+
+#[test]
+fn a_killed_container_is_recreated_and_a_deleted_pod_stopped() {
+    let env = env();
+    env.apply(&pod_yaml("victim", "Always", &container("c", "sleep 1000")));
+    let p = env.wait_pod("victim", T, "Running", |p| phase(p) == "Running");
+    let id = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    env.kill_task(&id).unwrap();
+    let p = env.wait_pod("victim", T, "a new container after the kill", |p| {
+        restarts(p, "c") >= 1 && cstatus(p, "c")["state"]["running"].is_object()
+    });
+    assert_eq!(cstatus(&p, "c")["lastState"]["terminated"]["exitCode"], 137);
+    let id2 = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    // Deleted from the store outright: its containers are stopped and removed.
+    env.weft(&["delete", "pod", "victim"], None).unwrap();
+    let deadline = Instant::now() + T;
+    while env.container_exists(&id2) {
+        assert!(Instant::now() < deadline, "container {id2} still there after the pod was deleted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Graceful deletion (deletionTimestamp set): the kubelet stops it, then deletes the object.
+    env.apply(&pod_yaml("graceful", "Always", &container("c", "sleep 1000")));
+    let p = env.wait_pod("graceful", T, "Running", |p| phase(p) == "Running");
+    let id3 = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    let mut v = p.clone();
+    v["metadata"]["deletionTimestamp"] = Value::String(weft_lab::kube_time(std::time::SystemTime::now(), false));
+    v["metadata"]["deletionGracePeriodSeconds"] = Value::from(1);
+    env.put_key("/registry/pods/default/graceful", &v);
+    let deadline = Instant::now() + T;
+    while env.pod("graceful").is_some() || env.container_exists(&id3) {
+        assert!(Instant::now() < deadline, "graceful pod not terminated and deleted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn missing_image_and_bad_command_get_kubernetes_reasons() {
+    let env = env();
+    env.apply(&pod_yaml("noimage", "Always", "  - name: c\n    image: weft.local/nothere:1\n"));
+    env.apply(&pod_yaml(
+        "badcmd",
+        "Always",
+        "  - name: c\n    image: weft.local/busybox:1\n    command: [\"/no/such/binary\"]\n",
+    ));
+    let mut reasons = std::collections::BTreeSet::new();
+    env.wait_pod("noimage", T, "ErrImagePull then ImagePullBackOff", |p| {
+        if let Some(r) = cstatus(p, "c")["state"]["waiting"]["reason"].as_str() {
+            reasons.insert(r.to_string());
+        }
+        reasons.contains("ErrImagePull") && reasons.contains("ImagePullBackOff")
+    });
+    let p = env.wait_pod("badcmd", T, "StartError and a crash loop", |p| {
+        let c = cstatus(p, "c");
+        let term = if c["state"]["terminated"].is_object() {
+            &c["state"]["terminated"]
+        } else {
+            &c["lastState"]["terminated"]
+        };
+        term["reason"] == "StartError" && restarts(p, "c") >= 1
+    });
+    assert_eq!(phase(&p), "Running", "restartPolicy Always keeps it Running (restarting)");
+    assert!(env.kubelet_alive(), "the kubelet survives pods it cannot run");
+}
+
+#[test]
+fn a_restarted_kubelet_adopts_running_containers() {
+    let env = env();
+    let y = format!(
+        "{}    readinessProbe:\n      exec:\n        command: [\"true\"]\n      periodSeconds: 1\n",
+        pod_yaml("steady", "Always", &container("c", "sleep 1000"))
+    );
+    env.apply(&y);
+    let p =
+        env.wait_pod("steady", T, "Running and Ready", |p| phase(p) == "Running" && condition(p, "Ready") == "True");
+    let id = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    let sandbox_ip = p["status"]["podIP"].as_str().unwrap().to_string();
+    env.kill_kubelet();
+    let before = env.get_key(&format!("/registry/leases/kube-node-lease/{NODE}")).unwrap()["spec"]["renewTime"].clone();
+    env.start_kubelet().unwrap();
+    // The new kubelet is at work once it renews the lease; then give it several sync passes.
+    let deadline = Instant::now() + T;
+    let mut renewals = 0;
+    let mut last = before;
+    while renewals < 3 {
+        assert!(Instant::now() < deadline, "the restarted kubelet does not renew its lease");
+        let now =
+            env.get_key(&format!("/registry/leases/kube-node-lease/{NODE}")).unwrap()["spec"]["renewTime"].clone();
+        if now != last {
+            renewals += 1;
+            last = now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = env.pod("steady").unwrap();
+    assert_eq!(cstatus(&p, "c")["containerID"].as_str().unwrap(), id, "same container");
+    assert_eq!(restarts(&p, "c"), 0);
+    assert_eq!(p["status"]["podIP"].as_str().unwrap(), sandbox_ip);
+    assert_eq!((phase(&p), condition(&p, "Ready")), ("Running", "True".to_string()));
+    assert!(env.container_exists(&id));
+}

@@ -1,0 +1,310 @@
+//! The whole cluster in one lab (real etcd, containerd + runc + weft-cni per node, `weft kubelet`, `weft controller`,
+//! `weft proxy`, `weft dns`): a Deployment becomes Running containers on two nodes with addresses from their nodes'
+//! subnets, a Service with a selector answers HTTP 200 by DNS name from a pod on another node, a deleted pod is
+//! recreated, `rollout undo` replaces the containers, and a node whose kubelet stops loses its pods to the other
+//! node after the (shortened) grace periods. One lab for every check, to keep the file within a few minutes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use weft_lab::{Lab, LabOptions};
+
+const REPLICAS: usize = 4;
+
+fn deployment(version: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  replicas: {REPLICAS}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: httpd
+        image: weft.local/busybox:1
+        env: [{{name: VERSION, value: "{version}"}}]
+        command: ["sh", "-c", "mkdir -p /www && echo \"hello from $(hostname) $VERSION\" > /www/index.html && exec httpd -f -p 80 -h /www"]
+        ports: [{{containerPort: 80}}]
+        readinessProbe: {{httpGet: {{path: /, port: 80}}, periodSeconds: 1}}
+"#
+    )
+}
+
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 80}]\n";
+
+/// One web pod as the store shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WebPod {
+    name: String,
+    node: String,
+    ip: String,
+    ready: bool,
+    deleting: bool,
+    version: String,
+    container_ids: Vec<String>,
+}
+
+fn web_pods(lab: &Lab) -> Result<Vec<WebPod>> {
+    let out = lab.weft(&["get", "pods", "-l", "app=web", "-o", "json"], None)?;
+    let v: Value = serde_json::from_str(&out).context("weft get pods -o json")?;
+    let items = v.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+    Ok(items
+        .iter()
+        .map(|p| {
+            let s = |ptr: &str| p.pointer(ptr).and_then(Value::as_str).unwrap_or_default().to_string();
+            let conditions = p.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+            let ready = s("/status/phase") == "Running"
+                && conditions.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let env = p.pointer("/spec/containers/0/env").and_then(Value::as_array).cloned().unwrap_or_default();
+            let version = env
+                .iter()
+                .find(|e| e["name"] == "VERSION")
+                .and_then(|e| e["value"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            let statuses =
+                p.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
+            WebPod {
+                name: s("/metadata/name"),
+                node: s("/spec/nodeName"),
+                ip: s("/status/podIP"),
+                ready,
+                deleting: p.pointer("/metadata/deletionTimestamp").is_some(),
+                version,
+                container_ids: statuses.iter().filter_map(|c| c["containerID"].as_str().map(String::from)).collect(),
+            }
+        })
+        .collect())
+}
+
+/// Polls `f` every 500 ms until it returns `Some` or `secs` pass; the error names what it waited for and the last
+/// state seen.
+fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(t)) => return Ok(t),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {secs}s waiting for {what} {last}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `n` live pods of `version`, all Running and Ready, and no other pod of the Deployment left.
+fn wait_web(lab: &Lab, n: usize, version: &str, secs: u64) -> Result<Vec<WebPod>> {
+    let mut seen = Vec::new();
+    until(&format!("{n} ready web pods of {version}"), secs, || {
+        let pods = web_pods(lab)?;
+        seen = pods.clone();
+        let ok = pods.len() == n && pods.iter().all(|p| p.ready && !p.deleting && p.version == version);
+        Ok(ok.then_some(pods))
+    })
+    .with_context(|| format!("pods seen: {seen:#?}"))
+}
+
+fn subnet_of(lab: &Lab, node: usize) -> Result<ipnetwork::Ipv4Network> {
+    let env = std::fs::read_to_string(lab.node(node).subnet_env_path())?;
+    let s = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).ok_or_else(|| anyhow!("no FLANNEL_SUBNET"))?;
+    Ok(s.parse()?)
+}
+
+fn node_index(name: &str) -> Result<usize> {
+    name.strip_prefix("node-").and_then(|n| n.parse().ok()).ok_or_else(|| anyhow!("{name:?} is not a lab node"))
+}
+
+/// Everything the containers of pod `pod` wrote, from the CRI log files under node `node`'s kubelet root.
+fn pod_logs(lab: &Lab, node: usize, pod: &str) -> String {
+    let mut out = String::new();
+    let dir = lab.node(node).kubelet_root().join("pods");
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if !e.file_name().to_string_lossy().starts_with(&format!("default_{pod}_")) {
+            continue;
+        }
+        for c in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
+                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+fn pod_phase(lab: &Lab, pod: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(&lab.weft(&["get", "pod", pod, "-o", "json"], None)?)?;
+    Ok(v.pointer("/status/phase").and_then(Value::as_str).unwrap_or_default().to_string())
+}
+
+/// curl from a bare pod namespace of the lab: (HTTP status, body).
+fn curl(lab: &Lab, ns: &weft_lab::Netns, url: &str) -> Result<(String, String)> {
+    let _ = lab;
+    let out = ns.exec("curl", &["-s", "-m", "3", "-w", "\n%{http_code}", url])?;
+    let (body, code) = out.rsplit_once('\n').ok_or_else(|| anyhow!("curl printed {out:?}"))?;
+    Ok((code.to_string(), body.to_string()))
+}
+
+fn pods_run_on_two_nodes_in_their_subnets(lab: &Lab) -> Result<Vec<WebPod>> {
+    lab.weft(&["apply", "-f", "-"], Some(&format!("{}---\n{SERVICE}", deployment("v1"))))?;
+    let pods = wait_web(lab, REPLICAS, "v1", 120)?;
+    let nodes: BTreeSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "the scheduler spreads {REPLICAS} pods over both nodes: {pods:#?}");
+    for p in &pods {
+        let ip: Ipv4Addr = p.ip.parse().with_context(|| format!("pod {} has no address", p.name))?;
+        let subnet = subnet_of(lab, node_index(&p.node)?)?;
+        assert!(subnet.contains(ip), "pod {} on {} has {ip}, outside its node's subnet {subnet}", p.name, p.node);
+    }
+    Ok(pods)
+}
+
+fn service_answers_by_name_from_a_pod_on_another_node(lab: &Lab, pods: &[WebPod]) -> Result<()> {
+    let on_node1: Vec<&WebPod> = pods.iter().filter(|p| p.node == "node-1").collect();
+    let target = on_node1.first().ok_or_else(|| anyhow!("no web pod on node-1"))?;
+    until("3 ready addresses per pod in Endpoints web", 60, || {
+        let v: Value = serde_json::from_str(&lab.weft(&["get", "ep", "web", "-o", "json"], None)?)?;
+        let addrs: BTreeSet<String> = v
+            .pointer("/subsets")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["addresses"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a["ip"].as_str().map(String::from))
+            .collect();
+        let want: BTreeSet<String> = pods.iter().map(|p| p.ip.clone()).collect();
+        Ok((addrs == want).then_some(()))
+    })?;
+    // A container on node-2: the Service by its DNS name, then a node-1 pod by its address. busybox's wget
+    // exits non-zero unless the status is 2xx, so Succeeded means every fetch got a 200.
+    let client = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: client}}\nspec:\n  nodeName: node-2\n  restartPolicy: Never\n  \
+         containers:\n  - name: wget\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \
+         \"wget -q -O - http://web.default.svc.cluster.local/ && wget -q -O - http://{}/\"]\n",
+        target.ip
+    );
+    lab.weft(&["apply", "-f", "-"], Some(&client))?;
+    let phase = until("pod client to finish", 90, || {
+        let phase = pod_phase(lab, "client")?;
+        Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
+    })?;
+    let logs = pod_logs(lab, 2, "client");
+    assert_eq!(phase, "Succeeded", "the client's fetches failed; its log:\n{logs}");
+    assert!(logs.contains(&format!("hello from {} v1", target.name)), "node-1's pod answered node-2's client: {logs}");
+    assert!(logs.matches("hello from web-").count() >= 2, "{logs}");
+    // And curl from a bare namespace behind node-2's cni0: the name, the status code.
+    let probe = lab.add_pod(2, "probe")?;
+    let (code, body) = until("curl http://web.default.svc.cluster.local/ from node-2", 30, || {
+        Ok(curl(lab, probe.ns(), "http://web.default.svc.cluster.local/").ok())
+    })?;
+    assert_eq!(code, "200", "{body}");
+    assert!(body.starts_with("hello from web-"), "{body}");
+    Ok(())
+}
+
+fn a_deleted_pod_is_recreated(lab: &Lab, pods: &[WebPod]) -> Result<()> {
+    let victim = &pods[0].name;
+    lab.weft(&["delete", "pod", victim], None)?;
+    let after = until("the deleted pod to be replaced", 90, || {
+        let now = web_pods(lab)?;
+        let ok = now.len() == REPLICAS
+            && now.iter().all(|p| p.ready && !p.deleting)
+            && !now.iter().any(|p| p.name == *victim);
+        Ok(ok.then_some(now))
+    })?;
+    assert!(after.iter().all(|p| p.version == "v1"));
+    Ok(())
+}
+
+fn rollout_undo_replaces_the_containers(lab: &Lab) -> Result<()> {
+    let before: BTreeSet<String> =
+        wait_web(lab, REPLICAS, "v1", 60)?.into_iter().flat_map(|p| p.container_ids).collect();
+    assert_eq!(before.len(), REPLICAS, "one container per pod: {before:?}");
+    lab.weft(&["apply", "-f", "-"], Some(&deployment("v2")))?;
+    let v2: BTreeSet<String> = wait_web(lab, REPLICAS, "v2", 180)?.into_iter().flat_map(|p| p.container_ids).collect();
+    assert!(v2.is_disjoint(&before), "v2 runs in new containers");
+    lab.weft(&["rollout", "undo", "deployment/web"], None)?;
+    let after: BTreeSet<String> =
+        wait_web(lab, REPLICAS, "v1", 180)?.into_iter().flat_map(|p| p.container_ids).collect();
+    assert!(
+        after.is_disjoint(&before) && after.is_disjoint(&v2),
+        "the undo started new containers: {before:?} {v2:?} {after:?}"
+    );
+    // The pages the containers serve say so (through the Service, from node-2's bare namespace).
+    let probe = weft_lab::Netns::attach(&format!("{}-probe", lab.node(2).ns().name()));
+    until("the Service to serve v1 pages only", 30, || {
+        let pages: Vec<String> = (0..6).filter_map(|_| curl(lab, &probe, "http://web/").ok().map(|(_, b)| b)).collect();
+        Ok((pages.len() == 6 && pages.iter().all(|b| b.trim_end().ends_with(" v1"))).then_some(()))
+    })?;
+    Ok(())
+}
+
+fn a_stopped_kubelet_loses_its_pods_to_the_other_node(lab: &mut Lab) -> Result<()> {
+    let before = wait_web(lab, REPLICAS, "v1", 60)?;
+    assert!(before.iter().any(|p| p.node == "node-2"), "{before:#?}");
+    lab.stop_kubelet(2)?;
+    let moved = until("every live web pod to run on node-1", 120, || {
+        let pods = web_pods(lab)?;
+        let live: Vec<&WebPod> = pods.iter().filter(|p| !p.deleting).collect();
+        let ok = live.len() == REPLICAS && live.iter().all(|p| p.ready && p.node == "node-1");
+        Ok(ok.then_some(pods))
+    })?;
+    let per_node: BTreeMap<&str, usize> = moved.iter().filter(|p| !p.deleting).fold(BTreeMap::new(), |mut m, p| {
+        *m.entry(p.node.as_str()).or_default() += 1;
+        m
+    });
+    assert_eq!(per_node, BTreeMap::from([("node-1", REPLICAS)]));
+    Ok(())
+}
+
+#[test]
+fn deployment_runs_on_containerd_across_nodes_behind_a_service_and_survives_deletes_undo_and_a_lost_node() {
+    let opts = LabOptions {
+        nodes: 2,
+        proxy_mode: Some("iptables".into()),
+        dns: true,
+        kubelet: true,
+        kubelet_args: vec!["--node-lease-renew-interval=1s".into(), "--node-status-update-frequency=1s".into()],
+        controller_args: vec![
+            "--node-monitor-period=1s".into(),
+            "--node-monitor-grace-period=6s".into(),
+            "--pod-eviction-timeout=2s".into(),
+        ],
+        ..LabOptions::default()
+    };
+    let mut lab = Lab::up(opts, &mut |_| {}).expect("lab up with kubelets");
+    let logs = |lab: &Lab| {
+        let mut s = String::new();
+        for i in 1..=2 {
+            let text = std::fs::read_to_string(lab.node(i).kubelet_log_path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s.push_str(&format!("--- node-{i} kubelet\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
+        }
+        let text = std::fs::read_to_string(lab.controller_log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        s.push_str(&format!("--- controller\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
+        s
+    };
+    let pods = pods_run_on_two_nodes_in_their_subnets(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
+    service_answers_by_name_from_a_pod_on_another_node(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
+    a_deleted_pod_is_recreated(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
+    rollout_undo_replaces_the_containers(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
+    a_stopped_kubelet_loses_its_pods_to_the_other_node(&mut lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
+
+    // Teardown leaves no container, mount, cgroup or namespace of the lab.
+    let (id, dir) = (lab.id().to_string(), lab.dir().to_path_buf());
+    drop(lab);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(!mounts.contains(&dir.to_string_lossy().to_string()), "mounts left under {}", dir.display());
+    assert!(weft_lab::cluster::cgroup_pids(&weft_lab::cluster::cgroup_subtree(&id)).is_empty());
+    assert!(!weft_lab::lab::netns_list().iter().any(|n| n.starts_with(&weft_lab::lab::ns_prefix(&id))));
+    assert!(!dir.exists());
+}
