@@ -1,0 +1,2 @@
+//! ipvs mode (kube-proxy's IPVS design with our names).
+pub mod netlink;
