@@ -1,2 +1,3 @@
 //! ipvs mode (kube-proxy's IPVS design with our names).
 pub mod netlink;
+pub mod plan;
