@@ -372,12 +372,18 @@ impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
                 (Cmd::SetInfo | Cmd::GetInfo, INFO_ATTR_CONN_TAB_SIZE) => IpvsAttr::InfoConnTabSize(parse_u32(v)?),
                 (_, CMD_ATTR_SERVICE) => {
                     let mut inner = Vec::new();
-                    each_nla(v, |k, v| Ok(inner.push(SvcAttr::parse(k, v)?)))?;
+                    each_nla(v, |k, v| {
+                        inner.push(SvcAttr::parse(k, v)?);
+                        Ok(())
+                    })?;
                     IpvsAttr::Service(inner)
                 }
                 (_, CMD_ATTR_DEST) => {
                     let mut inner = Vec::new();
-                    each_nla(v, |k, v| Ok(inner.push(DestAttr::parse(k, v)?)))?;
+                    each_nla(v, |k, v| {
+                        inner.push(DestAttr::parse(k, v)?);
+                        Ok(())
+                    })?;
                     IpvsAttr::Dest(inner)
                 }
                 (_, CMD_ATTR_TIMEOUT_TCP) => IpvsAttr::TimeoutTcp(parse_u32(v)?),
