@@ -74,6 +74,9 @@ pub struct IpvsArgs {
     /// ipvs mode: IPVS timeout of UDP flows (0s leaves the kernel's)
     #[arg(long = "ipvs-udp-timeout", default_value = "0s", value_parser = parse_duration)]
     pub udp_timeout: Duration,
+    /// ipvs mode: how long a removed TCP real server keeps its connections (at weight 0) before it is deleted
+    #[arg(long = "ipvs-graceful-termination-period", default_value = "15m", value_parser = parse_duration)]
+    pub graceful_period: Duration,
 }
 
 impl IpvsArgs {
@@ -169,6 +172,7 @@ impl ProxyArgs {
                     masquerade_bit: self.iptables_masquerade_bit,
                     strict_arp: self.ipvs.strict_arp,
                     timeouts: self.ipvs.timeouts(),
+                    graceful_period: self.ipvs.graceful_period,
                     ..crate::ipvs::Config::default()
                 },
             ))),

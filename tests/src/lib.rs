@@ -6,6 +6,7 @@ pub mod cli;
 pub mod etcd;
 pub mod lab;
 pub mod netns;
+pub mod qemu;
 
 pub use etcd::EtcdFixture;
 pub use lab::{Lab, LabOptions, Node, Pod};
