@@ -477,7 +477,7 @@ impl GuestRun {
     }
 }
 
-/// One `WEFT-CHECK PASS|FAIL name[: detail]` line of the scenario.
+/// One `WEFT-CHECK PASS|FAIL name[ :: detail]` line of the scenario.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub name: String,
@@ -504,7 +504,8 @@ impl GuestOutput {
                 Some(("FAIL", r)) => (false, r),
                 _ => continue,
             };
-            let (name, detail) = rest.split_once(": ").unwrap_or((rest, ""));
+            let (name, detail) = rest.split_once(" ::").unwrap_or((rest, ""));
+            let detail = detail.trim();
             checks.push(Check { name: name.trim().into(), passed, detail: detail.into() });
         }
         GuestOutput {
@@ -553,11 +554,12 @@ kernel/net/netfilter/ipvs/ip_vs_rr.ko: kernel/net/netfilter/ipvs/ip_vs.ko kernel
     #[test]
     fn console_checks_are_parsed() {
         let out = GuestOutput::parse(
-            "noise\r\nWEFT-CHECK PASS ClusterIP TCP: s2\nWEFT-CHECK FAIL UDP: no answer\nWEFT-VALUE rate 123\nWEFT-LAB-DONE\n",
+            "noise\r\nWEFT-CHECK PASS ClusterIP: TCP :: s2\nWEFT-CHECK FAIL UDP :: no answer\nWEFT-VALUE rate 123\nWEFT-LAB-DONE\n",
             Duration::from_secs(1),
         );
         assert!(out.finished);
         assert_eq!(out.checks.len(), 2);
+        assert_eq!(out.checks[0].name, "ClusterIP: TCP");
         assert_eq!(out.checks[1], Check { name: "UDP".into(), passed: false, detail: "no answer".into() });
         assert_eq!(out.value("rate").as_deref(), Some("123"));
     }

@@ -233,6 +233,10 @@ impl<R: Runner> IpvsDataplane<R> {
         for op in ops {
             let what = || op.to_string();
             match op {
+                Op::AddAddress(_) | Op::AddService { .. } | Op::AddDest { .. } => tracing::debug!(%op, "ipvs"),
+                _ => tracing::info!(%op, "ipvs"),
+            }
+            match op {
                 Op::AddAddress(ip) => {
                     rt.add_address(index, *ip)?;
                     observed.addresses.insert(*ip);
