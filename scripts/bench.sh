@@ -15,6 +15,9 @@
 #    latency percentiles at 10,000 QPS, and the RSS of `weft dns`. BENCH_DNS=0 skips it.
 # 6. Controllers: tests/examples/control_bench.rs — `weft apply` of a 1,000-replica Deployment to 1,000 pods bound,
 #    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
+# 7. ipvs mode vs iptables mode inside one QEMU guest (the host kernel has no IPVS): proxy/examples/ipvs_bench.rs —
+#    new connections through a VIP at 10 and BENCH_IPVS_SERVICES (10,000) services, full and one-endpoint syncs.
+#    Emulated CPU, so ratios only. BENCH_IPVS=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -146,5 +149,11 @@ if [ "${BENCH_CONTROL:-1}" = 1 ]; then
   echo "== controllers: cargo run --release -p weft-lab --example control_bench (WEFT_BIN=$WEFT)" >&2
   WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example control_bench >"$OUT/control.md" || fail "controller benchmark failed"
   [ -s "$OUT/control.md" ] && { echo; cat "$OUT/control.md"; }
+fi
+
+if [ "${BENCH_IPVS:-1}" = 1 ]; then
+  echo "== ipvs vs iptables in the QEMU lab: cargo run --release -p weft-proxy --example ipvs_bench" >&2
+  cargo run -q --release -p weft-proxy --example ipvs_bench >"$OUT/ipvs.md" || fail "ipvs benchmark failed"
+  [ -s "$OUT/ipvs.md" ] && { echo; cat "$OUT/ipvs.md"; }
 fi
 exit $failed

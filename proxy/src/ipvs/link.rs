@@ -166,22 +166,35 @@ impl RtSocket {
         msg
     }
 
-    pub fn add_address(&mut self, index: u32, ip: Ipv4Addr) -> Result<()> {
-        let call = format!("ip addr add {ip}/32 dev {DUMMY}");
-        let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        match self.request(RouteNetlinkMessage::NewAddress(Self::address_msg(index, ip)), flags, &call) {
-            Err(e) if e.errno() != Some(libc::EEXIST) => Err(e),
-            _ => Ok(()),
+    /// Adds (`add`) or deletes addresses on link `index` in few system calls; "exists" on an add and
+    /// "not there" on a delete count as done.
+    pub fn addresses_batch(&mut self, index: u32, ips: &[Ipv4Addr], add: bool) -> Result<()> {
+        let requests: Vec<(u32, Vec<u8>)> = ips
+            .iter()
+            .map(|ip| {
+                self.seq = self.seq.wrapping_add(1);
+                let msg = Self::address_msg(index, *ip);
+                let (msg, flags) = if add {
+                    (RouteNetlinkMessage::NewAddress(msg), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+                } else {
+                    (RouteNetlinkMessage::DelAddress(msg), NLM_F_REQUEST | NLM_F_ACK)
+                };
+                (self.seq, super::netlink::serialize(msg, flags, self.seq))
+            })
+            .collect();
+        let verb = if add { "add" } else { "del" };
+        let codes = super::netlink::send_batch(&self.sock, &requests)
+            .map_err(|source| Error { call: format!("ip addr {verb} (batch)"), source })?;
+        for (code, ip) in codes.into_iter().zip(ips) {
+            let ok = code == 0 || (add && -code == libc::EEXIST) || (!add && -code == libc::EADDRNOTAVAIL);
+            if !ok {
+                return Err(Error {
+                    call: format!("ip addr {verb} {ip}/32 dev {DUMMY}"),
+                    source: io::Error::from_raw_os_error(-code),
+                });
+            }
         }
-    }
-
-    pub fn del_address(&mut self, index: u32, ip: Ipv4Addr) -> Result<()> {
-        let call = format!("ip addr del {ip}/32 dev {DUMMY}");
-        let flags = NLM_F_REQUEST | NLM_F_ACK;
-        match self.request(RouteNetlinkMessage::DelAddress(Self::address_msg(index, ip)), flags, &call) {
-            Err(e) if e.errno() != Some(libc::EADDRNOTAVAIL) => Err(e),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 

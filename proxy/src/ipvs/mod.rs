@@ -211,19 +211,18 @@ impl<R: Runner> IpvsDataplane<R> {
         Ok(())
     }
 
-    fn write_sets(&mut self, want: &BTreeMap<&'static str, BTreeSet<String>>) -> Result<usize> {
-        let changed: BTreeMap<&'static str, BTreeSet<String>> = want
-            .iter()
-            .filter(|(k, v)| self.sets.as_ref().and_then(|s| s.get(*k)) != Some(*v))
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
-        if changed.is_empty() {
-            return Ok(0);
+    /// Writes the ipsets in one `ipset restore`: on a full sync every set is refilled through its twin;
+    /// otherwise only the members that changed are added or deleted.
+    fn write_sets(&mut self, want: BTreeMap<&'static str, BTreeSet<String>>) -> Result<usize> {
+        let text = match &self.sets {
+            None => rules::render_ipsets(&want),
+            Some(have) => rules::render_ipset_changes(have, &want),
+        };
+        if !text.is_empty() {
+            self.sets = None;
+            self.runner.run("ipset", &["restore"], Some(text.as_bytes()))?;
         }
-        let text = rules::render_ipsets(&changed);
-        self.sets = None;
-        self.runner.run("ipset", &["restore"], Some(text.as_bytes()))?;
-        self.sets = Some(want.clone());
+        self.sets = Some(want);
         Ok(text.len())
     }
 
@@ -231,60 +230,52 @@ impl<R: Runner> IpvsDataplane<R> {
         let index = self.dummy_index;
         let (ipvs, rt) = self.sockets()?;
         for op in ops {
-            let what = || op.to_string();
             match op {
                 Op::AddAddress(_) | Op::AddService { .. } | Op::AddDest { .. } => tracing::debug!(%op, "ipvs"),
                 _ => tracing::info!(%op, "ipvs"),
             }
-            match op {
-                Op::AddAddress(ip) => {
-                    rt.add_address(index, *ip)?;
-                    observed.addresses.insert(*ip);
+        }
+        // Addresses first, then every IPVS change in order (batched: a big first sync is a few hundred
+        // system calls, not one round trip per real server), then the addresses that go.
+        let addrs = |add: bool| -> Vec<Ipv4Addr> {
+            ops.iter()
+                .filter_map(|o| match o {
+                    Op::AddAddress(ip) if add => Some(*ip),
+                    Op::DelAddress(ip) if !add => Some(*ip),
+                    _ => None,
+                })
+                .collect()
+        };
+        let adds = addrs(true);
+        if !adds.is_empty() {
+            rt.addresses_batch(index, &adds, true)?;
+            observed.addresses.extend(adds);
+        }
+        let vs_ops: Vec<&Op> = ops.iter().filter(|o| !matches!(o, Op::AddAddress(_) | Op::DelAddress(_))).collect();
+        let msgs: Vec<netlink::IpvsMessage> = vs_ops.iter().filter_map(|op| message(op)).collect();
+        let results = ipvs.batch(&msgs).map_err(ipvs_err("applying IPVS changes"))?;
+        let mut first_err = None;
+        for (op, r) in vs_ops.into_iter().zip(results) {
+            match r {
+                Ok(()) => record(observed, op),
+                Err(e) if matches!(op, Op::DelDest { .. } | Op::DelService { .. }) && e.is_not_found() => {
+                    record(observed, op)
                 }
-                Op::DelAddress(ip) => {
-                    rt.del_address(index, *ip)?;
-                    observed.addresses.remove(ip);
-                }
-                Op::AddService { vs, .. } => {
-                    ipvs.request(request::new_service(vs)).map_err(ipvs_err(what()))?;
-                    observed.services.insert(vs.key, (vs.clone(), vec![]));
-                }
-                Op::UpdateService { vs, .. } => {
-                    ipvs.request(request::set_service(vs)).map_err(ipvs_err(what()))?;
-                    if let Some(e) = observed.services.get_mut(&vs.key) {
-                        e.0 = vs.clone();
+                Err(e) => {
+                    if first_err.is_none() {
+                        first_err = Some(ipvs_err(op.to_string())(e));
                     }
                 }
-                Op::DelService { key, .. } => {
-                    match ipvs.request(request::del_service(key)) {
-                        Err(e) if !e.is_not_found() => return Err(ipvs_err(what())(e)),
-                        _ => {}
-                    }
-                    observed.services.remove(key);
-                }
-                Op::AddDest { key, rs, .. } => {
-                    ipvs.request(request::new_dest(key, rs)).map_err(ipvs_err(what()))?;
-                    if let Some(e) = observed.services.get_mut(key) {
-                        e.1.push(rs.clone());
-                    }
-                }
-                Op::UpdateDest { key, rs, .. } => {
-                    ipvs.request(request::set_dest(key, rs)).map_err(ipvs_err(what()))?;
-                    if let Some(e) = observed.services.get_mut(key) {
-                        if let Some(r) = e.1.iter_mut().find(|r| r.addr == rs.addr && r.port == rs.port) {
-                            r.weight = rs.weight;
-                        }
-                    }
-                }
-                Op::DelDest { key, rs, .. } => {
-                    match ipvs.request(request::del_dest(key, rs)) {
-                        Err(e) if !e.is_not_found() => return Err(ipvs_err(what())(e)),
-                        _ => {}
-                    }
-                    if let Some(e) = observed.services.get_mut(key) {
-                        e.1.retain(|r| !(r.addr == rs.addr && r.port == rs.port));
-                    }
-                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let dels = addrs(false);
+        if !dels.is_empty() {
+            rt.addresses_batch(index, &dels, false)?;
+            for ip in &dels {
+                observed.addresses.remove(ip);
             }
         }
         Ok(())
@@ -318,8 +309,8 @@ impl<R: Runner> IpvsDataplane<R> {
         self.refresh_draining(&mut observed)?;
         let node_addrs: Vec<Ipv4Addr> = observed.node_addresses.iter().copied().collect();
         let node_addrs = plan::nodeport_addresses(&node_addrs, &self.cfg.nodeport_addresses, &observed.addresses);
-        let desired = plan::desired(table, &node_addrs, &self.plan_cfg());
-        let bytes = self.write_sets(&desired.ipsets)?;
+        let mut desired = plan::desired(table, &node_addrs, &self.plan_cfg());
+        let bytes = self.write_sets(std::mem::take(&mut desired.ipsets))?;
         if full {
             // The rules name the sets, so they follow them; both precede every virtual server, so no
             // service is ever served before its masquerade rules exist (kube-proxy's first-sync race).
@@ -341,6 +332,61 @@ impl<R: Runner> IpvsDataplane<R> {
             bytes,
             duration: started.elapsed(),
         })
+    }
+}
+
+/// The IPVS request an op needs (None for address ops).
+fn message(op: &Op) -> Option<netlink::IpvsMessage> {
+    Some(match op {
+        Op::AddService { vs, .. } => request::new_service(vs),
+        Op::UpdateService { vs, .. } => request::set_service(vs),
+        Op::DelService { key, .. } => request::del_service(key),
+        Op::AddDest { key, rs, .. } => request::new_dest(key, rs),
+        Op::UpdateDest { key, rs, .. } => request::set_dest(key, rs),
+        Op::DelDest { key, rs, .. } => request::del_dest(key, rs),
+        Op::AddAddress(_) | Op::DelAddress(_) => return None,
+    })
+}
+
+/// Keeps the cached kernel state in step with an op the kernel accepted.
+fn record(observed: &mut Observed, op: &Op) {
+    match op {
+        Op::AddService { vs, .. } => {
+            observed.services.insert(vs.key, (vs.clone(), vec![]));
+        }
+        Op::UpdateService { vs, .. } => {
+            if let Some(e) = observed.services.get_mut(&vs.key) {
+                e.0 = vs.clone();
+            }
+        }
+        Op::DelService { key, .. } => {
+            observed.services.remove(key);
+        }
+        Op::AddDest { key, rs, .. } => {
+            if let Some(e) = observed.services.get_mut(key) {
+                e.1.push(rs.clone());
+            }
+        }
+        Op::UpdateDest { key, rs, .. } => {
+            if let Some(r) = observed
+                .services
+                .get_mut(key)
+                .and_then(|e| e.1.iter_mut().find(|r| r.addr == rs.addr && r.port == rs.port))
+            {
+                r.weight = rs.weight;
+            }
+        }
+        Op::DelDest { key, rs, .. } => {
+            if let Some(e) = observed.services.get_mut(key) {
+                e.1.retain(|r| !(r.addr == rs.addr && r.port == rs.port));
+            }
+        }
+        Op::AddAddress(ip) => {
+            observed.addresses.insert(*ip);
+        }
+        Op::DelAddress(ip) => {
+            observed.addresses.remove(ip);
+        }
     }
 }
 

@@ -627,6 +627,65 @@ impl Error {
     }
 }
 
+/// Sends already-serialised requests (each with `NLM_F_ACK` and its own sequence number) in few `send`s
+/// and collects one answer per request: 0 for an ACK, a negative errno otherwise. The kernel handles the
+/// messages of one send in order, so a batch keeps the order of its requests.
+pub(crate) fn send_batch(sock: &Socket, requests: &[(u32, Vec<u8>)]) -> std::io::Result<Vec<i32>> {
+    const CHUNK: usize = 32 * 1024;
+    let mut codes = vec![None::<i32>; requests.len()];
+    let mut start = 0;
+    while start < requests.len() {
+        let mut end = start;
+        let mut buf = Vec::new();
+        while end < requests.len() && (end == start || buf.len() + requests[end].1.len() <= CHUNK) {
+            buf.extend_from_slice(&requests[end].1);
+            end += 1;
+        }
+        sock.send(&buf, 0)?;
+        let first_seq = requests[start].0;
+        let mut pending = end - start;
+        while pending > 0 {
+            let (data, _) = sock.recv_from_full()?;
+            let mut off = 0;
+            while off + 16 <= data.len() {
+                let len = u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
+                let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
+                let seq = u32::from_ne_bytes([data[off + 8], data[off + 9], data[off + 10], data[off + 11]]);
+                if len < 16 || off + len > data.len() {
+                    break;
+                }
+                let idx = seq.wrapping_sub(first_seq) as usize + start;
+                if kind == netlink_packet_core::NLMSG_ERROR && len >= 20 && idx >= start && idx < end {
+                    let code = i32::from_ne_bytes([data[off + 16], data[off + 17], data[off + 18], data[off + 19]]);
+                    if codes[idx].is_none() {
+                        codes[idx] = Some(code);
+                        pending -= 1;
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+        start = end;
+    }
+    Ok(codes.into_iter().map(|c| c.unwrap_or(0)).collect())
+}
+
+/// Serialises `payload` as one request with `flags` and sequence number `seq`.
+pub(crate) fn serialize<M: netlink_packet_core::NetlinkSerializable + std::fmt::Debug>(
+    payload: M,
+    flags: u16,
+    seq: u32,
+) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
+    buf
+}
+
 /// A blocking generic netlink socket bound to the IPVS family of this network namespace.
 pub struct IpvsSocket {
     sock: Socket,
@@ -721,6 +780,28 @@ impl IpvsSocket {
             _ => NLM_F_REQUEST | NLM_F_ACK,
         };
         Ok(self.exchange(GenlMessage::from_payload(msg), flags, call)?.into_iter().map(|m| m.payload).collect())
+    }
+
+    /// Runs many change commands in few system calls; one result per message, in order.
+    pub fn batch(&mut self, msgs: &[IpvsMessage]) -> Result<Vec<Result<(), Error>>, Error> {
+        let requests: Vec<(u32, Vec<u8>)> = msgs
+            .iter()
+            .map(|m| {
+                self.seq = self.seq.wrapping_add(1);
+                let mut g = GenlMessage::from_payload(m.clone());
+                g.set_resolved_family_id(self.family);
+                (self.seq, serialize(g, NLM_F_REQUEST | NLM_F_ACK, self.seq))
+            })
+            .collect();
+        let codes = send_batch(&self.sock, &requests).map_err(|source| Error::Call { call: "IPVS batch", source })?;
+        Ok(codes
+            .into_iter()
+            .zip(msgs)
+            .map(|(code, m)| match code {
+                0 => Ok(()),
+                c => Err(Error::Call { call: m.cmd.name(), source: std::io::Error::from_raw_os_error(-c) }),
+            })
+            .collect())
     }
 
     pub fn services(&mut self) -> Result<Vec<VirtualServer>, Error> {

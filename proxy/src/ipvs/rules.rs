@@ -70,6 +70,25 @@ pub fn render_ipsets(members: &BTreeMap<&'static str, BTreeSet<String>>) -> Stri
     out
 }
 
+/// `ipset restore` input taking the sets from `have` to `want`, member by member.
+pub fn render_ipset_changes(
+    have: &BTreeMap<&'static str, BTreeSet<String>>,
+    want: &BTreeMap<&'static str, BTreeSet<String>>,
+) -> String {
+    let empty = BTreeSet::new();
+    let mut out = String::new();
+    for (name, _) in SETS {
+        let (h, w) = (have.get(name).unwrap_or(&empty), want.get(name).unwrap_or(&empty));
+        for m in h.difference(w) {
+            let _ = writeln!(out, "del {name} {m} -exist");
+        }
+        for m in w.difference(h) {
+            let _ = writeln!(out, "add {name} {m} -exist");
+        }
+    }
+    out
+}
+
 /// `ipset restore` input destroying our sets (after the rules that use them are gone).
 pub fn render_ipset_destroy(existing: &str) -> String {
     let mut out = String::new();
@@ -272,6 +291,13 @@ swap WEFT-NODE-PORT-TCP-TMP WEFT-NODE-PORT-TCP
 destroy WEFT-NODE-PORT-TCP-TMP
 "
         );
+        let mut next = members.clone();
+        next.insert("WEFT-CLUSTER-IP", ["10.96.0.11,udp:53".to_string()].into());
+        assert_eq!(
+            render_ipset_changes(&members, &next),
+            "del WEFT-CLUSTER-IP 10.96.0.10,tcp:80 -exist\nadd WEFT-CLUSTER-IP 10.96.0.11,udp:53 -exist\n"
+        );
+        assert_eq!(render_ipset_changes(&next, &next), "");
         assert_eq!(render_ipset_destroy("KUBE-X\nWEFT-CLUSTER-IP\nWEFT-OTHER\n"), "destroy WEFT-CLUSTER-IP\n");
     }
 }
