@@ -20,7 +20,7 @@ use crate::model::{ServicePortName, ServiceTable};
 
 use self::link::{RtSocket, DUMMY};
 use self::netlink::{request, IpvsSocket, RealServer, Timeouts, VsKey};
-use self::plan::{Desired, Observed, Op, PlanConfig, Scheduler, Terminating};
+use self::plan::{Index, Observed, Op, PlanConfig, Scheduler, Terminating, Touched};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -120,7 +120,10 @@ pub struct IpvsDataplane<R: Runner = CommandRunner> {
     terminating: Terminating,
     /// The ipset members last written (None: rewrite every set).
     sets: Option<BTreeMap<&'static str, BTreeSet<String>>>,
-    described: BTreeMap<ServicePortName, String>,
+    /// The desired state of the last sync, per service port (None: rebuild it on a full sync).
+    index: Option<Index>,
+    /// The addresses NodePorts listen on, as of the last full sync.
+    node_addrs: Vec<Ipv4Addr>,
     configured: bool,
 }
 
@@ -135,7 +138,8 @@ impl<R: Runner> IpvsDataplane<R> {
             dummy_index: 0,
             terminating: Terminating::new(),
             sets: None,
-            described: BTreeMap::new(),
+            index: None,
+            node_addrs: vec![],
             configured: false,
         }
     }
@@ -211,18 +215,40 @@ impl<R: Runner> IpvsDataplane<R> {
         Ok(())
     }
 
-    /// Writes the ipsets in one `ipset restore`: on a full sync every set is refilled through its twin;
-    /// otherwise only the members that changed are added or deleted.
+    /// Refills every ipset (through its twin) in one `ipset restore`.
     fn write_sets(&mut self, want: BTreeMap<&'static str, BTreeSet<String>>) -> Result<usize> {
-        let text = match &self.sets {
-            None => rules::render_ipsets(&want),
-            Some(have) => rules::render_ipset_changes(have, &want),
-        };
+        let text = rules::render_ipsets(&want);
+        self.sets = None;
+        self.runner.run("ipset", &["restore"], Some(text.as_bytes()))?;
+        self.sets = Some(want);
+        Ok(text.len())
+    }
+
+    /// Adds and deletes the touched members that changed, in one `ipset restore`.
+    fn update_sets(&mut self, index: &Index, touched: &Touched) -> Result<usize> {
+        let Some(mut sets) = self.sets.take() else { return Ok(0) };
+        let (mut have, mut want) = (BTreeMap::new(), BTreeMap::new());
+        for m in &touched.members {
+            let (set, member) = m;
+            let is = sets.get(set).is_some_and(|s| s.contains(member));
+            let should = index.has_member(m);
+            if is != should {
+                let (target, other) = if should { (&mut want, &mut have) } else { (&mut have, &mut want) };
+                target.entry(*set).or_insert_with(BTreeSet::new).insert(member.clone());
+                other.entry(*set).or_insert_with(BTreeSet::new);
+                let s = sets.entry(*set).or_default();
+                if should {
+                    s.insert(member.clone());
+                } else {
+                    s.remove(member);
+                }
+            }
+        }
+        let text = rules::render_ipset_changes(&have, &want);
         if !text.is_empty() {
-            self.sets = None;
             self.runner.run("ipset", &["restore"], Some(text.as_bytes()))?;
         }
-        self.sets = Some(want);
+        self.sets = Some(sets);
         Ok(text.len())
     }
 
@@ -281,54 +307,60 @@ impl<R: Runner> IpvsDataplane<R> {
         Ok(())
     }
 
-    fn describe_all(&mut self, desired: &Desired, observed: &Observed) {
-        let mut out: BTreeMap<ServicePortName, Vec<String>> = BTreeMap::new();
-        for (key, d) in &desired.services {
-            let reals: Vec<String> =
-                observed.services.get(key).map(|(_, rs)| rs.iter().map(real_text).collect()).unwrap_or_default();
-            let reals = if reals.is_empty() { "no real servers".to_string() } else { reals.join(", ") };
-            out.entry(d.owner.clone()).or_default().push(format!("{key} {}: {reals}", d.vs.scheduler));
-        }
-        self.described = out.into_iter().map(|(k, v)| (k, v.join("; "))).collect();
-    }
-
     fn sync_inner(&mut self, table: &ServiceTable, changed: Option<&BTreeSet<ServicePortName>>) -> Result<SyncStats> {
         let started = Instant::now();
-        let full = changed.is_none() || self.observed.is_none();
+        let cfg = self.plan_cfg();
         if !self.configured {
             self.sockets()?;
             self.configure()?;
         }
-        let mut observed = match self.observed.take() {
-            Some(o) if !full => o,
-            _ => {
+        let partial = match (changed, self.observed.take(), self.index.take()) {
+            (Some(c), Some(o), Some(i)) => Some((c, o, i)),
+            _ => None,
+        };
+        let full = partial.is_none();
+        let (ops, still, index, mut observed, bytes) = match partial {
+            Some((changed, mut observed, mut index)) => {
+                let mut touched = Touched::default();
+                for spn in changed {
+                    let plan = table.get(spn).map(|e| plan::port_plan(spn, e, &self.node_addrs, &cfg));
+                    index.set(spn, plan, &mut touched);
+                }
+                self.refresh_draining(&mut observed)?;
+                let bytes = self.update_sets(&index, &touched)?;
+                let (ops, still) =
+                    plan::diff_touched(&index, &touched, &observed, &self.terminating, Instant::now(), &cfg);
+                (ops, still, index, observed, bytes)
+            }
+            None => {
                 self.sets = None;
-                self.observe()?
+                let observed = self.observe()?;
+                let local: Vec<Ipv4Addr> = observed.node_addresses.iter().copied().collect();
+                self.node_addrs = plan::nodeport_addresses(&local, &self.cfg.nodeport_addresses, &observed.addresses);
+                let index = Index::build(table, &self.node_addrs, &cfg);
+                let mut desired = index.desired();
+                let bytes = self.write_sets(std::mem::take(&mut desired.ipsets))?;
+                // The rules name the sets, so they follow them; both precede every virtual server, so no
+                // service is ever served before its masquerade rules exist (kube-proxy's first-sync race).
+                self.write_rules()?;
+                let (ops, still) = plan::diff(&desired, &observed, &self.terminating, Instant::now(), &cfg);
+                (ops, still, index, observed, bytes)
             }
         };
-        self.refresh_draining(&mut observed)?;
-        let node_addrs: Vec<Ipv4Addr> = observed.node_addresses.iter().copied().collect();
-        let node_addrs = plan::nodeport_addresses(&node_addrs, &self.cfg.nodeport_addresses, &observed.addresses);
-        let mut desired = plan::desired(table, &node_addrs, &self.plan_cfg());
-        let bytes = self.write_sets(std::mem::take(&mut desired.ipsets))?;
-        if full {
-            // The rules name the sets, so they follow them; both precede every virtual server, so no
-            // service is ever served before its masquerade rules exist (kube-proxy's first-sync race).
-            self.write_rules()?;
-        }
-        let (ops, still) = plan::diff(&desired, &observed, &self.terminating, Instant::now(), &self.plan_cfg());
-        let n_ops = ops.len();
         self.apply(&ops, &mut observed)?;
         self.terminating = still;
-        self.describe_all(&desired, &observed);
         self.observed = Some(observed);
+        self.index = Some(index);
         let deleted = ops.iter().filter(|o| matches!(o, Op::DelService { .. })).count();
-        tracing::debug!(full, ops = n_ops, draining = self.terminating.len(), "ipvs sync");
+        tracing::debug!(full, ops = ops.len(), draining = self.terminating.len(), "ipvs sync");
         Ok(SyncStats {
             full,
-            chains_written: desired.services.len(),
+            chains_written: ops
+                .iter()
+                .filter(|o| matches!(o, Op::AddService { .. } | Op::UpdateService { .. }))
+                .count(),
             chains_deleted: deleted,
-            rules_written: n_ops,
+            rules_written: ops.len(),
             bytes,
             duration: started.elapsed(),
         })
@@ -399,8 +431,24 @@ impl<R: Runner> Dataplane for IpvsDataplane<R> {
         "ipvs"
     }
 
+    /// Its virtual servers with how many real servers serve and drain (the kernel's full view, with
+    /// connection counts, is `weft services` reading IPVS itself).
     fn describe(&self, port: &ServicePortName) -> Option<String> {
-        self.described.get(port).cloned()
+        let (plan, observed) = (self.index.as_ref()?.port(port)?, self.observed.as_ref()?);
+        let parts: Vec<String> = plan
+            .services
+            .iter()
+            .map(|d| {
+                let rs = observed.services.get(&d.vs.key).map(|(_, rs)| rs.as_slice()).unwrap_or(&[]);
+                let draining = rs.iter().filter(|r| r.weight == 0).count();
+                let mut t = format!("{} {} {} real", d.vs.key, d.vs.scheduler, rs.len() - draining);
+                if draining > 0 {
+                    t.push_str(&format!(" ({draining} draining)"));
+                }
+                t
+            })
+            .collect();
+        Some(parts.join("; "))
     }
 
     fn sync(
@@ -413,6 +461,7 @@ impl<R: Runner> Dataplane for IpvsDataplane<R> {
             // Observe everything again next time (the proxier also asks for a full sync after a failure).
             self.observed = None;
             self.sets = None;
+            self.index = None;
         }
         Ok(r?)
     }

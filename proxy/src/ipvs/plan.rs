@@ -133,60 +133,180 @@ fn virtual_server(key: VsKey, entry: &ServiceEntry, cfg: &PlanConfig) -> Virtual
     VirtualServer { key, scheduler: cfg.scheduler.as_str().into(), flags, timeout, netmask: Ipv4Addr::BROADCAST }
 }
 
-/// The desired state for `table` on a node whose NodePorts listen on `node_addrs`.
-pub fn desired(table: &ServiceTable, node_addrs: &[Ipv4Addr], cfg: &PlanConfig) -> Desired {
-    let mut d = Desired { ipsets: SETS.iter().map(|(n, _)| (*n, BTreeSet::new())).collect(), ..Desired::default() };
-    let add = |d: &mut Desired, set: &'static str, m: String| {
-        d.ipsets.entry(set).or_default().insert(m);
-    };
-    for (spn, entry) in table {
-        let sp = &entry.port;
-        let proto = spn.protocol;
-        let internal = reals(entry.endpoints.iter(), sp.internal_policy_local);
-        let external = reals(entry.endpoints.iter(), sp.external_policy_local);
-        let put = |d: &mut Desired, addr: Ipv4Addr, port: u16, reals: &BTreeSet<(Ipv4Addr, u16)>| {
-            let key = VsKey { protocol: proto, addr, port };
-            // Two service ports on one address and port: the first (in table order) wins, as a VS is unique.
-            d.services.entry(key).or_insert_with(|| DesiredVs {
+/// One service port's share of the desired state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortPlan {
+    pub services: Vec<DesiredVs>,
+    pub addresses: Vec<Ipv4Addr>,
+    pub members: Vec<(&'static str, String)>,
+}
+
+/// What one service port wants on a node whose NodePorts listen on `node_addrs`.
+pub fn port_plan(spn: &ServicePortName, entry: &ServiceEntry, node_addrs: &[Ipv4Addr], cfg: &PlanConfig) -> PortPlan {
+    let mut p = PortPlan::default();
+    let sp = &entry.port;
+    let proto = spn.protocol;
+    let internal = reals(entry.endpoints.iter(), sp.internal_policy_local);
+    let external = reals(entry.endpoints.iter(), sp.external_policy_local);
+    let put = |p: &mut PortPlan, addr: Ipv4Addr, port: u16, reals: &BTreeSet<(Ipv4Addr, u16)>| {
+        let key = VsKey { protocol: proto, addr, port };
+        if !p.services.iter().any(|d| d.vs.key == key) {
+            p.services.push(DesiredVs {
                 vs: virtual_server(key, entry, cfg),
                 owner: spn.clone(),
                 reals: reals.clone(),
             });
+        }
+    };
+    let vip = |p: &mut PortPlan, ip: Ipv4Addr, reals: &BTreeSet<(Ipv4Addr, u16)>, set: &'static str| {
+        put(p, ip, sp.port, reals);
+        if !p.addresses.contains(&ip) {
+            p.addresses.push(ip);
+            p.members.push((SET_IPVS_IPS, ip.to_string()));
+        }
+        p.members.push((set, member(ip, proto, sp.port)));
+    };
+    if let Some(ip) = sp.cluster_ip {
+        vip(&mut p, ip, &internal, SET_CLUSTER_IP);
+    }
+    for ip in &sp.external_ips {
+        vip(&mut p, *ip, &external, SET_EXTERNAL_IP);
+    }
+    for ip in &sp.load_balancer_ips {
+        vip(&mut p, *ip, &external, SET_LOAD_BALANCER);
+    }
+    if let Some(np) = sp.node_port {
+        for ip in node_addrs {
+            put(&mut p, *ip, np, &external);
+        }
+        let set = match proto {
+            Protocol::Tcp => SET_NODE_PORT_TCP,
+            Protocol::Udp => SET_NODE_PORT_UDP,
+            Protocol::Sctp => SET_NODE_PORT_SCTP,
         };
-        if let Some(vip) = sp.cluster_ip {
-            put(&mut d, vip, sp.port, &internal);
-            d.addresses.insert(vip);
-            add(&mut d, SET_CLUSTER_IP, member(vip, proto, sp.port));
+        p.members.push((set, np.to_string()));
+    }
+    // Hairpin: a pod on this node reaching itself through the service must be masqueraded.
+    for ep in entry.endpoints.iter().filter(|e| e.is_local || e.node_name.is_none()) {
+        p.members.push((SET_LOOP_BACK, format!("{},{}:{},{}", ep.ip, proto.lower(), ep.port, ep.ip)));
+    }
+    p
+}
+
+/// What a change of some service ports may have changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub keys: BTreeSet<VsKey>,
+    pub addresses: BTreeSet<Ipv4Addr>,
+    pub members: BTreeSet<(&'static str, String)>,
+}
+
+/// The desired state kept per service port, with reference counts where ports share something (an
+/// address, an ipset member, a virtual server two ports claim): a partial sync replaces the plans of the
+/// changed ports and learns what it touched, without rebuilding the rest.
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    ports: BTreeMap<ServicePortName, PortPlan>,
+    /// Claimants of each virtual server; the first (in table order) defines it.
+    claims: BTreeMap<VsKey, BTreeSet<ServicePortName>>,
+    addresses: BTreeMap<Ipv4Addr, usize>,
+    members: BTreeMap<(&'static str, String), usize>,
+}
+
+impl Index {
+    pub fn build(table: &ServiceTable, node_addrs: &[Ipv4Addr], cfg: &PlanConfig) -> Index {
+        let mut idx = Index::default();
+        let mut touched = Touched::default();
+        for (spn, entry) in table {
+            idx.set(spn, Some(port_plan(spn, entry, node_addrs, cfg)), &mut touched);
         }
-        for ip in &sp.external_ips {
-            put(&mut d, *ip, sp.port, &external);
-            d.addresses.insert(*ip);
-            add(&mut d, SET_EXTERNAL_IP, member(*ip, proto, sp.port));
-        }
-        for ip in &sp.load_balancer_ips {
-            put(&mut d, *ip, sp.port, &external);
-            d.addresses.insert(*ip);
-            add(&mut d, SET_LOAD_BALANCER, member(*ip, proto, sp.port));
-        }
-        if let Some(np) = sp.node_port {
-            for ip in node_addrs {
-                put(&mut d, *ip, np, &external);
+        idx
+    }
+
+    /// Replaces the plan of `spn` (None: the port is gone), adding what changed to `touched`.
+    pub fn set(&mut self, spn: &ServicePortName, plan: Option<PortPlan>, touched: &mut Touched) {
+        if let Some(old) = self.ports.remove(spn) {
+            for d in &old.services {
+                touched.keys.insert(d.vs.key);
+                if let Some(c) = self.claims.get_mut(&d.vs.key) {
+                    c.remove(spn);
+                    if c.is_empty() {
+                        self.claims.remove(&d.vs.key);
+                    }
+                }
             }
-            let set = match proto {
-                Protocol::Tcp => SET_NODE_PORT_TCP,
-                Protocol::Udp => SET_NODE_PORT_UDP,
-                Protocol::Sctp => SET_NODE_PORT_SCTP,
-            };
-            add(&mut d, set, np.to_string());
+            for a in &old.addresses {
+                touched.addresses.insert(*a);
+                decrement(&mut self.addresses, a);
+            }
+            for m in &old.members {
+                touched.members.insert(m.clone());
+                decrement(&mut self.members, m);
+            }
         }
-        // Hairpin: a pod on this node reaching itself through the service must be masqueraded.
-        for ep in entry.endpoints.iter().filter(|e| e.is_local || e.node_name.is_none()) {
-            add(&mut d, SET_LOOP_BACK, format!("{},{}:{},{}", ep.ip, proto.lower(), ep.port, ep.ip));
+        let Some(plan) = plan else { return };
+        for d in &plan.services {
+            touched.keys.insert(d.vs.key);
+            self.claims.entry(d.vs.key).or_default().insert(spn.clone());
+        }
+        for a in &plan.addresses {
+            touched.addresses.insert(*a);
+            *self.addresses.entry(*a).or_default() += 1;
+        }
+        for m in &plan.members {
+            touched.members.insert(m.clone());
+            *self.members.entry(m.clone()).or_default() += 1;
+        }
+        self.ports.insert(spn.clone(), plan);
+    }
+
+    /// The virtual server `key` as its first claimant wants it.
+    pub fn vs(&self, key: &VsKey) -> Option<&DesiredVs> {
+        let owner = self.claims.get(key)?.iter().next()?;
+        self.ports.get(owner)?.services.iter().find(|d| d.vs.key == *key)
+    }
+
+    pub fn has_address(&self, ip: &Ipv4Addr) -> bool {
+        self.addresses.contains_key(ip)
+    }
+
+    pub fn has_member(&self, m: &(&'static str, String)) -> bool {
+        self.members.contains_key(m)
+    }
+
+    /// The virtual servers a port's plan names (for `weft services`).
+    pub fn port(&self, spn: &ServicePortName) -> Option<&PortPlan> {
+        self.ports.get(spn)
+    }
+
+    /// Everything at once (for a full sync).
+    pub fn desired(&self) -> Desired {
+        let mut d = Desired { ipsets: SETS.iter().map(|(n, _)| (*n, BTreeSet::new())).collect(), ..Desired::default() };
+        for key in self.claims.keys() {
+            if let Some(v) = self.vs(key) {
+                d.services.insert(*key, v.clone());
+            }
+        }
+        d.addresses = self.addresses.keys().copied().collect();
+        for (set, m) in self.members.keys() {
+            d.ipsets.entry(set).or_default().insert(m.clone());
+        }
+        d
+    }
+}
+
+fn decrement<K: Ord + Clone>(map: &mut BTreeMap<K, usize>, k: &K) {
+    if let Some(n) = map.get_mut(k) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(k);
         }
     }
-    let ips: BTreeSet<String> = d.addresses.iter().map(ToString::to_string).collect();
-    d.ipsets.insert(SET_IPVS_IPS, ips);
-    d
+}
+
+/// The desired state for `table` on a node whose NodePorts listen on `node_addrs`.
+pub fn desired(table: &ServiceTable, node_addrs: &[Ipv4Addr], cfg: &PlanConfig) -> Desired {
+    Index::build(table, node_addrs, cfg).desired()
 }
 
 /// What the kernel holds, as far as ipvs mode cares.
@@ -293,6 +413,59 @@ fn is_ours(key: &VsKey, desired: &Desired, observed: &Observed) -> bool {
         || observed.node_addresses.contains(&key.addr)
 }
 
+/// The ops for one virtual server: `want` (None: not wanted) against `have`; deletions go to `dels`.
+#[allow(clippy::too_many_arguments)]
+fn diff_vs(
+    key: &VsKey,
+    want: Option<&DesiredVs>,
+    have: Option<&(VirtualServer, Vec<RealServer>)>,
+    ours: bool,
+    terminating: &Terminating,
+    now: Instant,
+    cfg: &PlanConfig,
+    ops: &mut Vec<Op>,
+    dels: &mut Vec<Op>,
+    still: &mut Terminating,
+) {
+    let Some(want) = want else {
+        if have.is_some() && ours {
+            dels.push(Op::DelService { key: *key, owner: "no service".into() });
+        }
+        return;
+    };
+    let owner = want.owner.to_string();
+    match have {
+        None => ops.push(Op::AddService { vs: want.vs.clone(), owner: owner.clone() }),
+        Some((vs, _)) if vs_differs(&want.vs, vs) => {
+            ops.push(Op::UpdateService { vs: want.vs.clone(), owner: owner.clone() })
+        }
+        Some(_) => {}
+    }
+    let have_reals: &[RealServer] = have.map(|(_, r)| r.as_slice()).unwrap_or(&[]);
+    for (ip, port) in &want.reals {
+        match have_reals.iter().find(|r| r.addr == *ip && r.port == *port) {
+            None => ops.push(Op::AddDest { key: *key, rs: RealServer::masq(*ip, *port, 1), owner: owner.clone() }),
+            Some(r) if r.weight != 1 => {
+                ops.push(Op::UpdateDest { key: *key, rs: RealServer::masq(*ip, *port, 1), owner: owner.clone() })
+            }
+            Some(_) => {}
+        }
+    }
+    for r in have_reals.iter().filter(|r| !want.reals.contains(&(r.addr, r.port))) {
+        let tkey = (*key, r.addr, r.port);
+        match drain(key.protocol, r, terminating.get(&tkey).copied(), now, cfg.graceful_period) {
+            Drain::Delete => dels.push(Op::DelDest { key: *key, rs: r.clone(), owner: owner.clone() }),
+            Drain::Keep(deadline) => {
+                if r.weight != 0 {
+                    let rs = RealServer::masq(r.addr, r.port, 0);
+                    ops.push(Op::UpdateDest { key: *key, rs, owner: owner.clone() });
+                }
+                still.insert(tkey, deadline);
+            }
+        }
+    }
+}
+
 /// The ops that take the kernel from `observed` to `desired`, in a safe order (addresses, services and
 /// real servers first; deletions last), and the real servers left draining.
 pub fn diff(
@@ -302,54 +475,65 @@ pub fn diff(
     now: Instant,
     cfg: &PlanConfig,
 ) -> (Vec<Op>, Terminating) {
-    let mut ops = Vec::new();
-    let mut dels = Vec::new();
-    let mut still = Terminating::new();
+    let (mut ops, mut dels, mut still) = (Vec::new(), Vec::new(), Terminating::new());
     for ip in desired.addresses.difference(&observed.addresses) {
         ops.push(Op::AddAddress(*ip));
     }
-    for (key, want) in &desired.services {
-        let owner = want.owner.to_string();
+    let keys: BTreeSet<&VsKey> = desired.services.keys().chain(observed.services.keys()).collect();
+    for key in keys {
+        let ours = is_ours(key, desired, observed);
+        let want = desired.services.get(key);
         let have = observed.services.get(key);
-        match have {
-            None => ops.push(Op::AddService { vs: want.vs.clone(), owner: owner.clone() }),
-            Some((vs, _)) if vs_differs(&want.vs, vs) => {
-                ops.push(Op::UpdateService { vs: want.vs.clone(), owner: owner.clone() })
-            }
-            Some(_) => {}
-        }
-        let have_reals: &[RealServer] = have.map(|(_, r)| r.as_slice()).unwrap_or(&[]);
-        for (ip, port) in &want.reals {
-            match have_reals.iter().find(|r| r.addr == *ip && r.port == *port) {
-                None => ops.push(Op::AddDest { key: *key, rs: RealServer::masq(*ip, *port, 1), owner: owner.clone() }),
-                Some(r) if r.weight != 1 => {
-                    ops.push(Op::UpdateDest { key: *key, rs: RealServer::masq(*ip, *port, 1), owner: owner.clone() })
-                }
-                Some(_) => {}
-            }
-        }
-        for r in have_reals.iter().filter(|r| !want.reals.contains(&(r.addr, r.port))) {
-            let tkey = (*key, r.addr, r.port);
-            match drain(key.protocol, r, terminating.get(&tkey).copied(), now, cfg.graceful_period) {
-                Drain::Delete => dels.push(Op::DelDest { key: *key, rs: r.clone(), owner: owner.clone() }),
-                Drain::Keep(deadline) => {
-                    if r.weight != 0 {
-                        let rs = RealServer::masq(r.addr, r.port, 0);
-                        ops.push(Op::UpdateDest { key: *key, rs, owner: owner.clone() });
-                    }
-                    still.insert(tkey, deadline);
-                }
-            }
-        }
-    }
-    for key in observed.services.keys() {
-        if !desired.services.contains_key(key) && is_ours(key, desired, observed) {
-            dels.push(Op::DelService { key: *key, owner: "no service".into() });
-        }
+        diff_vs(key, want, have, ours, terminating, now, cfg, &mut ops, &mut dels, &mut still);
     }
     ops.extend(dels);
     for ip in observed.addresses.difference(&desired.addresses) {
         ops.push(Op::DelAddress(*ip));
+    }
+    (ops, still)
+}
+
+/// Like `diff`, for a partial sync: only the virtual servers and addresses `touched` names, plus the real
+/// servers still draining (their connection counts move on their own). Draining entries of other
+/// virtual servers are carried over.
+pub fn diff_touched(
+    index: &Index,
+    touched: &Touched,
+    observed: &Observed,
+    terminating: &Terminating,
+    now: Instant,
+    cfg: &PlanConfig,
+) -> (Vec<Op>, Terminating) {
+    let (mut ops, mut dels) = (Vec::new(), Vec::new());
+    for ip in &touched.addresses {
+        if index.has_address(ip) && !observed.addresses.contains(ip) {
+            ops.push(Op::AddAddress(*ip));
+        }
+    }
+    let mut keys: BTreeSet<VsKey> = touched.keys.clone();
+    keys.extend(terminating.keys().map(|(k, _, _)| *k));
+    let mut still: Terminating =
+        terminating.iter().filter(|((k, _, _), _)| !keys.contains(k)).map(|(k, v)| (*k, *v)).collect();
+    for key in &keys {
+        // Every key a changed port named was ours (we planned it).
+        diff_vs(
+            key,
+            index.vs(key),
+            observed.services.get(key),
+            true,
+            terminating,
+            now,
+            cfg,
+            &mut ops,
+            &mut dels,
+            &mut still,
+        );
+    }
+    ops.extend(dels);
+    for ip in &touched.addresses {
+        if !index.has_address(ip) && observed.addresses.contains(ip) {
+            ops.push(Op::DelAddress(*ip));
+        }
     }
     (ops, still)
 }
@@ -641,6 +825,58 @@ mod tests {
             let got: Vec<String> = ops.iter().map(ToString::to_string).collect();
             assert_eq!(got, c.want, "{}", c.name);
             assert_eq!(still.len(), c.still, "{}", c.name);
+        }
+    }
+
+    /// A partial sync (the changed ports' plans replaced, only touched things diffed) must reach the
+    /// same state as a full one, for every kind of change.
+    #[test]
+    fn partial_plan_matches_full_plan() {
+        let cfg = PlanConfig::default();
+        let nodes = [ip("192.168.56.11")];
+        let base = table();
+        let web = ServicePortName::new("default", "web", "http", Protocol::Tcp);
+        let np = ServicePortName::new("default", "np", "", Protocol::Tcp);
+        let twin = ServicePortName::new("default", "web", "alt", Protocol::Tcp);
+        type Change = fn(&mut ServiceTable);
+        let changes: Vec<(&str, Change)> = vec![
+            ("endpoint removed", |t| {
+                t.values_mut().next().unwrap().endpoints.pop();
+            }),
+            ("service removed", |t| {
+                t.remove(&ServicePortName::new("default", "web", "http", Protocol::Tcp));
+            }),
+            ("second port on a shared VIP, then the first goes", |t| {
+                let mut e = t[&ServicePortName::new("default", "web", "http", Protocol::Tcp)].clone();
+                e.port.port = 8443;
+                t.insert(ServicePortName::new("default", "web", "alt", Protocol::Tcp), e);
+                t.remove(&ServicePortName::new("default", "web", "http", Protocol::Tcp));
+            }),
+            ("node port changed", |t| {
+                t.get_mut(&ServicePortName::new("default", "np", "", Protocol::Tcp)).unwrap().port.node_port =
+                    Some(30090);
+            }),
+        ];
+        let now = Instant::now();
+        for (name, change) in changes {
+            let mut index = Index::build(&base, &nodes, &cfg);
+            let observed = observed_from(&index.desired());
+            let mut next = base.clone();
+            change(&mut next);
+            let mut touched = Touched::default();
+            for spn in [&web, &np, &twin] {
+                index.set(spn, next.get(spn).map(|e| port_plan(spn, e, &nodes, &cfg)), &mut touched);
+            }
+            let full = desired(&next, &nodes, &cfg);
+            assert_eq!(index.desired(), full, "{name}: the index equals a rebuild");
+            let (want, _) = diff(&full, &observed, &Terminating::new(), now, &cfg);
+            let (got, _) = diff_touched(&index, &touched, &observed, &Terminating::new(), now, &cfg);
+            let sorted = |v: Vec<Op>| {
+                let mut v: Vec<String> = v.iter().map(ToString::to_string).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(sorted(got), sorted(want), "{name}");
         }
     }
 
