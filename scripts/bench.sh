@@ -17,6 +17,9 @@
 #    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
 # 7. Kubelet: tests/examples/kubelet_bench.rs — pod start latency bind → Running (p50/p99 over BENCH_PODS, 50, pods
 #    written at once) and kubelet RSS at BENCH_SCALE (100) pods, real containerd + runc + CNI. BENCH_KUBELET=0 skips it.
+# 8. ipvs mode vs iptables mode inside one QEMU guest (the host kernel has no IPVS): proxy/examples/ipvs_bench.rs —
+#    new connections through a VIP at 10 and BENCH_IPVS_SERVICES (10,000) services, full and one-endpoint syncs.
+#    Emulated CPU, so ratios only. BENCH_IPVS=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -152,8 +155,12 @@ if [ "${BENCH_CONTROL:-1}" = 1 ]; then
 fi
 
 if [ "${BENCH_KUBELET:-1}" = 1 ]; then
-  echo "== kubelet: cargo run --release -p weft-lab --example kubelet_bench (WEFT_BIN=$WEFT)" >&2
-  WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example kubelet_bench >"$OUT/kubelet.md" || fail "kubelet benchmark failed"
+  echo "== kubelet: cargo run --release -p weft-tests --example kubelet_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-tests --example kubelet_bench >"$OUT/kubelet.md" || fail "kubelet benchmark failed"
   [ -s "$OUT/kubelet.md" ] && { echo; cat "$OUT/kubelet.md"; }
+if [ "${BENCH_IPVS:-1}" = 1 ]; then
+  echo "== ipvs vs iptables in the QEMU lab: cargo run --release -p weft-proxy --example ipvs_bench" >&2
+  cargo run -q --release -p weft-proxy --example ipvs_bench >"$OUT/ipvs.md" || fail "ipvs benchmark failed"
+  [ -s "$OUT/ipvs.md" ] && { echo; cat "$OUT/ipvs.md"; }
 fi
 exit $failed

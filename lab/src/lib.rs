@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod lab;
 pub mod netns;
 pub mod pki;
+pub mod qemu;
 
 pub use etcd::EtcdFixture;
 pub use lab::{Lab, LabOptions, Node, Pod};

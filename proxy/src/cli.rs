@@ -25,7 +25,7 @@ pub enum Mode {
 pub struct ProxyArgs {
     #[command(flatten)]
     pub etcd: weft_api::EtcdArgs,
-    /// how to program services: userspace or iptables (ipvs and ebpf come later)
+    /// how to program services: userspace, iptables or ipvs (ebpf comes later)
     #[arg(long, value_enum, default_value = "iptables")]
     pub proxy_mode: Mode,
     /// this node's name, as Pods' and Endpoints' nodeName carry it [default: the host name]
@@ -52,6 +52,42 @@ pub struct ProxyArgs {
     /// bit of the packet mark that asks for masquerade (0-31)
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
     pub iptables_masquerade_bit: u8,
+    #[command(flatten)]
+    pub ipvs: IpvsArgs,
+}
+
+/// kube-proxy's `--ipvs-*` flags (ipvs mode only).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IpvsArgs {
+    /// ipvs mode: the IPVS scheduler of every virtual server
+    #[arg(long = "ipvs-scheduler", value_enum, default_value = "rr")]
+    pub scheduler: crate::ipvs::plan::Scheduler,
+    /// ipvs mode: arp_ignore=1 and arp_announce=2, so the node answers no ARP for service addresses
+    #[arg(long = "ipvs-strict-arp")]
+    pub strict_arp: bool,
+    /// ipvs mode: IPVS timeout of idle TCP connections (0s leaves the kernel's)
+    #[arg(long = "ipvs-tcp-timeout", default_value = "0s", value_parser = parse_duration)]
+    pub tcp_timeout: Duration,
+    /// ipvs mode: IPVS timeout of TCP connections after a FIN (0s leaves the kernel's)
+    #[arg(long = "ipvs-tcpfin-timeout", default_value = "0s", value_parser = parse_duration)]
+    pub tcpfin_timeout: Duration,
+    /// ipvs mode: IPVS timeout of UDP flows (0s leaves the kernel's)
+    #[arg(long = "ipvs-udp-timeout", default_value = "0s", value_parser = parse_duration)]
+    pub udp_timeout: Duration,
+    /// ipvs mode: how long a removed TCP real server keeps its connections (at weight 0) before it is deleted
+    #[arg(long = "ipvs-graceful-termination-period", default_value = "15m", value_parser = parse_duration)]
+    pub graceful_period: Duration,
+}
+
+impl IpvsArgs {
+    fn timeouts(&self) -> crate::ipvs::netlink::Timeouts {
+        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        crate::ipvs::netlink::Timeouts {
+            tcp: secs(self.tcp_timeout),
+            tcp_fin: secs(self.tcpfin_timeout),
+            udp: secs(self.udp_timeout),
+        }
+    }
 }
 
 /// `500ms`, `1s`, `1.5s`, `2m`, `1h` (Go-duration style, one unit).
@@ -102,6 +138,13 @@ impl ProxyArgs {
 
     /// The dataplane for `--proxy-mode`.
     pub fn dataplane(&self) -> Result<Box<dyn Dataplane + Send>> {
+        if matches!(self.proxy_mode, Mode::Iptables | Mode::Userspace) {
+            // A node switched away from ipvs mode keeps nothing of it (its VIPs on weft-ipvs0 would shadow ours).
+            let removed = crate::ipvs::cleanup_leftovers(&mut CommandRunner::new());
+            if !removed.is_empty() {
+                tracing::info!(?removed, "removed what ipvs mode left");
+            }
+        }
         match self.proxy_mode {
             Mode::Iptables => {
                 let cfg = Config {
@@ -121,7 +164,20 @@ impl ProxyArgs {
                 },
                 tokio::runtime::Handle::try_current().context("the userspace mode needs the daemon's runtime")?,
             ))),
-            Mode::Ipvs | Mode::Ebpf => {
+            Mode::Ipvs => Ok(Box::new(crate::ipvs::IpvsDataplane::new(
+                CommandRunner::new(),
+                crate::ipvs::Config {
+                    scheduler: self.ipvs.scheduler,
+                    cluster_cidr: self.cluster_cidr,
+                    nodeport_addresses: self.nodeport_addresses.clone(),
+                    masquerade_bit: self.iptables_masquerade_bit,
+                    strict_arp: self.ipvs.strict_arp,
+                    timeouts: self.ipvs.timeouts(),
+                    graceful_period: self.ipvs.graceful_period,
+                    ..crate::ipvs::Config::default()
+                },
+            ))),
+            Mode::Ebpf => {
                 bail!("--proxy-mode {:?} is not implemented yet (use iptables)", self.proxy_mode)
             }
         }
@@ -222,6 +278,13 @@ pub async fn services(args: ServicesArgs) -> Result<i32> {
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
         Output::Table => print!("{}", render_services(&status)),
+    }
+    if status.mode == "ipvs" && args.output == Output::Table {
+        // The kernel's own view, with weights and connection counts (what `ipvsadm -Ln` shows).
+        match crate::ipvs::report() {
+            Ok(text) => print!("\n{text}"),
+            Err(e) => eprintln!("reading IPVS: {}", weft_api::error_chain(&e)),
+        }
     }
     Ok(if missing > 0 { 1 } else { 0 })
 }

@@ -12,6 +12,8 @@ pub enum Error {
     Iptables(#[from] crate::restore::Error),
     #[error("userspace sync failed")]
     Userspace(#[from] crate::userspace::Error),
+    #[error("ipvs sync failed")]
+    Ipvs(#[from] crate::ipvs::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod conntrack;
 pub mod dataplane;
 pub mod iptables;
+pub mod ipvs;
 pub mod metrics;
 pub mod model;
 pub mod proxier;

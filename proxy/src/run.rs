@@ -74,6 +74,17 @@ pub async fn run(opts: ProxyOptions, dataplane: Box<dyn Dataplane + Send>) -> Re
     endpoints.wait_synced().await;
 
     let proxier = Arc::new(Mutex::new(Proxier::new(&opts.node_name, dataplane)));
+    // The first list is queued whole by now: feed all of it before any sync, so the first sync never sees
+    // half of it (a restarted ipvs proxy would delete the other half's virtual servers and their connections).
+    {
+        let mut p = proxier.lock().unwrap_or_else(|e| e.into_inner());
+        while let Ok(InformerEvent { key: k, new, .. }) = svc_events.try_recv() {
+            p.on_service(key(&k), new);
+        }
+        while let Ok(InformerEvent { key: k, new, .. }) = ep_events.try_recv() {
+            p.on_endpoints(key(&k), new);
+        }
+    }
     let runner = BoundedRunner::new(Intervals { min: opts.min_sync, max: opts.sync, retry: Duration::from_secs(1) });
     let trigger = runner.trigger();
 
