@@ -2,6 +2,7 @@
 //! as hosts and pods (guards that remove everything on drop), and the multi-node lab built from them.
 //! It touches only namespaces, files and processes it created itself, all named with a unique id.
 
+pub mod bpf;
 pub mod cli;
 pub mod etcd;
 pub mod lab;
