@@ -22,10 +22,10 @@ pub static SOCK_LB_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"
 
 /// The programs, their cgroup hook (`bpf_attach_type`) and `bpftool cgroup show`'s name for it.
 pub const PROGRAMS: [(&str, u32, &str); 4] = [
-    ("weft_connect4", sys::BPF_CGROUP_INET4_CONNECT, "connect4"),
-    ("weft_sendmsg4", sys::BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
-    ("weft_recvmsg4", sys::BPF_CGROUP_UDP4_RECVMSG, "recvmsg4"),
-    ("weft_getpeername4", sys::BPF_CGROUP_INET4_GETPEERNAME, "getpeername4"),
+    ("weft_connect4", sys::BPF_CGROUP_INET4_CONNECT, "cgroup_inet4_connect"),
+    ("weft_sendmsg4", sys::BPF_CGROUP_UDP4_SENDMSG, "cgroup_udp4_sendmsg"),
+    ("weft_recvmsg4", sys::BPF_CGROUP_UDP4_RECVMSG, "cgroup_udp4_recvmsg"),
+    ("weft_getpeername4", sys::BPF_CGROUP_INET4_GETPEERNAME, "cgroup_inet4_getpeername"),
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -144,7 +144,8 @@ impl SockLb {
                 source,
             })?;
             let pin = links.join(program);
-            let fresh = links.join(format!("{program}.new"));
+            // bpffs reserves names with a dot.
+            let fresh = links.join(format!("{program}_new"));
             let _ = std::fs::remove_file(&fresh);
             sys::obj_pin(link.as_fd(), &fresh).map_err(|source| Error::Attach {
                 program,
@@ -185,7 +186,7 @@ pub fn remove(pin_dir: &Path) -> Result<Removed> {
     }
     let links = pin_dir.join(LINKS_DIR);
     for (program, _, _) in PROGRAMS {
-        for name in [program.to_string(), format!("{program}.new")] {
+        for name in [program.to_string(), format!("{program}_new")] {
             let p = links.join(name);
             match std::fs::remove_file(&p) {
                 Ok(()) => removed.links.push(p),
