@@ -213,7 +213,9 @@ impl MapState {
     /// One line per entry, services then backends, sorted: the golden-file form (and `weft services`').
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for (k, v) in &self.services {
+        let mut services: Vec<_> = self.services.iter().collect();
+        services.sort_by_key(|(k, _)| (k.scope, k.addr(), k.host_port(), k.proto));
+        for (k, v) in services {
             out.push_str(&format!("svc {k} -> {v}\n"));
         }
         for (k, v) in &self.backends {

@@ -52,6 +52,15 @@ pub struct ProxyArgs {
     /// bit of the packet mark that asks for masquerade (0-31)
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
     pub iptables_masquerade_bit: u8,
+    /// ebpf mode: the cgroup v2 directory whose processes get socket-level load balancing [default: the cgroup v2 root]
+    #[arg(long)]
+    pub cgroup_path: Option<std::path::PathBuf>,
+    /// ebpf mode: bpffs directory for pinned maps and links; this node's live in <dir>/<node name>
+    #[arg(long, default_value = crate::ebpf::DEFAULT_PIN_BASE)]
+    pub bpf_pin_dir: std::path::PathBuf,
+    /// ebpf mode: entries of every load-balancer map (services, backend slots, affinity, reverse NAT)
+    #[arg(long, default_value_t = weft_ebpf::maps::LB_MAP_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(16..))]
+    pub bpf_lb_map_max: u32,
 }
 
 /// `500ms`, `1s`, `1.5s`, `2m`, `1h` (Go-duration style, one unit).
@@ -101,7 +110,20 @@ impl ProxyArgs {
 
     /// The dataplane for `--proxy-mode`.
     pub fn dataplane(&self) -> Result<Box<dyn Dataplane + Send>> {
+        let node = self.hostname_override.clone().unwrap_or_else(hostname);
+        if self.proxy_mode != Mode::Ebpf {
+            // Switching away from ebpf mode: no program may keep translating behind this mode's back.
+            crate::ebpf::remove_leftovers(&self.bpf_pin_dir, &node).context("removing the ebpf mode's pins")?;
+        }
         match self.proxy_mode {
+            Mode::Ebpf => {
+                let cfg = crate::ebpf::Config {
+                    cgroup: self.cgroup_path.clone().unwrap_or_else(crate::ebpf::default_cgroup),
+                    pin_base: self.bpf_pin_dir.clone(),
+                    map_max: self.bpf_lb_map_max,
+                };
+                Ok(Box::new(crate::ebpf::EbpfDataplane::load(&cfg, &node)?))
+            }
             Mode::Iptables => {
                 let cfg = Config {
                     cluster_cidr: self.cluster_cidr,
@@ -120,7 +142,7 @@ impl ProxyArgs {
                 },
                 tokio::runtime::Handle::try_current().context("the userspace mode needs the daemon's runtime")?,
             ))),
-            Mode::Ipvs | Mode::Ebpf => {
+            Mode::Ipvs => {
                 bail!("--proxy-mode {:?} is not implemented yet (use iptables)", self.proxy_mode)
             }
         }

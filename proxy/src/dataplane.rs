@@ -12,6 +12,8 @@ pub enum Error {
     Iptables(#[from] crate::iptables::Error),
     #[error("userspace sync failed")]
     Userspace(#[from] crate::userspace::Error),
+    #[error("ebpf sync failed")]
+    Ebpf(#[from] crate::ebpf::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
