@@ -88,6 +88,15 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 proto)
 		be = bpf_map_lookup_elem(&weft_lb_be, &bkey);
 	}
 	if (!be) {
+		/* The service shrank between our two lookups: read it again, once. */
+		found = bpf_map_lookup_elem(&weft_lb_svc, &key);
+		if (found && found->count > 0) {
+			bkey.id = found->id;
+			bkey.slot = bpf_get_prandom_u32() % found->count;
+			be = bpf_map_lookup_elem(&weft_lb_be, &bkey);
+		}
+	}
+	if (!be) {
 		/* Only if the loader broke its write order; refuse rather than send to the VIP. */
 		bpf_set_retval(-ECONNREFUSED);
 		return 0;

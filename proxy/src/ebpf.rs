@@ -56,6 +56,9 @@ pub struct Config {
 
 pub const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/weft";
 
+/// Time between writing service entries and removing the slots they no longer count.
+const STALE_SLOT_GRACE: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl Default for Config {
     fn default() -> Self {
         Config { cgroup: default_cgroup(), pin_base: DEFAULT_PIN_BASE.into(), map_max: LB_MAP_MAX_DEFAULT }
@@ -380,7 +383,18 @@ impl<M: LbMapsApi> EbpfDataplane<M> {
 
     /// Applies `ops` in order, keeping the mirror equal to what the kernel accepted.
     fn apply(&mut self, ops: &[MapOp], mirror: &mut MapState) -> Result<()> {
+        let mut services_written = false;
         for op in ops {
+            match op {
+                MapOp::PutService(..) | MapOp::DeleteService(_) => services_written = true,
+                // A program that read the old count just before may still look up a slot past the new
+                // one: give it time to finish (programs run for microseconds) before the slot goes.
+                MapOp::DeleteBackend(_) if services_written => {
+                    std::thread::sleep(STALE_SLOT_GRACE);
+                    services_written = false;
+                }
+                _ => {}
+            }
             self.maps.apply(op)?;
             mirror.apply(op);
         }

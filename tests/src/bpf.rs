@@ -1,6 +1,8 @@
 //! Fixtures for eBPF tests: a private bpffs instance mounted on a temporary directory, and a cgroup v2
-//! directory under `/sys/fs/cgroup/unified` named with a unique id. Both are removed on drop (processes
-//! left in the cgroup are killed first). Never the root cgroup, never the host's /sys/fs/bpf.
+//! directory `weft-<id>-<label>` just below the v2 root, reached through a cgroup2 mount on a temporary
+//! directory (`ip netns exec` remounts /sys, so a daemon started that way would not see
+//! /sys/fs/cgroup/unified). Both are removed on drop (processes left in the cgroup are killed first).
+//! Never the root cgroup, never the host's /sys/fs/bpf.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -13,37 +15,46 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// The cgroup v2 hierarchy on these machines (hybrid layout).
-pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
-
-/// A bpffs mounted on a fresh temporary directory; unmounted on drop.
-pub struct Bpffs {
+/// A filesystem of type `fstype` mounted on a fresh temporary directory; unmounted on drop.
+struct Mount {
     dir: tempfile::TempDir,
+}
+
+impl Mount {
+    fn new(fstype: &str) -> Result<Mount> {
+        let dir = tempfile::Builder::new().prefix(&format!("weft-{fstype}-")).tempdir()?;
+        let target = CString::new(dir.path().as_os_str().as_bytes())?;
+        let fs = CString::new(fstype)?;
+        // SAFETY: valid NUL-terminated strings; mounting on our own empty directory.
+        let r = unsafe { libc::mount(fs.as_ptr(), target.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+        if r != 0 {
+            bail!("mount -t {fstype} on {}: {}", dir.path().display(), std::io::Error::last_os_error());
+        }
+        Ok(Mount { dir })
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.dir.path().as_os_str().as_bytes()) {
+            // SAFETY: unmounting what we mounted; lazily, so an open fd cannot keep it busy.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// A bpffs instance of its own (pins in it are invisible under /sys/fs/bpf); unmounted on drop.
+pub struct Bpffs {
+    mount: Mount,
 }
 
 impl Bpffs {
     pub fn mount() -> Result<Bpffs> {
-        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir()?;
-        let target = CString::new(dir.path().as_os_str().as_bytes())?;
-        // SAFETY: valid NUL-terminated strings; mounting a new bpffs instance on our own empty directory.
-        let r = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-        if r != 0 {
-            bail!("mount -t bpf on {}: {}", dir.path().display(), std::io::Error::last_os_error());
-        }
-        Ok(Bpffs { dir })
+        Ok(Bpffs { mount: Mount::new("bpf")? })
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.dir.path().as_os_str().as_bytes()) {
-            // SAFETY: unmounting the bpffs we mounted; lazily, so an open fd cannot keep it.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
+        self.mount.dir.path()
     }
 }
 
@@ -51,13 +62,16 @@ impl Drop for Bpffs {
 /// directory removed on drop.
 pub struct Cgroup {
     path: PathBuf,
+    // Dropped after the directory is removed (fields drop in order, after Drop::drop).
+    _root: Mount,
 }
 
 impl Cgroup {
     pub fn create(label: &str) -> Result<Cgroup> {
-        let path = Path::new(CGROUP2_ROOT).join(format!("weft-{}-{label}", crate::unique_id()));
+        let root = Mount::new("cgroup2")?;
+        let path = root.dir.path().join(format!("weft-{}-{label}", crate::unique_id()));
         std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
-        Ok(Cgroup { path })
+        Ok(Cgroup { path, _root: root })
     }
 
     pub fn path(&self) -> &Path {
