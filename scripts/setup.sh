@@ -18,6 +18,7 @@ PACKAGES=(
   dnsperf knot                       # DNS load generator and the authoritative server weft dns is compared with (make bench)
   procps                             # ps, sysctl
   openssl                            # test certificates for etcd over TLS
+  clang llvm libbpf-dev bpftool      # eBPF programs in C (weft-ebpf's build.rs) and bpftool for the eBPF tests
 )
 
 missing=()

@@ -34,15 +34,15 @@ const LINKS_DIR: &str = "links";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("loading the socket LB object (pinned maps under {pin_dir})")]
-    Load { pin_dir: PathBuf, source: aya::EbpfError },
+    Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
     #[error("program {program}: {call} failed")]
-    Program { program: &'static str, call: &'static str, source: ProgramError },
+    Program { program: &'static str, call: &'static str, source: Box<ProgramError> },
     #[error("program {program}: {call} failed ({path})")]
     Attach { program: &'static str, call: &'static str, path: PathBuf, source: io::Error },
     #[error("program {program} is missing from the object")]
     MissingProgram { program: &'static str },
     #[error("map {map}: {call} failed")]
-    Map { map: &'static str, call: &'static str, source: MapError },
+    Map { map: &'static str, call: &'static str, source: Box<MapError> },
     #[error("map {map} is full ({max} entries): raise --bpf-lb-map-max")]
     MapFull { map: &'static str, max: u32 },
     #[error(
@@ -125,8 +125,9 @@ impl SockLb {
         for m in [MAP_SERVICES, MAP_BACKENDS, MAP_AFFINITY, MAP_REVNAT] {
             loader.set_max_entries(m, cfg.map_max);
         }
-        let mut obj =
-            loader.load(SOCK_LB_OBJECT).map_err(|source| Error::Load { pin_dir: cfg.pin_dir.clone(), source })?;
+        let mut obj = loader
+            .load(SOCK_LB_OBJECT)
+            .map_err(|source| Error::Load { pin_dir: cfg.pin_dir.clone(), source: Box::new(source) })?;
 
         let cgroup = File::open(&cfg.cgroup).map_err(io_err("opening the cgroup", &cfg.cgroup))?;
         for (program, attach_type, _) in PROGRAMS {
@@ -134,9 +135,14 @@ impl SockLb {
                 .program_mut(program)
                 .ok_or(Error::MissingProgram { program })?
                 .try_into()
-                .map_err(|source| Error::Program { program, call: "program type", source })?;
-            prog.load().map_err(|source| Error::Program { program, call: "BPF_PROG_LOAD", source })?;
-            let fd = prog.fd().map_err(|source| Error::Program { program, call: "program fd", source })?;
+                .map_err(|source| Error::Program { program, call: "program type", source: Box::new(source) })?;
+            prog.load().map_err(|source| Error::Program {
+                program,
+                call: "BPF_PROG_LOAD",
+                source: Box::new(source),
+            })?;
+            let fd =
+                prog.fd().map_err(|source| Error::Program { program, call: "program fd", source: Box::new(source) })?;
             let link = sys::link_create(fd.as_fd(), cgroup.as_fd(), attach_type).map_err(|source| Error::Attach {
                 program,
                 call: "BPF_LINK_CREATE",
@@ -226,21 +232,28 @@ pub struct LbMaps {
 }
 
 fn typed<K: aya::Pod, V: aya::Pod>(map: &'static str, m: Map) -> Result<HashMap<MapData, K, V>> {
-    HashMap::try_from(m).map_err(|source| Error::Map { map, call: "typing the map", source })
+    HashMap::try_from(m).map_err(|source| Error::Map { map, call: "typing the map", source: Box::new(source) })
 }
 
 fn map_max(map: &'static str, data: &MapData) -> Result<u32> {
-    data.info().map(|i| i.max_entries()).map_err(|source| Error::Map { map, call: "BPF_OBJ_GET_INFO_BY_FD", source })
+    data.info().map(|i| i.max_entries()).map_err(|source| Error::Map {
+        map,
+        call: "BPF_OBJ_GET_INFO_BY_FD",
+        source: Box::new(source),
+    })
 }
 
 impl LbMaps {
     fn from_object(obj: &mut aya::Ebpf, pin_dir: &Path, wanted: u32) -> Result<LbMaps> {
         let mut take = |map: &'static str| -> Result<Map> {
-            let m =
-                obj.take_map(map).ok_or(Error::Map { map, call: "finding the map", source: MapError::KeyNotFound })?;
+            let m = obj.take_map(map).ok_or(Error::Map {
+                map,
+                call: "finding the map",
+                source: Box::new(MapError::KeyNotFound),
+            })?;
             let data = match &m {
                 Map::HashMap(d) | Map::LruHashMap(d) => d,
-                _ => return Err(Error::Map { map, call: "map type", source: MapError::KeyNotFound }),
+                _ => return Err(Error::Map { map, call: "map type", source: Box::new(MapError::KeyNotFound) }),
             };
             let pinned = map_max(map, data)?;
             if pinned != wanted {
@@ -262,7 +275,7 @@ impl LbMaps {
             let data = MapData::from_pin(pin_dir.join(map)).map_err(|source| Error::Map {
                 map,
                 call: "BPF_OBJ_GET",
-                source,
+                source: Box::new(source),
             })?;
             let max = map_max(map, &data)?;
             Ok((Map::HashMap(data), max))
@@ -282,24 +295,24 @@ impl LbMaps {
         let mut state = MapState::default();
         for k in self.services.keys() {
             let map = MAP_SERVICES;
-            let k = k.map_err(|source| Error::Map { map, call: "bpf_map_get_next_key", source })?;
+            let k = k.map_err(|source| Error::Map { map, call: "bpf_map_get_next_key", source: Box::new(source) })?;
             match self.services.get(&k, 0) {
                 Ok(v) => {
                     state.services.insert(k, v);
                 }
                 Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(Error::Map { map, call: "bpf_map_lookup_elem", source }),
+                Err(source) => return Err(Error::Map { map, call: "bpf_map_lookup_elem", source: Box::new(source) }),
             }
         }
         for k in self.backends.keys() {
             let map = MAP_BACKENDS;
-            let k = k.map_err(|source| Error::Map { map, call: "bpf_map_get_next_key", source })?;
+            let k = k.map_err(|source| Error::Map { map, call: "bpf_map_get_next_key", source: Box::new(source) })?;
             match self.backends.get(&k, 0) {
                 Ok(v) => {
                     state.backends.insert(k, v);
                 }
                 Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(Error::Map { map, call: "bpf_map_lookup_elem", source }),
+                Err(source) => return Err(Error::Map { map, call: "bpf_map_lookup_elem", source: Box::new(source) }),
             }
         }
         Ok(state)
@@ -314,13 +327,13 @@ impl LbMaps {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
                 Err(Error::MapFull { map, max })
             }
-            Err(source) => Err(Error::Map { map, call: "bpf_map_update_elem", source }),
+            Err(source) => Err(Error::Map { map, call: "bpf_map_update_elem", source: Box::new(source) }),
         };
         let delete = |r: std::result::Result<(), MapError>| match r {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(Error::Map { map, call: "bpf_map_delete_elem", source }),
+            Err(source) => Err(Error::Map { map, call: "bpf_map_delete_elem", source: Box::new(source) }),
         };
         match op {
             MapOp::PutBackend(k, v) => update(self.backends.insert(k, v, 0)),

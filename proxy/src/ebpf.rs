@@ -278,6 +278,9 @@ fn phase(op: &MapOp) -> u8 {
     }
 }
 
+/// Per changed port, what it holds after a partial sync (`None`: nothing, it is gone).
+pub type OwnedUpdates = BTreeMap<ServicePortName, Option<Owned>>;
+
 /// The writes for a partial sync of `changed` ports against the maps as last written (`mirror`,
 /// `owned`), or `None` when only a full sync can tell (a frontend moving between ports).
 pub fn partial(
@@ -285,7 +288,7 @@ pub fn partial(
     changed: &BTreeSet<ServicePortName>,
     mirror: &MapState,
     owned: &BTreeMap<ServicePortName, Owned>,
-) -> Option<(Vec<MapOp>, BTreeMap<ServicePortName, Option<Owned>>)> {
+) -> Option<(Vec<MapOp>, OwnedUpdates)> {
     let mut ops = Vec::new();
     let mut updates = BTreeMap::new();
     let mut used: BTreeSet<u32> = owned.values().map(|o| o.id).collect();
