@@ -291,8 +291,8 @@ pub fn partial(
 ) -> Option<(Vec<MapOp>, OwnedUpdates)> {
     let mut ops = Vec::new();
     let mut updates = BTreeMap::new();
-    let mut used: BTreeSet<u32> = owned.values().map(|o| o.id).collect();
-    used.extend(mirror.services.values().map(|v| v.id));
+    // Ids in use, collected only when a port needs a new one (an endpoint change does not).
+    let mut used: Option<BTreeSet<u32>> = None;
     let mut next = 1u32;
     for name in changed {
         let old = owned.get(name);
@@ -321,6 +321,12 @@ pub fn partial(
             let id = match old {
                 Some(o) => o.id,
                 None => {
+                    let used = used.get_or_insert_with(|| {
+                        let mut u: BTreeSet<u32> = owned.values().map(|o| o.id).collect();
+                        u.extend(mirror.services.values().map(|v| v.id));
+                        u.extend(mirror.backends.keys().map(|k| k.id));
+                        u
+                    });
                     while used.contains(&next) {
                         next += 1;
                     }
@@ -372,11 +378,12 @@ impl<M: LbMapsApi> EbpfDataplane<M> {
     }
 
     fn check_capacity(&self, desired: &MapState) -> Result<()> {
+        self.check_sizes(desired.services.len(), desired.backends.len())
+    }
+
+    fn check_sizes(&self, services: usize, backends: usize) -> Result<()> {
         let max = self.maps.max_entries();
-        for (map, needed) in [
-            (weft_ebpf::maps::MAP_SERVICES, desired.services.len()),
-            (weft_ebpf::maps::MAP_BACKENDS, desired.backends.len()),
-        ] {
+        for (map, needed) in [(weft_ebpf::maps::MAP_SERVICES, services), (weft_ebpf::maps::MAP_BACKENDS, backends)] {
             if needed > max as usize {
                 return Err(Error::TooManyEntries { map, needed, max });
             }
@@ -422,11 +429,11 @@ impl<M: LbMapsApi> EbpfDataplane<M> {
         let Some((ops, updates)) = partial(table, changed, &mirror, &self.owned) else {
             return self.full(table);
         };
-        let mut after = mirror.clone();
-        for op in &ops {
-            after.apply(op);
+        let (services, backends) = sizes_after(&mirror, &ops);
+        if let Err(e) = self.check_sizes(services, backends) {
+            self.mirror = Some(mirror);
+            return Err(e);
         }
-        self.check_capacity(&after).inspect_err(|_| self.mirror = Some(mirror.clone()))?;
         let mut mirror = mirror;
         // On failure the mirror stays unset: the next sync is full and reads the kernel.
         self.apply(&ops, &mut mirror)?;
@@ -455,6 +462,21 @@ impl<M: LbMapsApi> EbpfDataplane<M> {
         }
         Some(out)
     }
+}
+
+/// Entries of the services and backends maps once `ops` are applied to `state`.
+fn sizes_after(state: &MapState, ops: &[MapOp]) -> (usize, usize) {
+    let (mut services, mut backends) = (state.services.len() as isize, state.backends.len() as isize);
+    for op in ops {
+        match op {
+            MapOp::PutService(k, _) if !state.services.contains_key(k) => services += 1,
+            MapOp::DeleteService(k) if state.services.contains_key(k) => services -= 1,
+            MapOp::PutBackend(k, _) if !state.backends.contains_key(k) => backends += 1,
+            MapOp::DeleteBackend(k) if state.backends.contains_key(k) => backends -= 1,
+            _ => {}
+        }
+    }
+    (services.max(0) as usize, backends.max(0) as usize)
 }
 
 fn stats(full: bool, ops: &[MapOp]) -> SyncStats {
@@ -671,6 +693,28 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(text, "map weft_lb_svc would need 4 entries but holds 2: raise --bpf-lb-map-max");
+    }
+
+    #[test]
+    fn a_partial_sync_that_overflows_a_map_writes_nothing() {
+        let mut dp = EbpfDataplane::new(FakeMaps { max: 4, ..Default::default() }, "/cg".into());
+        let mut table = small_table();
+        dp.sync(&table, None).unwrap();
+        let writes = dp.maps.writes.len();
+        let web = ServicePortName::new("default", "web", "http", Protocol::Tcp);
+        table
+            .get_mut(&web)
+            .unwrap()
+            .endpoints
+            .extend([ep([10, 244, 3, 1], 9376, false), ep([10, 244, 3, 2], 9376, false)]);
+        let err = dp.sync(&table, Some(&[web.clone()].into())).unwrap_err();
+        assert!(err.is_map_full(), "{err:?}");
+        assert_eq!(dp.maps.writes.len(), writes, "nothing half-written");
+        // Once the table fits again, the next (partial) sync works from the kept mirror.
+        table.get_mut(&web).unwrap().endpoints.truncate(1);
+        dp.sync(&table, Some(&[web].into())).unwrap();
+        let (want, _) = plan(&table, &dp.maps.state);
+        assert_eq!(dp.maps.state, want);
     }
 
     #[test]
