@@ -75,4 +75,25 @@ struct lb_rnat_val {
 	__u16 pad;
 };
 
+/* weft_lb_ct (LRU): north-south connections, both directions. dir 0: client -> frontend (which backend);
+ * dir 1: backend -> client or node address (the reply, to translate back). */
+struct lb_ct_key {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 pad;
+};
+
+struct lb_ct_val {
+	__u32 addr1; /* dir 0: backend; dir 1: frontend (the reply's new source) */
+	__u32 addr2; /* dir 1: client (the reply's new destination) */
+	__u16 port1;
+	__u16 port2;
+	__u8 snat;   /* the backend is remote: its traffic was source-NATed to the node address */
+	__u8 pad[3];
+};
+
 #endif

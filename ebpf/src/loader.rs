@@ -9,16 +9,25 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use aya::programs::{CgroupSockAddr, ProgramError};
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType};
 use aya::{include_bytes_aligned, EbpfLoader};
 
 use crate::maps::{
-    Backend, BackendKey, MapOp, MapState, SvcKey, SvcVal, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES,
+    Backend, BackendKey, MapOp, MapState, SvcKey, SvcVal, MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_REVNAT,
+    MAP_SERVICES,
 };
 use crate::sys;
 
 /// The socket LB object built by build.rs from `bpf/sock_lb.bpf.c`.
 pub static SOCK_LB_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.bpf.o"));
+
+/// The north-south object built from `bpf/nodeport.bpf.c`.
+pub static NODEPORT_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.bpf.o"));
+
+/// The tc programs and their direction on `--nodeport-interface`.
+pub const NODEPORT_PROGRAMS: [(&str, TcAttachType); 2] =
+    [("weft_nodeport_in", TcAttachType::Ingress), ("weft_nodeport_out", TcAttachType::Egress)];
 
 /// The programs, their cgroup hook (`bpf_attach_type`) and `bpftool cgroup show`'s name for it.
 pub const PROGRAMS: [(&str, u32, &str); 4] = [
@@ -33,12 +42,18 @@ const LINKS_DIR: &str = "links";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("loading the socket LB object (pinned maps under {pin_dir})")]
+    #[error("loading a BPF object (pinned maps under {pin_dir})")]
     Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
     #[error("program {program}: {call} failed")]
     Program { program: &'static str, call: &'static str, source: Box<ProgramError> },
     #[error("program {program}: {call} failed ({path})")]
     Attach { program: &'static str, call: &'static str, path: PathBuf, source: io::Error },
+    #[error("program {program}: attaching to {interface} failed")]
+    Tc { program: &'static str, interface: String, source: Box<ProgramError> },
+    #[error("program {program}: pinning its link at {path} failed")]
+    PinLink { program: &'static str, path: PathBuf, source: Box<aya::pin::PinError> },
+    #[error("program {program}: its tc attachment is not a tcx link (kernel 6.6+ needed)")]
+    Link { program: &'static str, source: Box<aya::programs::links::LinkError> },
     #[error("program {program} is missing from the object")]
     MissingProgram { program: &'static str },
     #[error("map {map}: {call} failed")]
@@ -191,7 +206,8 @@ pub fn remove(pin_dir: &Path) -> Result<Removed> {
         return Ok(removed);
     }
     let links = pin_dir.join(LINKS_DIR);
-    for (program, _, _) in PROGRAMS {
+    let programs = PROGRAMS.iter().map(|p| p.0).chain(NODEPORT_PROGRAMS.iter().map(|p| p.0));
+    for program in programs {
         for name in [program.to_string(), format!("{program}_new")] {
             let p = links.join(name);
             match std::fs::remove_file(&p) {
@@ -217,6 +233,78 @@ pub fn remove(pin_dir: &Path) -> Result<Removed> {
         }
     }
     Ok(removed)
+}
+
+/// Where north-south balancing runs: the interface and the node address on it (SNAT source, NodePort
+/// destination).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePort {
+    pub interface: String,
+    pub node_ip: std::net::Ipv4Addr,
+}
+
+/// Replaces the link pinned at `links/<program>` by `link`: the new one is attached before the old goes.
+fn replace_pin(links: &Path, program: &'static str, link: FdLink) -> Result<()> {
+    let pin = links.join(program);
+    let fresh = links.join(format!("{program}_new"));
+    let _ = std::fs::remove_file(&fresh);
+    link.pin(&fresh).map_err(|source| Error::PinLink { program, path: fresh.clone(), source: Box::new(source) })?;
+    match std::fs::remove_file(&pin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("unpinning the previous link", &pin)(e)),
+    }
+    std::fs::rename(&fresh, &pin).map_err(io_err("renaming the link pin", &fresh))
+}
+
+/// Loads the north-south programs (sharing the pinned service maps of `cfg.pin_dir`), attaches them to
+/// `np.interface` (tcx ingress and egress) and pins their links; `None` detaches what an earlier run
+/// attached.
+pub fn attach_nodeport(cfg: &Config, np: Option<&NodePort>) -> Result<()> {
+    let links = cfg.pin_dir.join(LINKS_DIR);
+    let Some(np) = np else {
+        for (program, _) in NODEPORT_PROGRAMS {
+            let p = links.join(program);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("unpinning", &p)(e)),
+            }
+        }
+        return Ok(());
+    };
+    std::fs::create_dir_all(&links).map_err(io_err("creating", &links))?;
+    let node_ip = u32::from(np.node_ip).to_be();
+    let mut loader = EbpfLoader::new();
+    loader.map_pin_path(&cfg.pin_dir);
+    for m in [MAP_SERVICES, MAP_BACKENDS, MAP_CT] {
+        loader.set_max_entries(m, cfg.map_max);
+    }
+    loader.set_global("NODE_IP", &node_ip, true);
+    let mut obj = loader
+        .load(NODEPORT_OBJECT)
+        .map_err(|source| Error::Load { pin_dir: cfg.pin_dir.clone(), source: Box::new(source) })?;
+    for (program, attach_type) in NODEPORT_PROGRAMS {
+        let prog: &mut SchedClassifier = obj
+            .program_mut(program)
+            .ok_or(Error::MissingProgram { program })?
+            .try_into()
+            .map_err(|source| Error::Program { program, call: "program type", source: Box::new(source) })?;
+        prog.load().map_err(|source| Error::Program { program, call: "BPF_PROG_LOAD", source: Box::new(source) })?;
+        let id = prog.attach(&np.interface, attach_type).map_err(|source| Error::Tc {
+            program,
+            interface: np.interface.clone(),
+            source: Box::new(source),
+        })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program {
+            program,
+            call: "taking the link",
+            source: Box::new(source),
+        })?;
+        let link = FdLink::try_from(link).map_err(|source| Error::Link { program, source: Box::new(source) })?;
+        replace_pin(&links, program, link)?;
+    }
+    Ok(())
 }
 
 /// Link pins present under `pin_dir` (what `remove` would detach).

@@ -21,7 +21,8 @@ pub const MAP_SERVICES: &str = "weft_lb_svc";
 pub const MAP_BACKENDS: &str = "weft_lb_be";
 pub const MAP_AFFINITY: &str = "weft_lb_aff";
 pub const MAP_REVNAT: &str = "weft_lb_rnat";
-pub const MAPS: [&str; 4] = [MAP_SERVICES, MAP_BACKENDS, MAP_AFFINITY, MAP_REVNAT];
+pub const MAP_CT: &str = "weft_lb_ct";
+pub const MAPS: [&str; 5] = [MAP_SERVICES, MAP_BACKENDS, MAP_AFFINITY, MAP_REVNAT, MAP_CT];
 
 /// `struct lb_svc_key`: one frontend (address, port, protocol, scope). Address and port in network order.
 #[repr(C)]
@@ -99,6 +100,31 @@ pub struct RevNatVal {
     pub pad: u16,
 }
 
+/// `struct lb_ct_key`: one direction of a north-south connection.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: u16,
+}
+
+/// `struct lb_ct_val`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtVal {
+    pub addr1: u32,
+    pub addr2: u32,
+    pub port1: u16,
+    pub port2: u16,
+    pub snat: u8,
+    pub pad: [u8; 3],
+}
+
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is valid.
 unsafe impl aya::Pod for SvcKey {}
 unsafe impl aya::Pod for SvcVal {}
@@ -108,6 +134,8 @@ unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityVal {}
 unsafe impl aya::Pod for RevNatKey {}
 unsafe impl aya::Pod for RevNatVal {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtVal {}
 
 /// (Rust type, C struct, size, [(field, offset)]) for the layout test.
 pub type Layout = (&'static str, usize, Vec<(&'static str, usize)>);
@@ -129,6 +157,8 @@ pub fn layouts() -> Vec<Layout> {
         layout!("lb_affinity_val", AffinityVal, [last_used_ns, ip, port, slot]),
         layout!("lb_rnat_key", RevNatKey, [cookie, ip, port, pad]),
         layout!("lb_rnat_val", RevNatVal, [vip, port, pad]),
+        layout!("lb_ct_key", CtKey, [src, dst, sport, dport, proto, dir, pad]),
+        layout!("lb_ct_val", CtVal, [addr1, addr2, port1, port2, snat, pad]),
     ]
 }
 

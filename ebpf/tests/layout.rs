@@ -41,6 +41,8 @@ fn rust_mirrors_match_the_objects_btf() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let obj = dir.path().join("sock_lb.bpf.o");
     std::fs::write(&obj, weft_ebpf::loader::SOCK_LB_OBJECT)?;
+    let np = dir.path().join("nodeport.bpf.o");
+    std::fs::write(&np, weft_ebpf::loader::NODEPORT_OBJECT)?;
     let out = Command::new("bpftool")
         .args(["btf", "dump", "file"])
         .arg(&obj)
@@ -50,9 +52,20 @@ fn rust_mirrors_match_the_objects_btf() -> Result<()> {
     if !out.status.success() {
         bail!("bpftool btf dump: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let btf = btf_structs(&String::from_utf8_lossy(&out.stdout));
+    let mut btf = btf_structs(&String::from_utf8_lossy(&out.stdout));
+    let out = Command::new("bpftool").args(["btf", "dump", "file"]).arg(&np).args(["format", "raw"]).output()?;
+    if !out.status.success() {
+        bail!("bpftool btf dump: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for (name, layout) in btf_structs(&String::from_utf8_lossy(&out.stdout)) {
+        // One header: a struct both objects use has one layout.
+        if let Some(seen) = btf.get(&name) {
+            assert_eq!(seen, &layout, "struct {name} differs between the two objects");
+        }
+        btf.insert(name, layout);
+    }
     let layouts = weft_ebpf::maps::layouts();
-    assert_eq!(layouts.len(), 8, "every struct of lb.h is mirrored");
+    assert_eq!(layouts.len(), 10, "every struct of lb.h is mirrored");
     for (name, size, fields) in layouts {
         let Some((btf_size, btf_fields)) = btf.get(name) else { bail!("struct {name} is not in the object's BTF") };
         assert_eq!(size, *btf_size, "size of struct {name}");
