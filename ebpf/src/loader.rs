@@ -243,6 +243,16 @@ pub struct NodePort {
     pub node_ip: std::net::Ipv4Addr,
 }
 
+/// The first IPv4 address of `interface` (in the calling thread's network namespace).
+pub fn interface_ipv4(interface: &str) -> Option<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        if a.interface_name != interface {
+            return None;
+        }
+        a.address.as_ref()?.as_sockaddr_in().map(|sin| sin.ip())
+    })
+}
+
 /// Replaces the link pinned at `links/<program>` by `link`: the new one is attached before the old goes.
 fn replace_pin(links: &Path, program: &'static str, link: FdLink) -> Result<()> {
     let pin = links.join(program);

@@ -61,6 +61,9 @@ pub struct ProxyArgs {
     /// ebpf mode: entries of every load-balancer map (services, backend slots, affinity, reverse NAT)
     #[arg(long, default_value_t = weft_ebpf::maps::LB_MAP_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(16..))]
     pub bpf_lb_map_max: u32,
+    /// ebpf mode: the interface whose node address serves NodePorts and external IPs to the outside (tc programs) [default: none, no north-south]
+    #[arg(long)]
+    pub nodeport_interface: Option<String>,
 }
 
 /// `500ms`, `1s`, `1.5s`, `2m`, `1h` (Go-duration style, one unit).
@@ -121,6 +124,7 @@ impl ProxyArgs {
                     cgroup: self.cgroup_path.clone().unwrap_or_else(crate::ebpf::default_cgroup),
                     pin_base: self.bpf_pin_dir.clone(),
                     map_max: self.bpf_lb_map_max,
+                    nodeport_interface: self.nodeport_interface.clone(),
                 };
                 Ok(Box::new(crate::ebpf::EbpfDataplane::load(&cfg, &node)?))
             }

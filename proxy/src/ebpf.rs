@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 use weft_ebpf::maps::{
-    IPPROTO_TCP, IPPROTO_UDP, LB_FLAG_AFFINITY, LB_FLAG_LOCAL_ONLY, LB_MAP_MAX_DEFAULT, LB_SCOPE_SOCKET,
+    IPPROTO_TCP, IPPROTO_UDP, LB_FLAG_AFFINITY, LB_FLAG_LOCAL_ONLY, LB_MAP_MAX_DEFAULT, LB_SCOPE_NODEPORT,
+    LB_SCOPE_SOCKET,
 };
 use weft_ebpf::{Backend, BackendKey, LbMaps, MapOp, MapState, SvcKey, SvcVal};
 
@@ -21,6 +22,8 @@ use crate::model::{Protocol, ServiceEntry, ServicePortName, ServiceTable};
 pub enum Error {
     #[error(transparent)]
     Bpf(#[from] weft_ebpf::Error),
+    #[error("--nodeport-interface {0}: no such interface with an IPv4 address in this namespace")]
+    NoNodeAddress(String),
     #[error("map {map} would need {needed} entries but holds {max}: raise --bpf-lb-map-max")]
     TooManyEntries { map: &'static str, needed: usize, max: u32 },
 }
@@ -33,6 +36,7 @@ impl Error {
         match self {
             Error::TooManyEntries { .. } => true,
             Error::Bpf(e) => e.is_map_full(),
+            Error::NoNodeAddress(_) => false,
         }
     }
 }
@@ -52,6 +56,8 @@ pub struct Config {
     /// Base directory on bpffs; this node's pins live in `<pin_base>/<node>`.
     pub pin_base: PathBuf,
     pub map_max: u32,
+    /// `--nodeport-interface`: where the north-south program runs (`None`: no north-south).
+    pub nodeport_interface: Option<String>,
 }
 
 pub const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/weft";
@@ -61,7 +67,12 @@ const STALE_SLOT_GRACE: std::time::Duration = std::time::Duration::from_millis(1
 
 impl Default for Config {
     fn default() -> Self {
-        Config { cgroup: default_cgroup(), pin_base: DEFAULT_PIN_BASE.into(), map_max: LB_MAP_MAX_DEFAULT }
+        Config {
+            cgroup: default_cgroup(),
+            pin_base: DEFAULT_PIN_BASE.into(),
+            map_max: LB_MAP_MAX_DEFAULT,
+            nodeport_interface: None,
+        }
     }
 }
 
@@ -119,13 +130,16 @@ fn proto(p: Protocol) -> Option<u8> {
     }
 }
 
-/// The socket-level frontends of a port: its cluster IP, external IPs and load-balancer IPs.
+/// The frontends of a port: its cluster IP, external IPs and load-balancer IPs (socket LB, and the
+/// north-south program for traffic from outside), and its node port (north-south only).
 pub fn frontends(name: &ServicePortName, entry: &ServiceEntry) -> Vec<SvcKey> {
     let Some(p) = proto(name.protocol) else { return vec![] };
     let sp = &entry.port;
     let mut ips: Vec<Ipv4Addr> = sp.cluster_ip.into_iter().collect();
     ips.extend(sp.external_ips.iter().chain(&sp.load_balancer_ips).copied());
     let mut keys: Vec<SvcKey> = ips.into_iter().map(|ip| SvcKey::new(ip, sp.port, p, LB_SCOPE_SOCKET)).collect();
+    // For the north-south program: any node address.
+    keys.extend(sp.node_port.map(|np| SvcKey::new(Ipv4Addr::UNSPECIFIED, np, p, LB_SCOPE_NODEPORT)));
     keys.sort();
     keys.dedup();
     keys
@@ -357,13 +371,26 @@ pub struct EbpfDataplane<M> {
 impl EbpfDataplane<LbMaps> {
     /// Loads and attaches the programs (re-using pinned maps) for `node`.
     pub fn load(cfg: &Config, node: &str) -> Result<EbpfDataplane<LbMaps>> {
-        let lb = weft_ebpf::SockLb::load(&weft_ebpf::Config {
+        let bpf = weft_ebpf::Config {
             cgroup: cfg.cgroup.clone(),
             pin_dir: pin_dir(&cfg.pin_base, node),
             map_max: cfg.map_max,
-        })?;
+        };
+        let nodeport = match &cfg.nodeport_interface {
+            None => None,
+            Some(interface) => {
+                let node_ip = weft_ebpf::loader::interface_ipv4(interface)
+                    .ok_or_else(|| Error::NoNodeAddress(interface.clone()))?;
+                Some(weft_ebpf::loader::NodePort { interface: interface.clone(), node_ip })
+            }
+        };
+        let lb = weft_ebpf::SockLb::load(&bpf)?;
         info!(cgroup = %cfg.cgroup.display(), pins = %lb.pin_dir().display(), map_max = cfg.map_max,
               "socket LB attached (connect4, sendmsg4, recvmsg4, getpeername4)");
+        weft_ebpf::loader::attach_nodeport(&bpf, nodeport.as_ref())?;
+        if let Some(np) = &nodeport {
+            info!(interface = %np.interface, node_ip = %np.node_ip, "north-south attached (tcx ingress and egress)");
+        }
         Ok(EbpfDataplane::new(lb.maps, cfg.cgroup.clone()))
     }
 }
@@ -560,6 +587,7 @@ mod tests {
             ServiceEntry {
                 port: ServicePort {
                     external_ips: vec![[203, 0, 113, 10].into()],
+                    node_port: Some(30080),
                     ..ServicePort::cluster_ip([10, 96, 100, 1].into(), 80)
                 },
                 endpoints: vec![ep([10, 244, 2, 2], 9376, false), ep([10, 244, 1, 2], 9376, true)],
@@ -613,6 +641,7 @@ mod tests {
             ops,
             [
                 "put be 3/0 10.244.2.2:9376",
+                "put svc *:30080/tcp nodeport id=3 count=1",
                 "put svc 10.96.100.1:80/tcp id=3 count=1",
                 "put svc 203.0.113.10:80/tcp id=3 count=1",
                 "del be 3/1",
@@ -629,6 +658,7 @@ mod tests {
             ops,
             [
                 "put be 3/1 10.244.1.7:9376 local",
+                "put svc *:30080/tcp nodeport id=3 count=2",
                 "put svc 10.96.100.1:80/tcp id=3 count=2",
                 "put svc 203.0.113.10:80/tcp id=3 count=2",
             ]
@@ -692,21 +722,18 @@ mod tests {
             dataplane::Error::Ebpf(e) => e.to_string(),
             other => panic!("{other:?}"),
         };
-        assert_eq!(text, "map weft_lb_svc would need 4 entries but holds 2: raise --bpf-lb-map-max");
+        assert_eq!(text, "map weft_lb_svc would need 5 entries but holds 2: raise --bpf-lb-map-max");
     }
 
     #[test]
     fn a_partial_sync_that_overflows_a_map_writes_nothing() {
-        let mut dp = EbpfDataplane::new(FakeMaps { max: 4, ..Default::default() }, "/cg".into());
+        let mut dp = EbpfDataplane::new(FakeMaps { max: 5, ..Default::default() }, "/cg".into());
         let mut table = small_table();
+        table.get_mut(&ServicePortName::new("default", "web", "http", Protocol::Tcp)).unwrap().endpoints.pop();
         dp.sync(&table, None).unwrap();
         let writes = dp.maps.writes.len();
         let web = ServicePortName::new("default", "web", "http", Protocol::Tcp);
-        table
-            .get_mut(&web)
-            .unwrap()
-            .endpoints
-            .extend([ep([10, 244, 3, 1], 9376, false), ep([10, 244, 3, 2], 9376, false)]);
+        table.get_mut(&web).unwrap().endpoints.extend((1..=4).map(|i| ep([10, 244, 3, i], 9376, false)));
         let err = dp.sync(&table, Some(&[web.clone()].into())).unwrap_err();
         assert!(err.is_map_full(), "{err:?}");
         assert_eq!(dp.maps.writes.len(), writes, "nothing half-written");
