@@ -1,7 +1,7 @@
 //! The service conformance table in eBPF mode (issue 12): a 2-node lab with real etcd, agents and
 //! `weft proxy --proxy-mode ebpf` processes; each node's pods run their clients inside that node's own
 //! cgroup v2 subtree (never the root cgroup), where the proxy attached its programs; pins live in a
-//! private bpffs. Scenarios the mode does not cover (north-south) are reported as n/a with the reason.
+//! private bpffs; NodePort and externalIPs from the fabric go through the tc programs on each node's eth0.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -32,7 +32,19 @@ impl Env {
             self.cgroups[node - 1].path().display().to_string(),
             "--bpf-pin-dir".into(),
             self.pin_base().display().to_string(),
+            "--nodeport-interface".into(),
+            "eth0".into(),
         ]
+    }
+
+    /// What answers `addr` from the fabric (an outside host: no cgroup, no socket LB), `n` times.
+    fn from_outside(&self, addr: &str, n: usize) -> Result<BTreeMap<String, usize>> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let got = self.lab.fabric().exec("socat", &["-T", "3", "-", &format!("TCP:{addr},connect-timeout=2")])?;
+            *seen.entry(got.trim().to_string()).or_insert(0) += 1;
+        }
+        Ok(seen)
     }
 
     fn pin_base(&self) -> PathBuf {
@@ -173,6 +185,14 @@ fn setup() -> Result<Env> {
     yaml += &endpoints(&env, "hairpin", &["s1"], "http", 9376, "TCP");
     yaml += &service("long", "  clusterIP: 10.96.100.11\n", "echo", 7000, 7000, "TCP");
     yaml += &endpoints(&env, "long", &["s2"], "echo", 7000, "TCP");
+    yaml += "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  clusterIP: 10.96.100.3\n  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30080}]\n---\n";
+    yaml += &endpoints(&env, "np", &["s1", "s2", "s3"], "http", 9376, "TCP");
+    yaml += "apiVersion: v1\nkind: Service\nmetadata: {name: np-local}\nspec:\n  type: NodePort\n  clusterIP: 10.96.100.13\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30081}]\n---\n";
+    yaml += &endpoints(&env, "np-local", &["s1", "s2", "s3"], "http", 9376, "TCP");
+    yaml += &service("ext", "  clusterIP: 10.96.100.4\n  externalIPs: [203.0.113.10]\n", "http", 80, 9376, "TCP");
+    yaml += &endpoints(&env, "ext", &["s2"], "http", 9376, "TCP");
+    // A route for the externalIP through node-1, from the outside host (the fabric) only.
+    env.lab.fabric().ip(&["route", "add", "203.0.113.10/32", "via", "192.168.56.11"])?;
     apply(&env, &yaml)?;
     let mut env = env;
     for i in 1..=2 {
@@ -185,13 +205,27 @@ fn setup() -> Result<Env> {
 
 type Scenario = fn(&mut Env) -> Result<()>;
 
-/// What socket-level balancing does not cover yet (reported, not hidden).
-const NOT_APPLICABLE: &[(&str, &str)] = &[
-    ("NodePort from an outside host, on each node", "north-south (tc on --nodeport-interface) is not implemented"),
-    ("externalIPs from an outside host", "north-south (tc on --nodeport-interface) is not implemented"),
-];
-
 const SCENARIOS: &[(&str, Scenario)] = &[
+    ("NodePort from an outside host, on each node, to local and remote backends", |env| {
+        until("node port 30080 on node-1", 10, || env.from_outside("192.168.56.11:30080", 1))?;
+        let seen = env.from_outside("192.168.56.11:30080", 40)?;
+        ensure!(seen.contains_key("s1"), "node-1's local backend: {seen:?}");
+        ensure!(seen.contains_key("s2") || seen.contains_key("s3"), "a remote backend (SNAT): {seen:?}");
+        ensure!(seen.keys().all(|k| ["s1", "s2", "s3"].contains(&k.as_str())), "{seen:?}");
+        let seen = until("node port 30080 on node-2", 10, || env.from_outside("192.168.56.12:30080", 10))?;
+        ensure!(seen.keys().all(|k| ["s1", "s2", "s3"].contains(&k.as_str())), "{seen:?}");
+        Ok(())
+    }),
+    ("externalTrafficPolicy Local: only the node's own backends", |env| {
+        let seen = until("node port 30081", 10, || env.from_outside("192.168.56.11:30081", 20))?;
+        ensure!(seen.keys().collect::<Vec<_>>() == ["s1"], "{seen:?}");
+        Ok(())
+    }),
+    ("externalIPs from an outside host", |env| {
+        let seen = until("externalIP", 10, || env.from_outside("203.0.113.10:80", 5))?;
+        ensure!(seen.keys().collect::<Vec<_>>() == ["s2"], "{seen:?}");
+        Ok(())
+    }),
     ("pod to ClusterIP across nodes", |env| {
         let got = env.fetch(&env.client, "10.96.100.1:80")?;
         ensure!(got == "s2" || got == "s3", "answered by {got:?}");
@@ -334,9 +368,6 @@ impl Drop for Conn {
 #[test]
 fn ebpf_mode_passes_the_service_table() {
     let mut env = setup().unwrap_or_else(|e| panic!("ebpf: setup: {e:#}"));
-    for (name, why) in NOT_APPLICABLE {
-        eprintln!("ebpf: n/a  {name}: {why}");
-    }
     let mut failures = Vec::new();
     for (name, scenario) in SCENARIOS {
         let started = Instant::now();
