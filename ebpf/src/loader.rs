@@ -243,6 +243,21 @@ pub struct NodePort {
     pub node_ip: std::net::Ipv4Addr,
 }
 
+/// Names of the tcx programs attached to `interface` (ingress, then egress), in this thread's namespace
+/// (bpftool 7.1 does not list tcx yet).
+pub fn tcx_programs(interface: &str) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let (_, progs) = SchedClassifier::query_tcx(interface, attach_type).map_err(|source| Error::Tc {
+            program: "tcx query",
+            interface: interface.to_string(),
+            source: Box::new(source),
+        })?;
+        names.extend(progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()));
+    }
+    Ok(names)
+}
+
 /// The first IPv4 address of `interface` (in the calling thread's network namespace).
 pub fn interface_ipv4(interface: &str) -> Option<std::net::Ipv4Addr> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {

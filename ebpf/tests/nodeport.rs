@@ -104,5 +104,27 @@ fn node_ports_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
     ensure!(seen("192.168.77.1:30080")? == both, "node port reaches the local and the remote backend");
     ensure!(seen("203.0.113.10:80")? == both, "external IP reaches both");
     ensure!(seen("192.168.77.1:30081")? == ["local".to_string()].into(), "Local policy: local backends only");
+
+    // Attached as tcx programs; a re-attach (a restarted proxy) replaces them; removal detaches them.
+    let in_node = |f: Box<dyn FnOnce() -> Result<Vec<String>> + Send>| -> Result<Vec<String>> {
+        let path = node.path();
+        std::thread::spawn(move || {
+            weft_lab::netns::enter(&path)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    };
+    let names = || -> Result<Vec<String>> { Ok(weft_ebpf::loader::tcx_programs("ext")?) };
+    ensure!(in_node(Box::new(names))? == ["weft_nodeport_i", "weft_nodeport_o"], "one program per direction");
+    let (cfg2, np2) = (cfg.clone(), NodePort { interface: "ext".into(), node_ip: Ipv4Addr::new(192, 168, 77, 1) });
+    in_node(Box::new(move || {
+        attach_nodeport(&cfg2, Some(&np2))?;
+        Ok(vec![])
+    }))?;
+    ensure!(in_node(Box::new(names))?.len() == 2, "a re-attach replaces, never adds");
+    ensure!(seen("192.168.77.1:30080")? == both, "still balanced after the re-attach");
+    weft_ebpf::remove(&cfg.pin_dir)?;
+    ensure!(in_node(Box::new(names))?.is_empty(), "removal detaches the tc programs");
     Ok(())
 }

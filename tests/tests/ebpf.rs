@@ -131,6 +131,17 @@ fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T>) -> Result<T
     }
 }
 
+/// weft's tcx programs on a node's eth0 (queried inside the node's namespace).
+fn tc_programs(env: &Env, node: usize) -> Result<Vec<String>> {
+    let path = env.lab.node(node).ns().path();
+    std::thread::spawn(move || -> Result<Vec<String>> {
+        weft_lab::netns::enter(&path)?;
+        Ok(weft_ebpf::loader::tcx_programs("eth0")?.into_iter().filter(|n| n.starts_with("weft_")).collect())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))?
+}
+
 /// Programs attached to a cgroup, as `bpftool cgroup show` lists them.
 fn attached(cgroup: &Cgroup) -> Result<usize> {
     let out = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup.path()).output()?;
@@ -331,6 +342,8 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         })?;
         ensure!(echo("after")? == "after", "the connection did not survive");
         ensure!(attached(&env.cgroups[0])? == 4, "one program per hook after the restart");
+        let tc = tc_programs(env, 1)?;
+        ensure!(tc.len() == 2, "one tc program per direction after the restart: {tc:?}");
         Ok(())
     }),
     ("switching the node to iptables mode leaves no program and no pin", |env| {
@@ -349,8 +362,11 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         until("node-1's programs detach", 10, || {
             let n = attached(&env.cgroups[0])?;
             ensure!(n == 0, "{n} programs still attached");
+            let tc = tc_programs(env, 1)?;
+            ensure!(tc.is_empty(), "tc programs still attached: {tc:?}");
             Ok(())
         })?;
+        ensure!(tc_programs(env, 2)?.len() == 2, "node-2 keeps its tc programs");
         Ok(())
     }),
 ];
