@@ -36,7 +36,12 @@ fn fixture(label: &str) -> Result<Fixture> {
 
 impl Fixture {
     fn config(&self) -> Config {
-        Config { cgroup: self.cgroup.path().into(), pin_base: self.bpffs.path().join("weft"), map_max: 4096 }
+        Config {
+            cgroup: self.cgroup.path().into(),
+            pin_base: self.bpffs.path().join("weft"),
+            map_max: 4096,
+            nodeport_interface: None,
+        }
     }
 
     /// A shell script run inside the netns and the cgroup; its stdout.

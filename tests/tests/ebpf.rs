@@ -38,7 +38,7 @@ impl Env {
     }
 
     /// What answers `addr` from the fabric (an outside host: no cgroup, no socket LB), `n` times.
-    fn from_outside(&self, addr: &str, n: usize) -> Result<BTreeMap<String, usize>> {
+    fn spread_outside(&self, addr: &str, n: usize) -> Result<BTreeMap<String, usize>> {
         let mut seen = BTreeMap::new();
         for _ in 0..n {
             let got = self.lab.fabric().exec("socat", &["-T", "3", "-", &format!("TCP:{addr},connect-timeout=2")])?;
@@ -218,22 +218,22 @@ type Scenario = fn(&mut Env) -> Result<()>;
 
 const SCENARIOS: &[(&str, Scenario)] = &[
     ("NodePort from an outside host, on each node, to local and remote backends", |env| {
-        until("node port 30080 on node-1", 10, || env.from_outside("192.168.56.11:30080", 1))?;
-        let seen = env.from_outside("192.168.56.11:30080", 40)?;
+        until("node port 30080 on node-1", 10, || env.spread_outside("192.168.56.11:30080", 1))?;
+        let seen = env.spread_outside("192.168.56.11:30080", 40)?;
         ensure!(seen.contains_key("s1"), "node-1's local backend: {seen:?}");
         ensure!(seen.contains_key("s2") || seen.contains_key("s3"), "a remote backend (SNAT): {seen:?}");
         ensure!(seen.keys().all(|k| ["s1", "s2", "s3"].contains(&k.as_str())), "{seen:?}");
-        let seen = until("node port 30080 on node-2", 10, || env.from_outside("192.168.56.12:30080", 10))?;
+        let seen = until("node port 30080 on node-2", 10, || env.spread_outside("192.168.56.12:30080", 10))?;
         ensure!(seen.keys().all(|k| ["s1", "s2", "s3"].contains(&k.as_str())), "{seen:?}");
         Ok(())
     }),
     ("externalTrafficPolicy Local: only the node's own backends", |env| {
-        let seen = until("node port 30081", 10, || env.from_outside("192.168.56.11:30081", 20))?;
+        let seen = until("node port 30081", 10, || env.spread_outside("192.168.56.11:30081", 20))?;
         ensure!(seen.keys().collect::<Vec<_>>() == ["s1"], "{seen:?}");
         Ok(())
     }),
     ("externalIPs from an outside host", |env| {
-        let seen = until("externalIP", 10, || env.from_outside("203.0.113.10:80", 5))?;
+        let seen = until("externalIP", 10, || env.spread_outside("203.0.113.10:80", 5))?;
         ensure!(seen.keys().collect::<Vec<_>>() == ["s2"], "{seen:?}");
         Ok(())
     }),
