@@ -19,6 +19,7 @@ PACKAGES=(
   procps                             # ps, sysctl
   openssl                            # test certificates for etcd over TLS
   python3                            # make demo reads weft's JSON output (the lab's PKI uses openssl above)
+  clang llvm libbpf-dev bpftool      # eBPF programs in C (weft-ebpf's build.rs) and bpftool for the eBPF tests
 )
 
 missing=()

@@ -3,6 +3,7 @@
 //! It touches only namespaces, files and processes it created itself, all named with a unique id.
 
 pub mod bins;
+pub mod bpf;
 pub mod cli;
 pub mod cluster;
 pub mod containerd;

@@ -52,6 +52,18 @@ pub struct ProxyArgs {
     /// bit of the packet mark that asks for masquerade (0-31)
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
     pub iptables_masquerade_bit: u8,
+    /// ebpf mode: the cgroup v2 directory whose processes get socket-level load balancing [default: the cgroup v2 root]
+    #[arg(long)]
+    pub cgroup_path: Option<std::path::PathBuf>,
+    /// ebpf mode: bpffs directory for pinned maps and links; this node's live in <dir>/<node name>
+    #[arg(long, default_value = crate::ebpf::DEFAULT_PIN_BASE)]
+    pub bpf_pin_dir: std::path::PathBuf,
+    /// ebpf mode: entries of every load-balancer map (services, backend slots, affinity, reverse NAT)
+    #[arg(long, default_value_t = weft_ebpf::maps::LB_MAP_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(16..))]
+    pub bpf_lb_map_max: u32,
+    /// ebpf mode: the interface whose node address serves NodePorts and external IPs to the outside (tc programs) [default: none, no north-south]
+    #[arg(long)]
+    pub nodeport_interface: Option<String>,
     #[command(flatten)]
     pub ipvs: IpvsArgs,
 }
@@ -138,7 +150,12 @@ impl ProxyArgs {
 
     /// The dataplane for `--proxy-mode`.
     pub fn dataplane(&self) -> Result<Box<dyn Dataplane + Send>> {
-        if matches!(self.proxy_mode, Mode::Iptables | Mode::Userspace) {
+        let node = self.hostname_override.clone().unwrap_or_else(hostname);
+        if self.proxy_mode != Mode::Ebpf {
+            // Switching away from ebpf mode: no program may keep translating behind this mode's back.
+            crate::ebpf::remove_leftovers(&self.bpf_pin_dir, &node).context("removing the ebpf mode's pins")?;
+        }
+        if self.proxy_mode != Mode::Ipvs {
             // A node switched away from ipvs mode keeps nothing of it (its VIPs on weft-ipvs0 would shadow ours).
             let removed = crate::ipvs::cleanup_leftovers(&mut CommandRunner::new());
             if !removed.is_empty() {
@@ -146,6 +163,15 @@ impl ProxyArgs {
             }
         }
         match self.proxy_mode {
+            Mode::Ebpf => {
+                let cfg = crate::ebpf::Config {
+                    cgroup: self.cgroup_path.clone().unwrap_or_else(crate::ebpf::default_cgroup),
+                    pin_base: self.bpf_pin_dir.clone(),
+                    map_max: self.bpf_lb_map_max,
+                    nodeport_interface: self.nodeport_interface.clone(),
+                };
+                Ok(Box::new(crate::ebpf::EbpfDataplane::load(&cfg, &node)?))
+            }
             Mode::Iptables => {
                 let cfg = Config {
                     cluster_cidr: self.cluster_cidr,
@@ -177,9 +203,6 @@ impl ProxyArgs {
                     ..crate::ipvs::Config::default()
                 },
             ))),
-            Mode::Ebpf => {
-                bail!("--proxy-mode {:?} is not implemented yet (use iptables)", self.proxy_mode)
-            }
         }
     }
 }

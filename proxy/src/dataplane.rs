@@ -14,6 +14,8 @@ pub enum Error {
     Userspace(#[from] crate::userspace::Error),
     #[error("ipvs sync failed")]
     Ipvs(#[from] crate::ipvs::Error),
+    #[error("ebpf sync failed")]
+    Ebpf(#[from] crate::ebpf::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -5,6 +5,7 @@ pub mod bounded;
 pub mod cli;
 pub mod conntrack;
 pub mod dataplane;
+pub mod ebpf;
 pub mod iptables;
 pub mod ipvs;
 pub mod metrics;

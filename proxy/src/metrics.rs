@@ -31,6 +31,8 @@ pub struct Metrics {
     pub skipped: usize,
     /// Service ports left out because the kernel refused their rules.
     pub refused: usize,
+    /// Syncs that failed because an eBPF LB map was full (ebpf mode).
+    pub bpf_map_full: u64,
 }
 
 impl Metrics {
@@ -125,6 +127,9 @@ impl Metrics {
                 let _ = writeln!(o, "# TYPE {base} {kind}");
             }
             let _ = writeln!(o, "{name} {value}");
+        }
+        if mode == "ebpf" {
+            let _ = writeln!(o, "# HELP weft_proxy_bpf_map_full_total Syncs refused because an eBPF LB map was full (raise --bpf-lb-map-max).\n# TYPE weft_proxy_bpf_map_full_total counter\nweft_proxy_bpf_map_full_total {}", self.bpf_map_full);
         }
         let _ = writeln!(o, "# HELP weft_proxy_info The proxy's mode.\n# TYPE weft_proxy_info gauge\nweft_proxy_info{{mode=\"{mode}\"}} 1");
         o

@@ -187,6 +187,9 @@ fn sync_once(
         }
         Err(e) => {
             s.metrics.sync_errors += 1;
+            if matches!(&e, crate::proxier::Error::Dataplane(d) if d.is_map_full()) {
+                s.metrics.bpf_map_full += 1;
+            }
             warn!("sync failed (next sync is full): {}", weft_api::error_chain(&e));
             Err(())
         }
