@@ -28,7 +28,23 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
-const INSERTS: &[&[u8]] = &[b"\"", b"\\", b"\n", b"\0", b"{", b"}", b"[", b"]", b",", b":", "é☕".as_bytes(), b"-1", b"1e999", b"null", b"\"\":"];
+const INSERTS: &[&[u8]] = &[
+    b"\"",
+    b"\\",
+    b"\n",
+    b"\0",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    "é☕".as_bytes(),
+    b"-1",
+    b"1e999",
+    b"null",
+    b"\"\":",
+];
 
 #[derive(Debug, Clone)]
 enum Mutation {
