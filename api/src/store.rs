@@ -284,6 +284,11 @@ pub fn check_value<K: Object>(key: &[u8], value: &[u8], mod_revision: i64) -> Re
     };
     let mut obj: K = serde_json::from_slice(value).map_err(|source| Error::Decode { key: key.clone(), source })?;
     obj.metadata_mut().resource_version = Some(mod_revision.to_string());
+    // A namespaced object without a namespace is in its key's (hand-written values often omit it); a different
+    // one, or a different name, is refused: readers index objects by what they say, caches by the key.
+    if K::NAMESPACED && obj.metadata().namespace.as_deref().is_none_or(str::is_empty) {
+        obj.metadata_mut().namespace = okey.namespace.clone();
+    }
     let meta = obj.metadata();
     let ns = meta.namespace.as_deref().filter(|n| !n.is_empty());
     if meta.name.as_deref() != Some(okey.name.as_str()) || (K::NAMESPACED && ns != okey.namespace.as_deref()) {
@@ -789,6 +794,33 @@ mod tests {
         assert_eq!(parse_key::<Service>("/registry/services/a/b/c"), None);
         assert_eq!(parse_key::<Service>("/registry/services/a"), None);
         assert_eq!(parse_key::<Namespace>("/registry/namespaces/x"), Some(ObjectKey::new(None, "x")));
+    }
+
+    #[test]
+    fn readers_refuse_values_that_are_not_their_keys_objects() {
+        let svc = |name: &str, ns: Option<&str>| {
+            let mut v = serde_json::json!({"metadata": {"name": name},
+                "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}});
+            if let Some(ns) = ns {
+                v["metadata"]["namespace"] = ns.into();
+            }
+            v.to_string().into_bytes()
+        };
+        let key = b"/registry/services/default/web";
+        let ok: Service = check_value(key, &svc("web", Some("default")), 9).unwrap();
+        assert_eq!(ok.metadata.resource_version.as_deref(), Some("9"));
+        let no_ns: Service = check_value(key, &svc("web", None), 9).unwrap();
+        assert_eq!(no_ns.metadata.namespace.as_deref(), Some("default"), "the key's namespace");
+        for (k, v, why) in [
+            (&key[..], svc("other", Some("default")), "differ from the key"),
+            (&key[..], svc("web", Some("kube-system")), "differ from the key"),
+            (&b"/registry/services/default/web/x"[..], svc("web", Some("default")), "does not name"),
+            (&key[..], b"[1,2]".to_vec(), "decoding"),
+            (&key[..], b"{\"metadata\": {".to_vec(), "decoding"),
+        ] {
+            let e = check_value::<Service>(k, &v, 1).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -161,4 +161,17 @@ mod tests {
         assert_eq!(runs.len(), 2, "{runs:?}");
         assert!((300..=302).contains(&runs[1].0) && runs[1].1, "{runs:?}");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_failures_back_off_up_to_the_max_interval() {
+        let (_t, log, _) = spawn(IV, 5);
+        advance(3000).await;
+        let runs: Vec<u64> = log.lock().unwrap().iter().map(|r| r.0).collect();
+        let gaps: Vec<u64> = runs.windows(2).map(|w| w[1] - w[0]).collect();
+        // 300, 600, then capped at the max interval (1000).
+        assert!(gaps.len() >= 3, "{runs:?}");
+        for (gap, want) in gaps.iter().zip([300, 600, 1000]) {
+            assert!((want..=want + 3).contains(gap), "gaps {gaps:?}");
+        }
+    }
 }

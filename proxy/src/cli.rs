@@ -358,5 +358,11 @@ mod tests {
         assert_eq!(st.services[1].programmed.as_deref(), Some("WEFT-SVC-BBBB MISSING"));
         let table = render_services(&st);
         assert!(table.contains("default/a:http   TCP     10.96.0.10   80     30080       80.11.12.10    10.244.1.2:9376,10.244.2.2:9376   WEFT-SVC-AAAA"), "{table}");
+        st.refused = vec![("default/c:http".into(), "`iptables-restore` failed: line 4\nBad argument".into())];
+        let table = render_services(&st);
+        assert!(
+            table.ends_with("REFUSED default/c:http: \"`iptables-restore` failed: line 4\\nBad argument\"\n"),
+            "a refused port is listed, its reason on one line:\n{table}"
+        );
     }
 }

@@ -55,6 +55,19 @@ fn is_bare(c: char) -> bool {
 /// control character or non-ASCII character cannot be carried through those parsers safely: each becomes `?`.
 /// Truncation happens before escaping, so an escape is never cut in half.
 pub fn quote(text: &str, max: usize) -> String {
+    // Fast paths for what every comment the proxy writes looks like (about ten per service per full sync).
+    if text.len() <= max && text.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        if text.chars().all(is_bare) {
+            return text.to_string();
+        }
+        if text.bytes().all(|b| b == b' ' || (b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'\''))) {
+            let mut out = String::with_capacity(text.len() + 2);
+            out.push('"');
+            out.push_str(text);
+            out.push('"');
+            return out;
+        }
+    }
     let clean: String =
         text.chars().map(|c| if c == ' ' || c.is_ascii_graphic() { c } else { '?' }).take(max).collect();
     if clean.starts_with(|c: char| c.is_ascii_alphanumeric()) && clean.chars().all(is_bare) {

@@ -282,3 +282,21 @@ fn quoted_comments_reach_the_kernel_as_one_argument() -> Result<()> {
     assert!(rules[0].contains("-A INPUT -j DROP # it") && rules[0].ends_with("-j RETURN"), "{}", rules[0]);
     Ok(())
 }
+
+#[test]
+fn a_table_is_checked_with_iptables_restore_test_and_nothing_is_committed() -> Result<()> {
+    use weft_proxy::restore::{save, test_restore};
+    let node = Netns::create("pxt")?;
+    let mut dp = dataplane(&node);
+    let mut table = ServiceTable::new();
+    table.insert(spn("web"), entry([10, 96, 0, 10], &[A, B]));
+    dp.check(&table)?;
+    let mut runner = CommandRunner::with_prefix(["ip", "netns", "exec", node.name()]);
+    assert!(!save(&mut runner)?.contains("WEFT-"), "a check commits nothing");
+    // What the kernel tool refuses is an error naming the line, and still nothing is committed.
+    let bad = "*nat\n:WEFT-BAD - [0:0]\n-A WEFT-BAD --no-such-option -j RETURN\nCOMMIT\n";
+    let err = test_restore(&mut runner, bad.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("iptables-restore"), "{err}");
+    assert!(!save(&mut runner)?.contains("WEFT-"));
+    Ok(())
+}
