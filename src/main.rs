@@ -49,6 +49,10 @@ enum Command {
     Controller(weft_control::cli::ControllerArgs),
     /// Run the pods bound to this node on containerd through CRI (the kubelet's job)
     Kubelet(weft_control::kubelet::cli::KubeletArgs),
+    /// Print a container's logs, through its node's kubelet (kubectl logs)
+    Logs(weft_control::kubelet::client::LogsArgs),
+    /// Run a command in a container, through its node's kubelet (kubectl exec; non-interactive)
+    Exec(weft_control::kubelet::client::ExecArgs),
     /// Container images in containerd (what the kubelet runs)
     #[command(subcommand)]
     Image(weft_control::kubelet::cli::ImageCommand),
@@ -123,6 +127,8 @@ fn main() {
         Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_api::rollout::run(cmd))),
         Command::Controller(a) => runtime().and_then(|rt| rt.block_on(weft_control::cli::run(a))).map(|_| 0),
         Command::Kubelet(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::cli::kubelet(a))),
+        Command::Logs(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::client::logs(a))),
+        Command::Exec(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::client::exec(a))),
         Command::Image(cmd) => weft_control::kubelet::cli::image(cmd),
         Command::ContainerdConfig(a) => weft_control::kubelet::cli::containerd_config(a),
     };
