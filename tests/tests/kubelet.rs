@@ -357,7 +357,9 @@ fn restart_policy_rows_with_real_exits() {
     }
     for (name, policy, _, want, restarted) in &rows {
         let p = env.wait_pod(name, T, &format!("phase {want} ({policy})"), |p| {
-            phase(p) == *want && restarted.iter().all(|(c, n)| restarts(p, c) >= *n)
+            // Running is also what a pod is before its failing container exits: wait for the exit too.
+            let exited = *name != "two-never" || cstatus(p, "bad")["state"]["terminated"].is_object();
+            phase(p) == *want && exited && restarted.iter().all(|(c, n)| restarts(p, c) >= *n)
         });
         if *name == "two-never" {
             let bad = cstatus(&p, "bad");
