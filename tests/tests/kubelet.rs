@@ -689,3 +689,17 @@ fn logs_and_exec_go_through_the_kubelet_server_with_client_certificates() {
         "served a client of another CA"
     );
 }
+
+#[test]
+fn a_host_network_pod_runs_on_the_node_network() {
+    let env = env();
+    let y = pod_yaml("hostnet", "Always", &container("c", "sleep 1000"))
+        .replace("  restartPolicy:", "  hostNetwork: true\n  restartPolicy:");
+    env.apply(&y);
+    let p = env.wait_pod("hostnet", T, "Running", |p| phase(p) == "Running");
+    assert_eq!(p["status"]["podIP"], "10.88.0.1", "the node's address: {p}");
+    let id = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    // The node's interfaces (its CNI bridge among them) are the container's.
+    let dev = env.exec(&id, &["cat", "/proc/net/dev"]).unwrap();
+    assert!(dev.contains("cni0"), "{dev}");
+}

@@ -279,7 +279,11 @@ fn push_unique(list: &mut Vec<String>, items: impl IntoIterator<Item = String>) 
 pub fn dns_config(pod: &Pod, node: &NodeSettings) -> cri::DnsConfig {
     let spec = pod.spec.as_ref();
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let policy = spec.and_then(|s| s.dns_policy.as_deref()).unwrap_or("ClusterFirst");
+    let mut policy = spec.and_then(|s| s.dns_policy.as_deref()).unwrap_or("ClusterFirst");
+    // On the node's network the cluster DNS is only for pods that ask with ClusterFirstWithHostNet.
+    if host_network(pod) && policy == "ClusterFirst" {
+        policy = "Default";
+    }
     let mut d = cri::DnsConfig::default();
     match policy {
         "None" => {}
@@ -375,6 +379,10 @@ fn pod_ids(pod: &Pod) -> (String, String, String) {
     )
 }
 
+pub fn host_network(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+}
+
 /// `<root>/pods/<namespace>_<name>_<uid>`
 pub fn pod_log_dir(pod: &Pod, node: &NodeSettings) -> String {
     let (name, ns, uid) = pod_ids(pod);
@@ -397,7 +405,12 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, node: &NodeSettings) -> cri::PodS
     let mut annotations: HashMap<String, String> =
         pod.metadata.annotations.clone().unwrap_or_default().into_iter().collect();
     annotations.insert(ANNOTATION_GRACE.into(), grace_period(pod).to_string());
-    let hostname = spec.and_then(|s| s.hostname.clone()).unwrap_or_else(|| name.clone());
+    // On the node's network the UTS namespace is the node's too: its hostname is not the pod's to set.
+    let hostname = if host_network(pod) {
+        String::new()
+    } else {
+        spec.and_then(|s| s.hostname.clone()).unwrap_or_else(|| name.clone())
+    };
     let port_mappings = spec
         .map(|s| s.containers.iter().flat_map(|c| c.ports.iter().flatten()).collect::<Vec<_>>())
         .unwrap_or_default()
@@ -422,7 +435,17 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, node: &NodeSettings) -> cri::PodS
         port_mappings,
         labels,
         annotations,
-        linux: Some(cri::LinuxPodSandboxConfig { cgroup_parent: node.cgroup_parent.clone(), ..Default::default() }),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: node.cgroup_parent.clone(),
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: if host_network(pod) { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod } as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -632,6 +655,21 @@ mod tests {
                 "{extra}"
             );
         }
+    }
+
+    #[test]
+    fn host_network_pods_use_the_node_network_and_its_dns() {
+        let p = pod(json!({"hostNetwork": true, "containers": [{"name": "c"}]}));
+        let sb = sandbox_config(&p, 0, &node());
+        let ns = sb.linux.unwrap().security_context.unwrap().namespace_options.unwrap();
+        assert_eq!(ns.network, cri::NamespaceMode::Node as i32);
+        assert_eq!(dns_config(&p, &node()).servers, vec!["192.168.56.1".to_string()]);
+        let p =
+            pod(json!({"hostNetwork": true, "dnsPolicy": "ClusterFirstWithHostNet", "containers": [{"name": "c"}]}));
+        assert_eq!(dns_config(&p, &node()).servers, vec!["10.96.0.10".to_string()]);
+        let p = pod(json!({"containers": [{"name": "c"}]}));
+        let ns = sandbox_config(&p, 0, &node()).linux.unwrap().security_context.unwrap().namespace_options.unwrap();
+        assert_eq!(ns.network, cri::NamespaceMode::Pod as i32);
     }
 
     #[test]

@@ -603,12 +603,18 @@ impl<R: Runtime> PodWorker<R> {
                 acted = true;
                 match self.rt().run_pod_sandbox(cfg.clone()).await {
                     Ok(id) => {
+                        self.mem.start_errors.remove(decide::SANDBOX_KEY);
                         let ip = self.rt().pod_sandbox_status(&id).await.ok().and_then(|s| s.network).map(|n| n.ip);
                         tracing::info!(pod = %name, sandbox = %id, ip = ?ip, "sandbox created");
                         (id, ip.unwrap_or_default(), cfg)
                     }
                     Err(e) => {
-                        tracing::warn!(pod = %name, error = %weft_api::error_chain(&e), "creating the sandbox failed");
+                        tracing::warn!(pod = %name, error = %e.message(), "creating the sandbox failed");
+                        let key = decide::SANDBOX_KEY.to_string();
+                        let next = self.shared.opts.backoff.next(self.mem.backoff.get(&key), now);
+                        self.mem.backoff.insert(key.clone(), next);
+                        let err = StartError { reason: "FailedCreatePodSandBox".into(), message: e.message(), at: now };
+                        self.mem.start_errors.insert(key, err);
                         return acted;
                     }
                 }
@@ -622,6 +628,7 @@ impl<R: Runtime> PodWorker<R> {
             },
         };
         let fresh = a.create_sandbox.is_some();
+        let sandbox_ip = if config::host_network(pod) { settings.host_ip.clone() } else { sandbox_ip };
         let mut starts: Vec<(&k8s_openapi::api::core::v1::Container, &str)> = Vec::new();
         if let Some(i) = a.start_init {
             starts.extend(decide::init_containers(pod).get(i).map(|c| (c, "init")));
