@@ -400,8 +400,10 @@ fn a_crash_loop_backs_off_with_crashloopbackoff() {
 #[test]
 fn init_containers_run_in_order_before_the_app() {
     let env = env();
+    // Each init container appends to a file on an emptyDir volume the app container sees.
+    let mount = "    volumeMounts:\n    - name: work\n      mountPath: /work\n";
     let y = format!(
-        "{}  initContainers:\n  - name: first\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 1\"]\n  - name: second\n    image: weft.local/busybox:1\n    command: [\"true\"]\n",
+        "{}{mount}  initContainers:\n  - name: first\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 1; echo first >> /work/order\"]\n{mount}  - name: second\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"echo second >> /work/order\"]\n{mount}  volumes:\n  - name: work\n    emptyDir: {{}}\n",
         pod_yaml("inits", "Always", &container("app", "sleep 1000"))
     );
     env.apply(&y);
@@ -412,6 +414,8 @@ fn init_containers_run_in_order_before_the_app() {
     assert_eq!(inits[1]["state"]["terminated"]["exitCode"], 0);
     assert!(t(0, "finishedAt") <= t(1, "startedAt"), "first finished before second started");
     assert_eq!(condition(&p, "Initialized"), "True");
+    let app = cstatus(&p, "app")["containerID"].as_str().unwrap().to_string();
+    assert_eq!(env.exec(&app, &["cat", "/work/order"]).unwrap(), "first\nsecond\n");
 
     // A failing init container blocks the app and is retried.
     let y = format!(

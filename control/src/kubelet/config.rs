@@ -379,6 +379,57 @@ fn pod_ids(pod: &Pod) -> (String, String, String) {
     )
 }
 
+/// `<root>/pods/<uid>`: the pod's own files (its emptyDir volumes).
+pub fn pod_dir(pod: &Pod, node: &NodeSettings) -> String {
+    format!("{}/pods/{}", node.root_dir.trim_end_matches('/'), pod.metadata.uid.as_deref().unwrap_or_default())
+}
+
+/// Where emptyDir volume `name` of the pod lives on the node.
+pub fn empty_dir_path(pod: &Pod, node: &NodeSettings, name: &str) -> String {
+    format!("{}/volumes/{name}", pod_dir(pod, node))
+}
+
+/// The pod's emptyDir volumes' directories (the kubelet creates them before the containers).
+pub fn empty_dirs(pod: &Pod, node: &NodeSettings) -> Vec<String> {
+    let vols = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    vols.into_iter().flatten().filter(|v| v.empty_dir.is_some()).map(|v| empty_dir_path(pod, node, &v.name)).collect()
+}
+
+/// The container's volumeMounts as CRI mounts: emptyDir (a directory of the pod on the node) and hostPath;
+/// any other volume source is a config error.
+pub fn mounts(pod: &Pod, c: &Container, node: &NodeSettings) -> Result<Vec<cri::Mount>> {
+    let vols = pod.spec.as_ref().and_then(|s| s.volumes.as_deref()).unwrap_or_default();
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let v = vols
+            .iter()
+            .find(|v| v.name == m.name)
+            .ok_or_else(|| Error::Unsupported(format!("volumeMount {:?}: no volume of that name", m.name)))?;
+        let base = if v.empty_dir.is_some() {
+            empty_dir_path(pod, node, &v.name)
+        } else if let Some(h) = &v.host_path {
+            h.path.clone()
+        } else {
+            return Err(Error::Unsupported(format!(
+                "volume {:?}: only emptyDir and hostPath volumes are supported by this kubelet",
+                v.name
+            )));
+        };
+        let sub = m.sub_path.as_deref().unwrap_or_default();
+        if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
+            return Err(Error::Unsupported(format!("volumeMount {:?}: subPath {sub:?} must be relative", m.name)));
+        }
+        let host_path = if sub.is_empty() { base } else { format!("{base}/{sub}") };
+        out.push(cri::Mount {
+            container_path: m.mount_path.clone(),
+            host_path,
+            readonly: m.read_only.unwrap_or(false),
+            ..Default::default()
+        });
+    }
+    Ok(out)
+}
+
 pub fn host_network(pod: &Pod) -> bool {
     pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
 }
@@ -458,6 +509,7 @@ pub fn container_config(
     attempt: u32,
     env: Vec<(String, String)>,
     image: &str,
+    mounts: Vec<cri::Mount>,
 ) -> cri::ContainerConfig {
     let (name, ns, uid) = pod_ids(pod);
     let labels = HashMap::from([
@@ -479,6 +531,7 @@ pub fn container_config(
         args: c.args.clone().unwrap_or_default(),
         working_dir: c.working_dir.clone().unwrap_or_default(),
         envs: env.into_iter().map(|(key, value)| cri::KeyValue { key, value }).collect(),
+        mounts,
         labels,
         annotations,
         log_path: format!("{}/{attempt}.log", c.name),
@@ -673,6 +726,38 @@ mod tests {
     }
 
     #[test]
+    fn volume_mounts_for_empty_dir_and_host_path() {
+        let c = container(json!({"name": "c", "volumeMounts": [
+            {"name": "work", "mountPath": "/work"},
+            {"name": "work", "mountPath": "/sub", "subPath": "a/b", "readOnly": true},
+            {"name": "host", "mountPath": "/host"},
+        ]}));
+        let p = pod(json!({"containers": [c.clone()], "volumes": [
+            {"name": "work", "emptyDir": {}}, {"name": "host", "hostPath": {"path": "/srv/data"}},
+            {"name": "cfg", "configMap": {"name": "x"}},
+        ]}));
+        let m = mounts(&p, &c, &node()).unwrap();
+        let got: Vec<(&str, &str, bool)> =
+            m.iter().map(|m| (m.container_path.as_str(), m.host_path.as_str(), m.readonly)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/work", "/var/lib/weft/kubelet/pods/u-1/volumes/work", false),
+                ("/sub", "/var/lib/weft/kubelet/pods/u-1/volumes/work/a/b", true),
+                ("/host", "/srv/data", false),
+            ]
+        );
+        assert_eq!(empty_dirs(&p, &node()), vec!["/var/lib/weft/kubelet/pods/u-1/volumes/work".to_string()]);
+        for bad in [
+            json!({"name": "c", "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}),
+            json!({"name": "c", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]}),
+            json!({"name": "c", "volumeMounts": [{"name": "work", "mountPath": "/x", "subPath": "../../etc"}]}),
+        ] {
+            assert!(mounts(&p, &container(bad.clone()), &node()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn resources_become_cgroup_values() {
         let c = container(
             json!({"name": "c", "resources": {"requests": {"cpu": "100m", "memory": "100Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}}}),
@@ -706,7 +791,7 @@ mod tests {
         assert_eq!(sb.log_directory, "/var/lib/weft/kubelet/pods/shop_web-1_u-1");
         assert_eq!(sb.linux.as_ref().unwrap().cgroup_parent, "/weft");
         assert_eq!(sb.annotations[ANNOTATION_GRACE], "5");
-        let cc = container_config(&p, &c, "app", 3, vec![("A".into(), "1".into())], "weft.local/busybox:1");
+        let cc = container_config(&p, &c, "app", 3, vec![("A".into(), "1".into())], "weft.local/busybox:1", vec![]);
         assert_eq!(cc.labels[LABEL_CONTAINER_NAME], "web");
         assert_eq!(cc.labels[LABEL_HASH], spec_hash(&c));
         assert_eq!(

@@ -423,7 +423,11 @@ impl<R: Runtime> PodWorker<R> {
         }
         tracing::info!(uid = %self.uid, "stopping the containers of a pod that is gone");
         self.kill_all(raw, raw.grace()).await;
-        self.remove_all(raw).await
+        let done = self.remove_all(raw).await;
+        if done && !self.uid.is_empty() && !self.uid.contains('/') {
+            let _ = std::fs::remove_dir_all(format!("{}/pods/{}", self.shared.opts.settings.root_dir, self.uid));
+        }
+        done
     }
 
     /// One level-triggered pass for a pod; true when the worker is done (the pod was deleted).
@@ -436,6 +440,7 @@ impl<R: Runtime> PodWorker<R> {
             if !self.remove_all(raw).await {
                 return false;
             }
+            self.remove_pod_dirs(pod);
             self.delete_pod_object(pod).await;
             return true;
         }
@@ -468,6 +473,16 @@ impl<R: Runtime> PodWorker<R> {
         self.write_status(pod, status).await;
         self.collect_garbage(raw).await;
         false
+    }
+
+    /// The pod's emptyDir volumes and logs, once its containers are gone.
+    fn remove_pod_dirs(&self, pod: &Pod) {
+        let settings = &self.shared.opts.settings;
+        for d in [config::pod_dir(pod, settings), config::pod_log_dir(pod, settings)] {
+            if pod.metadata.uid.as_deref().is_some_and(|u| !u.is_empty()) {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
     }
 
     async fn delete_pod_object(&self, pod: &Pod) {
@@ -695,9 +710,18 @@ impl<R: Runtime> PodWorker<R> {
             Ok(env) => env,
             Err(e) => return fail(self, "CreateContainerConfigError", e.to_string()),
         };
+        let mounts = match config::mounts(pod, c, &self.shared.opts.settings) {
+            Ok(m) => m,
+            Err(e) => return fail(self, "CreateContainerConfigError", e.to_string()),
+        };
+        for d in config::empty_dirs(pod, &self.shared.opts.settings) {
+            if let Err(e) = std::fs::create_dir_all(&d) {
+                return fail(self, "CreateContainerConfigError", format!("emptyDir {d}: {e}"));
+            }
+        }
         let log_dir = std::path::Path::new(&sandbox_cfg.log_directory).join(&c.name);
         let _ = std::fs::create_dir_all(&log_dir);
-        let cfg = config::container_config(pod, c, kind, attempt, env, &image);
+        let cfg = config::container_config(pod, c, kind, attempt, env, &image, mounts);
         let id = match self.rt().create_container(sandbox_id, cfg, sandbox_cfg.clone()).await {
             Ok(id) => id,
             Err(e) => return fail(self, "CreateContainerError", e.message()),
