@@ -246,6 +246,31 @@ impl Env {
         Ok(())
     }
 
+    /// The id of the pod's running sandbox, from containerd's own labels.
+    fn sandbox_of(&self, uid: &str) -> Option<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.fx.socket())
+            .args(["-n", "k8s.io", "containers", "ls", "-q"])
+            .arg(format!("labels.\"io.kubernetes.pod.uid\"=={uid},labels.\"io.cri-containerd.kind\"==sandbox"))
+            .output()
+            .ok()?;
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        // Only one runs at a time; an old one may linger until the kubelet removes it.
+        ids.into_iter().find(|id| {
+            Command::new("ctr")
+                .arg("--address")
+                .arg(self.fx.socket())
+                .args(["-n", "k8s.io", "tasks", "ls"])
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING"))
+                })
+        })
+    }
+
     fn container_exists(&self, container_id: &str) -> bool {
         let id = container_id.trim_start_matches("containerd://");
         Command::new("ctr")
@@ -509,6 +534,14 @@ fn a_killed_container_is_recreated_and_a_deleted_pod_stopped() {
         restarts(p, "c") >= 1 && cstatus(p, "c")["state"]["running"].is_object()
     });
     assert_eq!(cstatus(&p, "c")["lastState"]["terminated"]["exitCode"], 137);
+    // The sandbox killed by hand: a new one (new address possible), the container started again in it.
+    let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
+    let sandbox = env.sandbox_of(&uid).expect("the pod's sandbox");
+    env.kill_task(&sandbox).unwrap();
+    let p = env.wait_pod("victim", T, "running again in a new sandbox", |p| {
+        restarts(p, "c") >= 2 && cstatus(p, "c")["state"]["running"].is_object() && condition(p, "Ready") == "True"
+    });
+    assert_ne!(env.sandbox_of(&uid).as_deref(), Some(sandbox.as_str()));
     let id2 = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
     // Deleted from the store outright: its containers are stopped and removed.
     env.weft(&["delete", "pod", "victim"], None).unwrap();

@@ -651,7 +651,9 @@ impl<R: Runtime> PodWorker<R> {
         starts.extend(a.start.iter().filter_map(|i| decide::app_containers(pod).get(*i)).map(|c| (c, "app")));
         for (c, kind) in starts {
             let latest = if fresh { None } else { obs.latest(&c.name).0 };
-            let attempt = latest.map(|o| o.attempt + 1).unwrap_or(0);
+            // In a new sandbox the count goes on from the containers of the old one (restartCount).
+            let before = raw.containers.iter().filter(|(o, _)| o.name == c.name).map(|(o, _)| o.attempt + 1).max();
+            let attempt = latest.map(|o| o.attempt + 1).or(before).unwrap_or(0);
             // A restart after an exit moves the back-off on.
             if let Some(at) = latest.filter(|o| o.state == RunState::Exited).and_then(|o| o.finished_at) {
                 let next = self.shared.opts.backoff.next(self.mem.backoff.get(&decide::key(&c.name)), at);
