@@ -50,9 +50,38 @@ fn env() -> Arc<Env> {
     e
 }
 
+/// A small PKI in `dir`: a cluster CA, the kubelet's serving certificate (for 10.88.0.1), an admin client
+/// certificate, and a client certificate from another CA (which the kubelet must refuse).
+fn make_pki(dir: &std::path::Path) -> Result<()> {
+    let script = r#"set -e
+ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+openssl req -x509 $ec -keyout ca.key -out ca.crt -days 2 -subj /CN=weft-test-ca 2>/dev/null
+openssl req -x509 $ec -keyout rogue-ca.key -out rogue-ca.crt -days 2 -subj /CN=rogue-ca 2>/dev/null
+printf 'subjectAltName=IP:10.88.0.1,IP:127.0.0.1
+extendedKeyUsage=serverAuth
+' > server.ext
+printf 'extendedKeyUsage=clientAuth
+' > client.ext
+sign() { # name cn ca ext
+  openssl req $ec -keyout $1.key -out $1.csr -subj /CN=$2 2>/dev/null
+  openssl x509 -req -in $1.csr -CA $3.crt -CAkey $3.key -CAcreateserial -out $1.crt -days 2 -extfile $4 2>/dev/null
+}
+sign kubelet node-k1 ca server.ext
+sign admin admin ca client.ext
+sign rogue admin rogue-ca client.ext
+"#;
+    let out = Command::new("bash").arg("-c").arg(script).current_dir(dir).output()?;
+    if !out.status.success() {
+        bail!("making the test PKI: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 fn start_env() -> Result<Env> {
     let mut fx = ContainerdFixture::start()?;
     fx.start_etcd()?;
+    std::fs::create_dir_all(fx.dir().join("pki"))?;
+    make_pki(&fx.dir().join("pki"))?;
     std::fs::write(fx.dir().join("resolv.conf"), "nameserver 192.0.2.53\nsearch example.test\n")?;
     let ns = fx.netns().runtime()?;
     let client = ns.block_on(async { etcd_client::Client::connect([ETCD], None).await })??;
@@ -64,6 +93,21 @@ fn start_env() -> Result<Env> {
 impl Env {
     fn kubelet_log(&self) -> std::path::PathBuf {
         self.fx.dir().join("kubelet.log")
+    }
+
+    fn pki(&self, f: &str) -> std::path::PathBuf {
+        self.fx.dir().join("pki").join(f)
+    }
+
+    /// `weft` with what `weft logs` / `weft exec` need to reach kubelets.
+    fn weft_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.fx.net_command(weft_lab::weft_bin());
+        c.args(args)
+            .env("WEFT_ETCD_ENDPOINTS", ETCD)
+            .env("WEFT_KUBELET_CA", self.pki("ca.crt"))
+            .env("WEFT_KUBELET_CLIENT_CERT", self.pki("admin.crt"))
+            .env("WEFT_KUBELET_CLIENT_KEY", self.pki("admin.key"));
+        c
     }
 
     fn start_kubelet(&self) -> Result<()> {
@@ -83,6 +127,12 @@ impl Env {
             .args(["--pod-cidr", POD_SUBNET, "--sync-frequency", "300ms", "--node-status-update-frequency", "1s"])
             .args(["--node-lease-renew-interval", "1s", "--backoff-initial", "1s", "--backoff-max", "4s"])
             .args(["--backoff-reset", "2m", "--healthz-bind-address", "127.0.0.1:10248"])
+            .arg("--tls-cert-file")
+            .arg(self.pki("kubelet.crt"))
+            .arg("--tls-private-key-file")
+            .arg(self.pki("kubelet.key"))
+            .arg("--client-ca-file")
+            .arg(self.pki("ca.crt"))
             .env("WEFT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -196,6 +246,31 @@ impl Env {
         Ok(())
     }
 
+    /// The id of the pod's running sandbox, from containerd's own labels.
+    fn sandbox_of(&self, uid: &str) -> Option<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.fx.socket())
+            .args(["-n", "k8s.io", "containers", "ls", "-q"])
+            .arg(format!("labels.\"io.kubernetes.pod.uid\"=={uid},labels.\"io.cri-containerd.kind\"==sandbox"))
+            .output()
+            .ok()?;
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        // Only one runs at a time; an old one may linger until the kubelet removes it.
+        ids.into_iter().find(|id| {
+            Command::new("ctr")
+                .arg("--address")
+                .arg(self.fx.socket())
+                .args(["-n", "k8s.io", "tasks", "ls"])
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING"))
+                })
+        })
+    }
+
     fn container_exists(&self, container_id: &str) -> bool {
         let id = container_id.trim_start_matches("containerd://");
         Command::new("ctr")
@@ -307,7 +382,9 @@ fn restart_policy_rows_with_real_exits() {
     }
     for (name, policy, _, want, restarted) in &rows {
         let p = env.wait_pod(name, T, &format!("phase {want} ({policy})"), |p| {
-            phase(p) == *want && restarted.iter().all(|(c, n)| restarts(p, c) >= *n)
+            // Running is also what a pod is before its failing container exits: wait for the exit too.
+            let exited = *name != "two-never" || cstatus(p, "bad")["state"]["terminated"].is_object();
+            phase(p) == *want && exited && restarted.iter().all(|(c, n)| restarts(p, c) >= *n)
         });
         if *name == "two-never" {
             let bad = cstatus(&p, "bad");
@@ -329,7 +406,7 @@ fn restart_policy_rows_with_real_exits() {
 #[test]
 fn a_crash_loop_backs_off_with_crashloopbackoff() {
     let env = env();
-    env.apply(&pod_yaml("crasher", "Always", &container("c", "exit 1")));
+    env.apply(&pod_yaml("crasher", "Always", &container("c", "echo attempt $HOSTNAME; exit 1")));
     let mut saw_backoff = false;
     let p = env.wait_pod("crasher", T, "3 restarts with CrashLoopBackOff in between", |p| {
         let c = cstatus(p, "c");
@@ -340,13 +417,18 @@ fn a_crash_loop_backs_off_with_crashloopbackoff() {
         saw_backoff && restarts(p, "c") >= 3
     });
     assert_eq!(phase(&p), "Running");
+    // The previous attempt's output, through the kubelet server.
+    let out = env.weft_cmd(&["logs", "crasher", "--previous"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "attempt crasher", "{out:?}");
 }
 
 #[test]
 fn init_containers_run_in_order_before_the_app() {
     let env = env();
+    // Each init container appends to a file on an emptyDir volume the app container sees.
+    let mount = "    volumeMounts:\n    - name: work\n      mountPath: /work\n";
     let y = format!(
-        "{}  initContainers:\n  - name: first\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 1\"]\n  - name: second\n    image: weft.local/busybox:1\n    command: [\"true\"]\n",
+        "{}{mount}  initContainers:\n  - name: first\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 1; echo first >> /work/order\"]\n{mount}  - name: second\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"echo second >> /work/order\"]\n{mount}  volumes:\n  - name: work\n    emptyDir: {{}}\n",
         pod_yaml("inits", "Always", &container("app", "sleep 1000"))
     );
     env.apply(&y);
@@ -357,6 +439,8 @@ fn init_containers_run_in_order_before_the_app() {
     assert_eq!(inits[1]["state"]["terminated"]["exitCode"], 0);
     assert!(t(0, "finishedAt") <= t(1, "startedAt"), "first finished before second started");
     assert_eq!(condition(&p, "Initialized"), "True");
+    let app = cstatus(&p, "app")["containerID"].as_str().unwrap().to_string();
+    assert_eq!(env.exec(&app, &["cat", "/work/order"]).unwrap(), "first\nsecond\n");
 
     // A failing init container blocks the app and is retried.
     let y = format!(
@@ -450,6 +534,14 @@ fn a_killed_container_is_recreated_and_a_deleted_pod_stopped() {
         restarts(p, "c") >= 1 && cstatus(p, "c")["state"]["running"].is_object()
     });
     assert_eq!(cstatus(&p, "c")["lastState"]["terminated"]["exitCode"], 137);
+    // The sandbox killed by hand: a new one (new address possible), the container started again in it.
+    let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
+    let sandbox = env.sandbox_of(&uid).expect("the pod's sandbox");
+    env.kill_task(&sandbox).unwrap();
+    let p = env.wait_pod("victim", T, "running again in a new sandbox", |p| {
+        restarts(p, "c") >= 2 && cstatus(p, "c")["state"]["running"].is_object() && condition(p, "Ready") == "True"
+    });
+    assert_ne!(env.sandbox_of(&uid).as_deref(), Some(sandbox.as_str()));
     let id2 = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
     // Deleted from the store outright: its containers are stopped and removed.
     env.weft(&["delete", "pod", "victim"], None).unwrap();
@@ -482,6 +574,10 @@ fn missing_image_and_bad_command_get_kubernetes_reasons() {
         "Always",
         "  - name: c\n    image: weft.local/busybox:1\n    command: [\"/no/such/binary\"]\n",
     ));
+    env.apply(&format!(
+        "{}    readinessProbe:\n      tcpSocket:\n        port: nope\n      periodSeconds: 1\n",
+        pod_yaml("badport", "Always", &container("c", "sleep 1000"))
+    ));
     let mut reasons = std::collections::BTreeSet::new();
     env.wait_pod("noimage", T, "ErrImagePull then ImagePullBackOff", |p| {
         if let Some(r) = cstatus(p, "c")["state"]["waiting"]["reason"].as_str() {
@@ -499,6 +595,9 @@ fn missing_image_and_bad_command_get_kubernetes_reasons() {
         term["reason"] == "StartError" && restarts(p, "c") >= 1
     });
     assert_eq!(phase(&p), "Running", "restartPolicy Always keeps it Running (restarting)");
+    // A probe naming a port the container does not have fails (never Ready); nothing crashes.
+    let p = env.wait_pod("badport", T, "Running", |p| phase(p) == "Running");
+    assert_eq!(condition(&p, "Ready"), "False");
     assert!(env.kubelet_alive(), "the kubelet survives pods it cannot run");
 }
 
@@ -532,9 +631,112 @@ fn a_restarted_kubelet_adopts_running_containers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let p = env.pod("steady").unwrap();
-    assert_eq!(cstatus(&p, "c")["containerID"].as_str().unwrap(), id, "same container");
+    let log = std::fs::read_to_string(env.kubelet_log()).unwrap_or_default();
+    let kills: Vec<&str> = log.lines().filter(|l| l.contains("kill") || l.contains("sandbox")).collect();
+    assert_eq!(
+        cstatus(&p, "c")["containerID"].as_str().unwrap(),
+        id,
+        "same container; kubelet log:\n{}",
+        kills.join("\n")
+    );
     assert_eq!(restarts(&p, "c"), 0);
     assert_eq!(p["status"]["podIP"].as_str().unwrap(), sandbox_ip);
     assert_eq!((phase(&p), condition(&p, "Ready")), ("Running", "True".to_string()));
     assert!(env.container_exists(&id));
+}
+
+#[test]
+fn logs_and_exec_go_through_the_kubelet_server_with_client_certificates() {
+    let env = env();
+    env.apply(&pod_yaml(
+        "talker",
+        "Always",
+        &container("c", "echo one; echo two; echo three; i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.2; done"),
+    ));
+    env.wait_pod("talker", T, "Running", |p| phase(p) == "Running");
+    // Logs, once the first lines are written.
+    let deadline = Instant::now() + T;
+    let logs = loop {
+        let out = env.weft_cmd(&["logs", "talker"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("tick1") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "weft logs: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(logs.starts_with("one\ntwo\nthree\n"), "{logs}");
+    let out = env.weft_cmd(&["logs", "talker", "-c", "c", "--tail", "1"]).output().unwrap();
+    let last = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.starts_with("tick"), "{last}");
+    // Follow: new lines keep coming.
+    let mut follow =
+        env.weft_cmd(&["logs", "-f", "talker"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdout = follow.stdout.take().unwrap();
+    let seen = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = String::new();
+        let mut buf = [0u8; 4096];
+        let start = Instant::now();
+        while start.elapsed() < T {
+            let n = stdout.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let ticks = all.lines().filter(|l| l.starts_with("tick")).count();
+            if ticks >= 2 && all.lines().last().is_some_and(|l| l.starts_with("tick")) {
+                // Lines beyond what a one-shot read had: the stream follows.
+                if all.contains(&format!("tick{}", ticks + 5)) || ticks > 30 {
+                    return true;
+                }
+            }
+        }
+        false
+    });
+    let followed = seen.join().unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(followed, "weft logs -f did not stream new lines");
+    // Exec: output and exit code.
+    let out =
+        env.weft_cmd(&["exec", "talker", "--", "sh", "-c", "echo from inside $HOSTNAME; exit 3"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from inside talker");
+    // The port refuses clients without a certificate, and with one from another CA.
+    let url = "https://10.88.0.1:10250/healthz";
+    let curl = |extra: &[&str]| {
+        env.fx
+            .net_command("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(env.pki("ca.crt"))
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap()
+    };
+    let ok = curl(&["--cert", env.pki("admin.crt").to_str().unwrap(), "--key", env.pki("admin.key").to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "ok", "{ok:?}");
+    assert!(!curl(&[]).status.success(), "served a client without a certificate");
+    let rogue =
+        curl(&["--cert", env.pki("rogue.crt").to_str().unwrap(), "--key", env.pki("rogue.key").to_str().unwrap()]);
+    assert!(
+        !rogue.status.success() || !String::from_utf8_lossy(&rogue.stdout).contains("ok"),
+        "served a client of another CA"
+    );
+}
+
+#[test]
+fn a_host_network_pod_runs_on_the_node_network() {
+    let env = env();
+    let y = pod_yaml("hostnet", "Always", &container("c", "sleep 1000"))
+        .replace("  restartPolicy:", "  hostNetwork: true\n  restartPolicy:");
+    env.apply(&y);
+    let p = env.wait_pod("hostnet", T, "Running", |p| phase(p) == "Running");
+    assert_eq!(p["status"]["podIP"], "10.88.0.1", "the node's address: {p}");
+    let id = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    // The node's interfaces (its CNI bridge among them) are the container's.
+    let dev = env.exec(&id, &["cat", "/proc/net/dev"]).unwrap();
+    assert!(dev.contains("cni0"), "{dev}");
 }

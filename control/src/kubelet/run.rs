@@ -25,6 +25,8 @@ use super::{node, probe};
 pub enum Error {
     #[error("etcd")]
     Etcd(#[from] weft_api::etcd::Error),
+    #[error("kubelet server")]
+    Server(#[from] super::server::Error),
     #[error("healthz on {addr}")]
     Healthz { addr: SocketAddr, source: std::io::Error },
 }
@@ -48,6 +50,8 @@ pub struct Options {
     /// Pods whose sandbox and containers are being created at once: the runtime does them on the same cores, so
     /// a bounded number finish early instead of all finishing late.
     pub parallel_starts: usize,
+    /// The kubelet's HTTPS server (logs, exec): address and certificates; None leaves it off.
+    pub server: Option<(SocketAddr, super::server::TlsFiles)>,
 }
 
 /// One pod's sandboxes and containers as CRI lists them.
@@ -199,6 +203,8 @@ impl<R: Runtime> Shared<R> {
 struct Input {
     pod: Option<Arc<Pod>>,
     raw: PodRaw,
+    /// When the runtime was listed: a view older than the worker's last change is listed again.
+    taken: std::time::Instant,
 }
 
 struct Worker {
@@ -221,6 +227,12 @@ pub async fn run<R: Runtime>(opts: Options, rt: R) -> Result<()> {
             _ => weft_api::http::Response::not_found(),
         });
         let serve = weft_api::http::bind(addr, handler).await.map_err(|source| Error::Healthz { addr, source })?;
+        tasks.spawn(serve);
+    }
+    if let Some((addr, files)) = &opts.server {
+        let serve =
+            super::server::bind(*addr, files, rt.clone(), pods.clone(), opts.settings.node_name.clone()).await?;
+        tracing::info!(%addr, "kubelet server listening (client certificates required)");
         tasks.spawn(serve);
     }
     tasks.spawn(node_loop(store.clone(), rt.clone(), opts.clone()));
@@ -251,6 +263,7 @@ pub async fn run<R: Runtime>(opts: Options, rt: R) -> Result<()> {
                 while pod_events.try_recv().is_ok() {}
             }
         }
+        let taken = std::time::Instant::now();
         let snapshot = match shared.observe(None).await {
             Ok(s) => s,
             Err(e) => {
@@ -268,7 +281,8 @@ pub async fn run<R: Runtime>(opts: Options, rt: R) -> Result<()> {
         let mut uids: Vec<String> = mine.keys().cloned().collect();
         uids.extend(snapshot.keys().filter(|u| !mine.contains_key(*u)).cloned());
         for uid in &uids {
-            let input = Input { pod: mine.get(uid).cloned(), raw: snapshot.get(uid).cloned().unwrap_or_default() };
+            let input =
+                Input { pod: mine.get(uid).cloned(), raw: snapshot.get(uid).cloned().unwrap_or_default(), taken };
             let w = workers.entry(uid.clone()).or_insert_with(|| {
                 let (tx, rx) = watch::channel(None);
                 let handle = tokio::spawn(worker(shared.clone(), uid.clone(), rx));
@@ -322,16 +336,37 @@ struct PodWorker<R> {
     mem: PodMemory,
     probes: HashMap<ProbeKey, probe::State>,
     last_written: Option<PodStatus>,
+    /// When this worker last changed something in the runtime.
+    acted_at: Option<std::time::Instant>,
 }
 
 async fn worker<R: Runtime>(shared: Arc<Shared<R>>, uid: String, mut rx: watch::Receiver<Option<Input>>) {
-    let mut w = PodWorker { shared, uid, mem: PodMemory::default(), probes: HashMap::new(), last_written: None };
+    let mut w = PodWorker {
+        shared,
+        uid,
+        mem: PodMemory::default(),
+        probes: HashMap::new(),
+        last_written: None,
+        acted_at: None,
+    };
     while rx.changed().await.is_ok() {
-        let Some(input) = rx.borrow_and_update().clone() else { continue };
+        let Some(mut input) = rx.borrow_and_update().clone() else { continue };
+        // A list taken while this worker was still changing things (a container created, not yet started)
+        // would undo its own work: list this pod again.
+        if w.acted_at.is_some_and(|a| input.taken < a) {
+            match w.shared.observe(Some(&w.uid)).await {
+                Ok(mut m) => input.raw = m.remove(&w.uid).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(uid = %w.uid, error = %e, "listing the pod's containers failed");
+                    continue;
+                }
+            }
+        }
         let done = match &input.pod {
             None => w.clean_orphan(&input.raw).await,
             Some(pod) => w.sync(pod, &input.raw).await,
         };
+        w.acted_at = Some(std::time::Instant::now());
         if done {
             return;
         }
@@ -388,7 +423,11 @@ impl<R: Runtime> PodWorker<R> {
         }
         tracing::info!(uid = %self.uid, "stopping the containers of a pod that is gone");
         self.kill_all(raw, raw.grace()).await;
-        self.remove_all(raw).await
+        let done = self.remove_all(raw).await;
+        if done && !self.uid.is_empty() && !self.uid.contains('/') {
+            let _ = std::fs::remove_dir_all(format!("{}/pods/{}", self.shared.opts.settings.root_dir, self.uid));
+        }
+        done
     }
 
     /// One level-triggered pass for a pod; true when the worker is done (the pod was deleted).
@@ -401,6 +440,7 @@ impl<R: Runtime> PodWorker<R> {
             if !self.remove_all(raw).await {
                 return false;
             }
+            self.remove_pod_dirs(pod);
             self.delete_pod_object(pod).await;
             return true;
         }
@@ -433,6 +473,16 @@ impl<R: Runtime> PodWorker<R> {
         self.write_status(pod, status).await;
         self.collect_garbage(raw).await;
         false
+    }
+
+    /// The pod's emptyDir volumes and logs, once its containers are gone.
+    fn remove_pod_dirs(&self, pod: &Pod) {
+        let settings = &self.shared.opts.settings;
+        for d in [config::pod_dir(pod, settings), config::pod_log_dir(pod, settings)] {
+            if pod.metadata.uid.as_deref().is_some_and(|u| !u.is_empty()) {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
     }
 
     async fn delete_pod_object(&self, pod: &Pod) {
@@ -568,12 +618,18 @@ impl<R: Runtime> PodWorker<R> {
                 acted = true;
                 match self.rt().run_pod_sandbox(cfg.clone()).await {
                     Ok(id) => {
+                        self.mem.start_errors.remove(decide::SANDBOX_KEY);
                         let ip = self.rt().pod_sandbox_status(&id).await.ok().and_then(|s| s.network).map(|n| n.ip);
                         tracing::info!(pod = %name, sandbox = %id, ip = ?ip, "sandbox created");
                         (id, ip.unwrap_or_default(), cfg)
                     }
                     Err(e) => {
-                        tracing::warn!(pod = %name, error = %weft_api::error_chain(&e), "creating the sandbox failed");
+                        tracing::warn!(pod = %name, error = %e.message(), "creating the sandbox failed");
+                        let key = decide::SANDBOX_KEY.to_string();
+                        let next = self.shared.opts.backoff.next(self.mem.backoff.get(&key), now);
+                        self.mem.backoff.insert(key.clone(), next);
+                        let err = StartError { reason: "FailedCreatePodSandBox".into(), message: e.message(), at: now };
+                        self.mem.start_errors.insert(key, err);
                         return acted;
                     }
                 }
@@ -587,6 +643,7 @@ impl<R: Runtime> PodWorker<R> {
             },
         };
         let fresh = a.create_sandbox.is_some();
+        let sandbox_ip = if config::host_network(pod) { settings.host_ip.clone() } else { sandbox_ip };
         let mut starts: Vec<(&k8s_openapi::api::core::v1::Container, &str)> = Vec::new();
         if let Some(i) = a.start_init {
             starts.extend(decide::init_containers(pod).get(i).map(|c| (c, "init")));
@@ -594,7 +651,9 @@ impl<R: Runtime> PodWorker<R> {
         starts.extend(a.start.iter().filter_map(|i| decide::app_containers(pod).get(*i)).map(|c| (c, "app")));
         for (c, kind) in starts {
             let latest = if fresh { None } else { obs.latest(&c.name).0 };
-            let attempt = latest.map(|o| o.attempt + 1).unwrap_or(0);
+            // In a new sandbox the count goes on from the containers of the old one (restartCount).
+            let before = raw.containers.iter().filter(|(o, _)| o.name == c.name).map(|(o, _)| o.attempt + 1).max();
+            let attempt = latest.map(|o| o.attempt + 1).or(before).unwrap_or(0);
             // A restart after an exit moves the back-off on.
             if let Some(at) = latest.filter(|o| o.state == RunState::Exited).and_then(|o| o.finished_at) {
                 let next = self.shared.opts.backoff.next(self.mem.backoff.get(&decide::key(&c.name)), at);
@@ -653,9 +712,18 @@ impl<R: Runtime> PodWorker<R> {
             Ok(env) => env,
             Err(e) => return fail(self, "CreateContainerConfigError", e.to_string()),
         };
+        let mounts = match config::mounts(pod, c, &self.shared.opts.settings) {
+            Ok(m) => m,
+            Err(e) => return fail(self, "CreateContainerConfigError", e.to_string()),
+        };
+        for d in config::empty_dirs(pod, &self.shared.opts.settings) {
+            if let Err(e) = std::fs::create_dir_all(&d) {
+                return fail(self, "CreateContainerConfigError", format!("emptyDir {d}: {e}"));
+            }
+        }
         let log_dir = std::path::Path::new(&sandbox_cfg.log_directory).join(&c.name);
         let _ = std::fs::create_dir_all(&log_dir);
-        let cfg = config::container_config(pod, c, kind, attempt, env, &image);
+        let cfg = config::container_config(pod, c, kind, attempt, env, &image, mounts);
         let id = match self.rt().create_container(sandbox_id, cfg, sandbox_cfg.clone()).await {
             Ok(id) => id,
             Err(e) => return fail(self, "CreateContainerError", e.message()),
