@@ -154,6 +154,28 @@ fn curl(lab: &Lab, ns: &weft_lab::Netns, url: &str) -> Result<(String, String)> 
     Ok((code.to_string(), body.to_string()))
 }
 
+/// `weft lab exec` hands `weft logs`/`weft exec` the lab's admin certificate and CA, and every kubelet's serving
+/// certificate is signed by that CA for its node's address.
+fn lab_exec_carries_the_labs_client_certificate(lab: &Lab) -> Result<()> {
+    let script = "test -s \"$WEFT_CLIENT_KEY\" && openssl verify -purpose sslclient -CAfile \"$WEFT_KUBELET_CA\" \"$WEFT_CLIENT_CERT\"";
+    let out = std::process::Command::new(weft_lab::weft_bin())
+        .args(["lab", "exec", "--name", lab.id(), "node-1", "--", "sh", "-c", script])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains(": OK"), "{text}");
+    let pki = lab.pki();
+    for node in lab.nodes() {
+        let cert = pki.kubelet(node.name()).cert;
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-purpose", "sslserver", "-verify_ip", &node.ip().to_string(), "-CAfile"])
+            .arg(pki.ca().cert)
+            .arg(&cert)
+            .output()?;
+        assert!(out.status.success(), "{}: {}", cert.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 fn pods_run_on_two_nodes_in_their_subnets(lab: &Lab) -> Result<Vec<WebPod>> {
     lab.weft(&["apply", "-f", "-"], Some(&format!("{}---\n{SERVICE}", deployment("v1"))))?;
     let pods = wait_web(lab, REPLICAS, "v1", 120)?;
@@ -293,6 +315,7 @@ fn deployment_runs_on_containerd_across_nodes_behind_a_service_and_survives_dele
         s.push_str(&format!("--- controller\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
         s
     };
+    lab_exec_carries_the_labs_client_certificate(&lab).unwrap_or_else(|e| panic!("{e:#}"));
     let pods = pods_run_on_two_nodes_in_their_subnets(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     service_answers_by_name_from_a_pod_on_another_node(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     a_deleted_pod_is_recreated(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
