@@ -322,9 +322,11 @@ fn deployment_runs_on_containerd_across_nodes_behind_a_service_and_survives_dele
     rollout_undo_replaces_the_containers(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     a_stopped_kubelet_loses_its_pods_to_the_other_node(&mut lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
 
-    // Teardown leaves no container, mount, cgroup or namespace of the lab.
+    // `weft lab down`'s teardown (from what is on the machine, not from this process's children) leaves no
+    // container, mount, cgroup or namespace of the lab.
     let (id, dir) = (lab.id().to_string(), lab.dir().to_path_buf());
-    drop(lab);
+    lab.persist();
+    Lab::down(&id).expect("lab down");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     assert!(!mounts.contains(&dir.to_string_lossy().to_string()), "mounts left under {}", dir.display());
     assert!(weft_lab::cluster::cgroup_pids(&weft_lab::cluster::cgroup_subtree(&id)).is_empty());
