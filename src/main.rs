@@ -19,6 +19,7 @@ enum Command {
     /// List every node's subnet lease from etcd
     Leases(weft_agent::cli::Common),
     /// Show this node's subnet and, for every other node, whether its route, neighbour and FDB entry are programmed
+    /// (asks the local agent; the flags are for when it does not answer)
     Routes(weft_agent::cli::RoutesArgs),
     /// Run the service proxy on this node (kube-proxy's job)
     Proxy(weft_proxy::cli::ProxyArgs),

@@ -294,12 +294,16 @@ pub fn render_leases(r: &LeasesReport) -> String {
     out
 }
 
-/// `weft routes`: what this node should have programmed, and whether the kernel has it.
+/// `weft routes`: what this node should have programmed, and whether the kernel has it. The local agent is asked
+/// first (its `/state`); when none answers, the subnet file and etcd (the flags below) tell the same.
 #[derive(Debug, clap::Args)]
 pub struct RoutesArgs {
     #[command(flatten)]
     pub common: Common,
-    /// the agent's subnet file (tells this node's own subnet)
+    /// the local agent's --healthz-addr, asked first for its network, subnet and leases ("" to skip it)
+    #[arg(long, env = "WEFT_AGENT_ADDRESS", default_value = "127.0.0.1:8285")]
+    pub agent_address: String,
+    /// the agent's subnet file (tells this node's own subnet when the agent does not answer)
     #[arg(long, env = "WEFT_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
 }
@@ -325,6 +329,10 @@ pub struct RemoteRow {
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct RoutesReport {
+    /// Where the network, subnet and leases came from: `agent <address>`, or `etcd` (with the subnet file).
+    pub source: String,
+    /// How many routes, neighbours and FDB entries the agent says it programmed (absent without an agent).
+    pub programmed: Option<[usize; 3]>,
     pub local: LocalInfo,
     pub remotes: Vec<RemoteRow>,
     /// Kernel objects on our device that no lease claims (the agent removes them at its next resync).
@@ -365,16 +373,20 @@ pub fn routes_report(
         observed.routes.difference(&all.routes).map(|r| format!("route {} via {}", r.dst, r.gateway)).collect();
     stale.extend(observed.neighs.difference(&all.neighs).map(|n| format!("neighbour {} lladdr {}", n.ip, n.mac)));
     stale.extend(observed.fdbs.difference(&all.fdbs).map(|f| format!("fdb {} dst {}", f.mac, f.dst)));
-    RoutesReport { local, remotes, stale }
+    RoutesReport { source: String::new(), programmed: None, local, remotes, stale }
 }
 
 pub fn render_routes(r: &RoutesReport) -> String {
     let yes = |b: bool| if b { "ok" } else { "MISSING" }.to_string();
     let opt = |b: Option<bool>| b.map(yes).unwrap_or_else(|| "-".into());
     let mut out = format!(
-        "local subnet {}  backend {}  device {}  mtu {}\n\n",
-        r.local.subnet, r.local.backend, r.local.device, r.local.mtu
+        "local subnet {}  backend {}  device {}  mtu {}  (from {})\n",
+        r.local.subnet, r.local.backend, r.local.device, r.local.mtu, r.source
     );
+    if let Some([routes, neighs, fdbs]) = r.programmed {
+        out.push_str(&format!("the agent programmed {routes} routes, {neighs} neighbours, {fdbs} FDB entries\n"));
+    }
+    out.push('\n');
     let mut rows = vec![["SUBNET", "PUBLIC IP", "VTEP MAC", "ROUTE", "NEIGH", "FDB"].map(String::from).to_vec()];
     for x in &r.remotes {
         rows.push(vec![
@@ -396,14 +408,21 @@ pub fn render_routes(r: &RoutesReport) -> String {
     out
 }
 
-pub async fn routes(args: RoutesArgs) -> Result<()> {
-    let env = subnet_env::SubnetEnv::read(&args.subnet_file).context("is `weft agent` running on this node?")?;
-    let mut mgr = manager(&args.common.etcd, &args.common.etcd_prefix).await?;
-    let cfg = mgr.get_config().await?;
-    let (table, _) = mgr.list().await?;
-    let leases = table.valid(&cfg);
-    let nl = Netlink::new()?;
-    let (device, ifindex, observed) = match cfg.backend {
+/// The local agent's `/state`, or why there is none at `addr`.
+async fn ask_agent(addr: &str) -> Result<crate::status::Parsed, String> {
+    if addr.is_empty() {
+        return Err("--agent-address is empty".into());
+    }
+    let sock: SocketAddr = addr.parse().map_err(|e| format!("--agent-address {addr:?}: {e}"))?;
+    match weft_api::http::get(sock, "/state", Duration::from_secs(3)).await {
+        Ok(body) => crate::status::parse(&body).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The device the backend programs, its index and what the kernel holds there.
+async fn observe(nl: &Netlink, cfg: &NetworkConfig, subnet: Ipv4Network) -> Result<(String, u32, KernelState)> {
+    Ok(match cfg.backend {
         Backend::Vxlan { vni, .. } => {
             let name = format!("flannel.{vni}");
             match nl.link_index(&name).await? {
@@ -414,12 +433,33 @@ pub async fn routes(args: RoutesArgs) -> Result<()> {
         Backend::HostGw => {
             // host-gw routes sit on the underlay; find it from any route into the network.
             let under = nl.find_underlay(None).await?;
-            let obs = nl.observe_host_gw(under.ifindex, cfg.network, env.subnet).await?;
+            let obs = nl.observe_host_gw(under.ifindex, cfg.network, subnet).await?;
             (under.name, under.ifindex, obs)
         }
+    })
+}
+
+pub async fn routes(args: RoutesArgs) -> Result<()> {
+    let (source, cfg, leases, subnet, mtu, programmed) = match ask_agent(&args.agent_address).await {
+        Ok(p) => {
+            let pr = &p.state.programmed;
+            let counts = [pr.routes.len(), pr.neighbours.len(), pr.fdb.len()];
+            (format!("agent {}", args.agent_address), p.config, p.leases, p.state.subnet, p.state.mtu, Some(counts))
+        }
+        Err(why) => {
+            eprintln!("weft routes: no answer from the agent ({why}); reading {} and etcd", args.subnet_file.display());
+            let env = subnet_env::SubnetEnv::read(&args.subnet_file)
+                .context("is `weft agent` running on this node? (see --agent-address, --subnet-file)")?;
+            let mut mgr = manager(&args.common.etcd, &args.common.etcd_prefix).await?;
+            let cfg = mgr.get_config().await?;
+            let (table, _) = mgr.list().await?;
+            ("etcd".to_string(), cfg, table.valid(&cfg), env.subnet, env.mtu, None)
+        }
     };
-    let local = LocalInfo { subnet: env.subnet, backend: cfg.backend.type_name().into(), device, mtu: env.mtu };
-    let report = routes_report(local, &cfg, &leases, ifindex, &observed);
+    let nl = Netlink::new()?;
+    let (device, ifindex, observed) = observe(&nl, &cfg, subnet).await?;
+    let local = LocalInfo { subnet, backend: cfg.backend.type_name().into(), device, mtu };
+    let report = RoutesReport { source, programmed, ..routes_report(local, &cfg, &leases, ifindex, &observed) };
     match args.common.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Table => print!("{}", render_routes(&report)),

@@ -14,5 +14,6 @@ pub mod kernel;
 pub mod lease;
 pub mod plan;
 pub mod run;
+pub mod status;
 pub mod subnet;
 pub mod subnet_env;

@@ -16,6 +16,7 @@ use crate::healthz::{self, Health};
 use crate::kernel::{self, keep_checksum_offload, vtep_mac, ChecksumOffload, Netlink, Underlay, VxlanSpec};
 use crate::lease::{subnet_key, Lease, LeaseAttrs};
 use crate::plan::{self, KernelState};
+use crate::status::{Snapshot, StateCell};
 use crate::subnet::{self, LeaseTable, LeaseWatch, SubnetManager, WatchEvent};
 use crate::{ipmasq, subnet_env};
 
@@ -92,6 +93,7 @@ struct Agent {
     applied: KernelState,
     etcd_log: StateLog,
     health: Health,
+    state: StateCell,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -102,8 +104,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), Error> {
     info!(iface = %underlay.name, ip = %underlay.ip, %public_ip, mtu = underlay.mtu, "using interface");
 
     let health = Health::default();
+    let state = StateCell::default();
     if let Some(addr) = opts.healthz_addr {
-        let server = healthz::bind(addr, health.clone()).await.map_err(|source| Error::Healthz { addr, source })?;
+        let server = healthz::bind(addr, health.clone(), state.clone())
+            .await
+            .map_err(|source| Error::Healthz { addr, source })?;
         tokio::spawn(server);
     }
 
@@ -135,6 +140,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), Error> {
         applied: KernelState::default(),
         etcd_log,
         health,
+        state,
     };
     agent.write_subnet_file();
     agent.sync_masq();
@@ -325,7 +331,29 @@ impl Agent {
             tracing::debug!(ops = ops.len(), failed = failures.len(), full, "kernel synced");
         }
         self.applied = desired;
+        self.publish_state(leases);
         self.health.set_ready(true);
+    }
+
+    /// Hands `/state` what was just applied (only when the health server runs).
+    fn publish_state(&self, leases: &[Lease]) {
+        if self.opts.healthz_addr.is_none() {
+            return;
+        }
+        let device = match &self.dataplane {
+            Dataplane::Vxlan { spec, .. } => format!("flannel.{}", spec.vni),
+            Dataplane::HostGw { .. } => self.underlay.name.clone(),
+        };
+        self.state.publish(Snapshot {
+            prefix: self.opts.prefix.clone(),
+            config: self.cfg,
+            subnet: self.lease.subnet,
+            public_ip: self.public_ip,
+            device,
+            mtu: self.mtu(),
+            leases: leases.to_vec(),
+            programmed: self.applied.clone(),
+        });
     }
 
     /// Lists the leases and starts a watch after them; None while etcd is unreachable.

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::rollout;
+use crate::owned;
 use crate::table::{format_endpoints, format_label_selector, format_labels, human_duration, rfc1123z};
 use crate::verbs::{self, namespace_of, parse_targets, Kind};
 use weft_api::labels::Selector;
@@ -678,7 +678,7 @@ pub struct PodCounts {
 pub fn pod_counts(pods: &[Pod], selector: &Selector, uid: &str) -> PodCounts {
     let mut c = PodCounts::default();
     for p in pods {
-        if !selector.matches(p.metadata.labels.as_ref()) || !rollout::controlled_by(&p.metadata, uid) {
+        if !selector.matches(p.metadata.labels.as_ref()) || !owned::controlled_by(&p.metadata, uid) {
             continue;
         }
         match p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending") {
@@ -729,7 +729,7 @@ fn replicasets_line(rss: &[&ReplicaSet]) -> String {
     crate::table::none_if_empty(parts.join(", "))
 }
 
-/// `kubectl describe deployment`: `old` and `new` are the ReplicaSets it owns (see `rollout::new_and_old`).
+/// `kubectl describe deployment`: `old` and `new` are the ReplicaSets it owns (see `owned::new_and_old`).
 pub fn describe_deployment(
     d: &Deployment,
     old: &[ReplicaSet],
@@ -1319,8 +1319,8 @@ async fn describe_one(
         }
         Kind::Deployment => {
             let d: Deployment = store.get(ns, name).await?;
-            let owned = rollout::replicasets_of(store, &d).await?;
-            let (new, old) = rollout::new_and_old(&d, &owned);
+            let owned = owned::replicasets_of(store, &d).await?;
+            let (new, old) = owned::new_and_old(&d, &owned);
             describe_deployment(&d, &old, new.as_ref(), events!(d.metadata).as_deref(), now)
         }
         Kind::ReplicaSet => {

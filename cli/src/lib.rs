@@ -3,6 +3,7 @@
 //! the binary only; no daemon depends on this crate.
 
 pub mod describe;
+pub mod owned;
 pub mod rollout;
 pub mod scale;
 pub mod table;

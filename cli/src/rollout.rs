@@ -10,18 +10,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
+use crate::owned::{equal_ignore_hash, replicasets_of, revision, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
 use crate::verbs::{self, namespace_of, object_name, parse_targets, Kind, KindNames};
-use weft_api::labels::Selector;
 use weft_api::store::{Object, Store, WatchEvent};
 use weft_api::EtcdArgs;
 
-/// The revision a Deployment controller writes on a Deployment and its ReplicaSets.
-pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
-/// The label a Deployment controller adds to a ReplicaSet's template (and selector) to tell templates apart.
-pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 /// The Progressing condition's reason when the deployment ran past progressDeadlineSeconds.
 pub const TIMED_OUT_REASON: &str = "ProgressDeadlineExceeded";
 
@@ -34,77 +29,6 @@ const ANNOTATIONS_TO_SKIP: [&str; 6] = [
     "deployment.kubernetes.io/max-replicas",
     "deprecated.deployment.rollback.to",
 ];
-
-/// An object's revision annotation: 0 when absent, `None` when it is not a number (such objects are skipped).
-pub fn revision(meta: &ObjectMeta) -> Option<i64> {
-    match meta.annotations.as_ref().and_then(|a| a.get(REVISION_ANNOTATION)) {
-        None => Some(0),
-        Some(v) => v.parse().ok(),
-    }
-}
-
-/// Whether `meta`'s controller ownerReference names the object with `uid`.
-pub fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
-    meta.owner_references.iter().flatten().any(|r| r.controller == Some(true) && r.uid == uid)
-}
-
-/// The ReplicaSets a Deployment owns: selected by its selector and controlled by it, oldest first (ties by name).
-pub fn owned_replicasets(d: &Deployment, all: &[ReplicaSet]) -> Vec<ReplicaSet> {
-    let Ok(selector) = Selector::from_label_selector(Some(&d.spec.selector)) else { return Vec::new() };
-    if selector.is_everything() {
-        return Vec::new();
-    }
-    let uid = d.metadata.uid.clone().unwrap_or_default();
-    let mut owned: Vec<ReplicaSet> = all
-        .iter()
-        .filter(|rs| rs.metadata.namespace == d.metadata.namespace)
-        .filter(|rs| selector.matches(rs.metadata.labels.as_ref()) && controlled_by(&rs.metadata, &uid))
-        .cloned()
-        .collect();
-    owned.sort_by(|a, b| {
-        let t = |rs: &ReplicaSet| rs.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        t(a).cmp(&t(b)).then_with(|| a.metadata.name.cmp(&b.metadata.name))
-    });
-    owned
-}
-
-/// The template as JSON without the hash label and without empty values, for comparisons that ignore the label
-/// the controller adds and the difference between an absent and an empty field.
-fn normalized(t: &PodTemplateSpec) -> Value {
-    let mut v = serde_json::to_value(t).unwrap_or_default();
-    if let Some(labels) = v.pointer_mut("/metadata/labels").and_then(Value::as_object_mut) {
-        labels.remove(POD_TEMPLATE_HASH);
-    }
-    prune(&mut v);
-    v
-}
-
-fn prune(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            m.values_mut().for_each(prune);
-            m.retain(|_, v| {
-                !(v.is_null()
-                    || v.as_object().is_some_and(|o| o.is_empty())
-                    || v.as_array().is_some_and(|a| a.is_empty()))
-            });
-        }
-        Value::Array(a) => a.iter_mut().for_each(prune),
-        _ => {}
-    }
-}
-
-/// kubectl's `EqualIgnoreHash`: the same pod template apart from the `pod-template-hash` label.
-pub fn equal_ignore_hash(a: &PodTemplateSpec, b: &PodTemplateSpec) -> bool {
-    normalized(a) == normalized(b)
-}
-
-/// The Deployment's new ReplicaSet (the oldest owned one whose template is the Deployment's) and the others.
-pub fn new_and_old(d: &Deployment, owned: &[ReplicaSet]) -> (Option<ReplicaSet>, Vec<ReplicaSet>) {
-    let new = owned.iter().find(|rs| rs.spec.template.as_ref().is_some_and(|t| equal_ignore_hash(t, &d.spec.template)));
-    let old = owned.iter().filter(|rs| Some(*rs) != new).cloned().collect();
-    (new.cloned(), old)
-}
 
 /// `rollout status`'s line for a Deployment and whether the rollout is done; an error when it can never be
 /// (past its progress deadline) or `revision` (if not 0) is not the running one.
@@ -394,12 +318,6 @@ async fn get_or_not_found<K: Object>(store: &Store, kind: Kind, ns: &str, name: 
     }
 }
 
-/// The ReplicaSets a Deployment owns, read from the store.
-pub async fn replicasets_of(store: &Store, d: &Deployment) -> anyhow::Result<Vec<ReplicaSet>> {
-    let (all, _) = store.list::<ReplicaSet>(d.metadata.namespace.as_deref()).await?;
-    Ok(owned_replicasets(d, &all))
-}
-
 pub async fn status(store: &Store, args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
     let ns = namespace_of(&args.target.namespace);
     for (kind, name) in objects(&args.target, &[Kind::Deployment, Kind::DaemonSet])? {
@@ -547,6 +465,7 @@ pub async fn pause(store: &Store, args: &TargetArgs, paused: bool, out: &mut dyn
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::owned::{new_and_old, owned_replicasets};
 
     fn deployment(yaml: &str) -> Deployment {
         serde_yaml::from_str(yaml).unwrap()

@@ -11,8 +11,8 @@ use weft_api::labels::Selector;
 use weft_api::manifest::{self, AnyObject};
 use weft_api::{DaemonSet, Deployment, Endpoints, Namespace, Node, Pod, ReplicaSet, ReplicationController, Service};
 use weft_cli::describe;
-use weft_cli::rollout;
 use weft_cli::table::{self, Columns, Tabular};
+use weft_cli::{owned, rollout};
 
 fn testdata(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
@@ -142,8 +142,8 @@ fn describe_matches_golden_files() {
     check("describe-pod-pending.golden", &describe::describe_pod(named(&o.pods, "new"), Some(none), now));
 
     let d = named(&o.deploys, "nginx-deployment");
-    let owned = rollout::owned_replicasets(d, &o.rss);
-    let (new, old) = rollout::new_and_old(d, &owned);
+    let owned = owned::owned_replicasets(d, &o.rss);
+    let (new, old) = owned::new_and_old(d, &owned);
     assert_eq!(new.as_ref().and_then(|r| r.metadata.name.as_deref()), Some("nginx-deployment-5d59d67564"));
     check(
         "describe-deploy.golden",

@@ -125,6 +125,55 @@ fn pods_ping_and_connect_across_nodes() {
     assert_eq!(leases["leases"].as_array().map(Vec::len), Some(3), "{leases}");
 }
 
+/// `weft routes -o json` in node `node`'s namespace with no etcd endpoint and a subnet file that does not exist, so
+/// only the local agent can answer; `extra` adds flags. Returns (success, stdout, stderr).
+fn bare_routes(lab: &Lab, node: usize, extra: &[&str]) -> (bool, String, String) {
+    let out = lab
+        .node(node)
+        .ns()
+        .command(weft_lab::weft_bin())
+        .args(["routes", "-o", "json"])
+        .args(extra)
+        .env_remove("WEFT_ETCD_ENDPOINTS")
+        .env_remove("WEFT_AGENT_ADDRESS")
+        .env("WEFT_SUBNET_FILE", lab.dir().join("no-such-subnet.env"))
+        .output()
+        .expect("weft runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn routes_without_flags_asks_the_local_agent_and_the_flags_work_when_it_is_down() {
+    let mut lab = lab(2, "vxlan", &[]);
+    let (s1, s2) = (subnet(&lab, 1), subnet(&lab, 2));
+    wait(&lab, 20, "route to node-2", || routes_on(&lab, 1, "flannel.1").contains(&s2));
+    let (ok, out, err) = bare_routes(&lab, 1, &[]);
+    assert!(ok, "weft routes failed: {err}");
+    let report: Value = serde_json::from_str(&out).expect("json output");
+    assert_eq!(report["source"], "agent 127.0.0.1:8285", "{report}");
+    assert_eq!(report["local"]["subnet"], s1);
+    assert_eq!(report["local"]["device"], "flannel.1");
+    assert_eq!(report["programmed"], serde_json::json!([1, 1, 1]), "one route, neighbour and FDB entry to node-2");
+    let remotes = report["remotes"].as_array().expect("remotes");
+    assert_eq!(remotes.len(), 1, "{report}");
+    assert_eq!(remotes[0]["subnet"], s2);
+    assert_eq!((remotes[0]["route"].as_bool(), remotes[0]["fdb"].as_bool()), (Some(true), Some(true)));
+
+    // The agent stops (its routes stay): without flags there is nothing to ask, and the error says which flags help.
+    lab.stop_agent(1).expect("agent stops");
+    let (ok, _, err) = bare_routes(&lab, 1, &[]);
+    assert!(!ok, "weft routes succeeded with neither an agent nor a subnet file");
+    assert!(err.contains("no answer from the agent") && err.contains("--subnet-file"), "{err}");
+    let sf = lab.node(1).subnet_env_path();
+    let flags = ["--subnet-file", sf.to_str().expect("utf-8 path"), "--etcd-endpoints", lab.etcd_endpoint()];
+    let (ok, out, err) = bare_routes(&lab, 1, &flags);
+    assert!(ok, "weft routes with flags failed: {err}");
+    let report: Value = serde_json::from_str(&out).expect("json output");
+    assert_eq!((report["source"].as_str(), report["local"]["subnet"].as_str()), (Some("etcd"), Some(s1.as_str())));
+    assert_eq!(report["remotes"][0]["route"], true, "{report}");
+}
+
 #[test]
 fn deleted_lease_removes_routes_on_the_others_and_stopping_keeps_them() {
     let mut lab = lab(3, "vxlan", &[]);
