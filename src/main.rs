@@ -49,7 +49,11 @@ enum Command {
     /// Run the scheduler and controllers (kube-controller-manager's and kube-scheduler's job)
     Controller(weft_control::cli::ControllerArgs),
     /// Run the pods bound to this node on containerd through CRI (the kubelet's job)
-    Kubelet(weft_control::kubelet::cli::KubeletArgs),
+    Kubelet(Box<weft_control::kubelet::cli::KubeletArgs>),
+    /// Print a container's logs, through its node's kubelet (kubectl logs)
+    Logs(weft_control::kubelet::client::LogsArgs),
+    /// Run a command in a container, through its node's kubelet (kubectl exec; non-interactive)
+    Exec(weft_control::kubelet::client::ExecArgs),
     /// Container images in containerd (what the kubelet runs)
     #[command(subcommand)]
     Image(weft_control::kubelet::cli::ImageCommand),
@@ -123,7 +127,9 @@ fn main() {
         Command::Set(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::scale::set(cmd))),
         Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::rollout::run(cmd))),
         Command::Controller(a) => runtime().and_then(|rt| rt.block_on(weft_control::cli::run(a))).map(|_| 0),
-        Command::Kubelet(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::cli::kubelet(a))),
+        Command::Kubelet(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::cli::kubelet(*a))),
+        Command::Logs(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::client::logs(a))),
+        Command::Exec(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::client::exec(a))),
         Command::Image(cmd) => weft_control::kubelet::cli::image(cmd),
         Command::ContainerdConfig(a) => weft_control::kubelet::cli::containerd_config(a),
     };

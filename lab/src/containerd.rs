@@ -173,21 +173,6 @@ impl ContainerdFixture {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Every cgroup directory of our parent, in every mounted hierarchy.
-    fn cgroup_roots(&self) -> Vec<PathBuf> {
-        let parent = self.cgroup_parent();
-        let mut out = Vec::new();
-        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-            for e in rd.flatten() {
-                let p = e.path().join(parent.trim_start_matches('/'));
-                if p.is_dir() {
-                    out.push(p);
-                }
-            }
-        }
-        out
-    }
-
     fn kill_cgroup_procs(dir: &Path) {
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
@@ -231,24 +216,55 @@ impl ContainerdFixture {
     }
 }
 
+/// Kills every process in the cgroup `parent` (relative to each hierarchy, as `--cgroup-parent` takes it): what
+/// a node's pods run in. For teardown (the lab's too): then kill containerd and its shims, `unmount_under` its
+/// directory, and `remove_cgroups(parent)`.
+pub fn kill_cgroup(parent: &str) {
+    let roots = cgroup_roots(parent);
+    for _ in 0..3 {
+        for r in &roots {
+            ContainerdFixture::kill_cgroup_procs(r);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes the (empty) cgroup directories of `parent` in every hierarchy.
+pub fn remove_cgroups(parent: &str) {
+    for r in cgroup_roots(parent) {
+        ContainerdFixture::remove_cgroup_tree(&r);
+    }
+}
+
+/// Lazily unmounts everything mounted under `dir` (containers' rootfs, sandboxes' shm and netns), deepest first.
+pub fn unmount_under(dir: &Path) {
+    ContainerdFixture::unmount_under(dir)
+}
+
+fn cgroup_roots(parent: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            let p = e.path().join(parent.trim_start_matches('/'));
+            if p.is_dir() && !parent.trim_matches('/').is_empty() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 impl Drop for ContainerdFixture {
     fn drop(&mut self) {
-        let roots = self.cgroup_roots();
-        for _ in 0..3 {
-            for r in &roots {
-                Self::kill_cgroup_procs(r);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let parent = self.cgroup_parent();
+        kill_cgroup(&parent);
         for c in [self.child.as_mut(), self.etcd.as_mut()].into_iter().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
         // containerd's shims live in the namespace too.
         self.ns.kill_all();
-        Self::unmount_under(self.dir.path());
-        for r in &roots {
-            Self::remove_cgroup_tree(r);
-        }
+        unmount_under(self.dir.path());
+        remove_cgroups(&parent);
     }
 }

@@ -50,9 +50,38 @@ fn env() -> Arc<Env> {
     e
 }
 
+/// A small PKI in `dir`: a cluster CA, the kubelet's serving certificate (for 10.88.0.1), an admin client
+/// certificate, and a client certificate from another CA (which the kubelet must refuse).
+fn make_pki(dir: &std::path::Path) -> Result<()> {
+    let script = r#"set -e
+ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+openssl req -x509 $ec -keyout ca.key -out ca.crt -days 2 -subj /CN=weft-test-ca 2>/dev/null
+openssl req -x509 $ec -keyout rogue-ca.key -out rogue-ca.crt -days 2 -subj /CN=rogue-ca 2>/dev/null
+printf 'subjectAltName=IP:10.88.0.1,IP:127.0.0.1
+extendedKeyUsage=serverAuth
+' > server.ext
+printf 'extendedKeyUsage=clientAuth
+' > client.ext
+sign() { # name cn ca ext
+  openssl req $ec -keyout $1.key -out $1.csr -subj /CN=$2 2>/dev/null
+  openssl x509 -req -in $1.csr -CA $3.crt -CAkey $3.key -CAcreateserial -out $1.crt -days 2 -extfile $4 2>/dev/null
+}
+sign kubelet node-k1 ca server.ext
+sign admin admin ca client.ext
+sign rogue admin rogue-ca client.ext
+"#;
+    let out = Command::new("bash").arg("-c").arg(script).current_dir(dir).output()?;
+    if !out.status.success() {
+        bail!("making the test PKI: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 fn start_env() -> Result<Env> {
     let mut fx = ContainerdFixture::start()?;
     fx.start_etcd()?;
+    std::fs::create_dir_all(fx.dir().join("pki"))?;
+    make_pki(&fx.dir().join("pki"))?;
     std::fs::write(fx.dir().join("resolv.conf"), "nameserver 192.0.2.53\nsearch example.test\n")?;
     let ns = fx.netns().runtime()?;
     let client = ns.block_on(async { etcd_client::Client::connect([ETCD], None).await })??;
@@ -64,6 +93,21 @@ fn start_env() -> Result<Env> {
 impl Env {
     fn kubelet_log(&self) -> std::path::PathBuf {
         self.fx.dir().join("kubelet.log")
+    }
+
+    fn pki(&self, f: &str) -> std::path::PathBuf {
+        self.fx.dir().join("pki").join(f)
+    }
+
+    /// `weft` with what `weft logs` / `weft exec` need to reach kubelets.
+    fn weft_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.fx.net_command(weft_lab::weft_bin());
+        c.args(args)
+            .env("WEFT_ETCD_ENDPOINTS", ETCD)
+            .env("WEFT_KUBELET_CA", self.pki("ca.crt"))
+            .env("WEFT_KUBELET_CLIENT_CERT", self.pki("admin.crt"))
+            .env("WEFT_KUBELET_CLIENT_KEY", self.pki("admin.key"));
+        c
     }
 
     fn start_kubelet(&self) -> Result<()> {
@@ -83,6 +127,12 @@ impl Env {
             .args(["--pod-cidr", POD_SUBNET, "--sync-frequency", "300ms", "--node-status-update-frequency", "1s"])
             .args(["--node-lease-renew-interval", "1s", "--backoff-initial", "1s", "--backoff-max", "4s"])
             .args(["--backoff-reset", "2m", "--healthz-bind-address", "127.0.0.1:10248"])
+            .arg("--tls-cert-file")
+            .arg(self.pki("kubelet.crt"))
+            .arg("--tls-private-key-file")
+            .arg(self.pki("kubelet.key"))
+            .arg("--client-ca-file")
+            .arg(self.pki("ca.crt"))
             .env("WEFT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -307,7 +357,9 @@ fn restart_policy_rows_with_real_exits() {
     }
     for (name, policy, _, want, restarted) in &rows {
         let p = env.wait_pod(name, T, &format!("phase {want} ({policy})"), |p| {
-            phase(p) == *want && restarted.iter().all(|(c, n)| restarts(p, c) >= *n)
+            // Running is also what a pod is before its failing container exits: wait for the exit too.
+            let exited = *name != "two-never" || cstatus(p, "bad")["state"]["terminated"].is_object();
+            phase(p) == *want && exited && restarted.iter().all(|(c, n)| restarts(p, c) >= *n)
         });
         if *name == "two-never" {
             let bad = cstatus(&p, "bad");
@@ -537,4 +589,86 @@ fn a_restarted_kubelet_adopts_running_containers() {
     assert_eq!(p["status"]["podIP"].as_str().unwrap(), sandbox_ip);
     assert_eq!((phase(&p), condition(&p, "Ready")), ("Running", "True".to_string()));
     assert!(env.container_exists(&id));
+}
+
+#[test]
+fn logs_and_exec_go_through_the_kubelet_server_with_client_certificates() {
+    let env = env();
+    env.apply(&pod_yaml(
+        "talker",
+        "Always",
+        &container("c", "echo one; echo two; echo three; i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.2; done"),
+    ));
+    env.wait_pod("talker", T, "Running", |p| phase(p) == "Running");
+    // Logs, once the first lines are written.
+    let deadline = Instant::now() + T;
+    let logs = loop {
+        let out = env.weft_cmd(&["logs", "talker"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("tick1") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "weft logs: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(logs.starts_with("one\ntwo\nthree\n"), "{logs}");
+    let out = env.weft_cmd(&["logs", "talker", "-c", "c", "--tail", "1"]).output().unwrap();
+    let last = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.starts_with("tick"), "{last}");
+    // Follow: new lines keep coming.
+    let mut follow =
+        env.weft_cmd(&["logs", "-f", "talker"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdout = follow.stdout.take().unwrap();
+    let seen = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = String::new();
+        let mut buf = [0u8; 4096];
+        let start = Instant::now();
+        while start.elapsed() < T {
+            let n = stdout.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let ticks = all.lines().filter(|l| l.starts_with("tick")).count();
+            if ticks >= 2 && all.lines().last().is_some_and(|l| l.starts_with("tick")) {
+                // Lines beyond what a one-shot read had: the stream follows.
+                if all.contains(&format!("tick{}", ticks + 5)) || ticks > 30 {
+                    return true;
+                }
+            }
+        }
+        false
+    });
+    let followed = seen.join().unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(followed, "weft logs -f did not stream new lines");
+    // Exec: output and exit code.
+    let out =
+        env.weft_cmd(&["exec", "talker", "--", "sh", "-c", "echo from inside $HOSTNAME; exit 3"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from inside talker");
+    // The port refuses clients without a certificate, and with one from another CA.
+    let url = "https://10.88.0.1:10250/healthz";
+    let curl = |extra: &[&str]| {
+        env.fx
+            .net_command("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(env.pki("ca.crt"))
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap()
+    };
+    let ok = curl(&["--cert", env.pki("admin.crt").to_str().unwrap(), "--key", env.pki("admin.key").to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "ok", "{ok:?}");
+    assert!(!curl(&[]).status.success(), "served a client without a certificate");
+    let rogue =
+        curl(&["--cert", env.pki("rogue.crt").to_str().unwrap(), "--key", env.pki("rogue.key").to_str().unwrap()]);
+    assert!(
+        !rogue.status.success() || !String::from_utf8_lossy(&rogue.stdout).contains("ok"),
+        "served a client of another CA"
+    );
 }

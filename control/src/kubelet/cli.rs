@@ -131,6 +131,20 @@ pub struct KubeletArgs {
     /// the back-off starts over when the last exit is this long ago
     #[arg(long, default_value = "10m", value_parser = crate::cli::parse_duration)]
     pub backoff_reset: std::time::Duration,
+    /// the address the kubelet server (logs, exec; HTTPS with client certificates) listens on
+    #[arg(long, default_value = "0.0.0.0")]
+    pub address: String,
+    /// its port
+    #[arg(long, default_value_t = 10250)]
+    pub port: u16,
+    /// the server's certificate (PEM); without it, its key and --client-ca-file the server stays off
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// the CA whose client certificates the server accepts (no other client is served)
+    #[arg(long)]
+    pub client_ca_file: Option<PathBuf>,
     /// pods whose sandbox and containers are created at once (the rest wait their turn)
     #[arg(long, default_value_t = 4)]
     pub parallel_pod_starts: usize,
@@ -207,7 +221,30 @@ impl KubeletArgs {
             lease_duration_secs: self.node_lease_duration_seconds,
             healthz,
             parallel_starts: self.parallel_pod_starts.max(1),
+            server: self.server()?,
         })
+    }
+}
+
+impl KubeletArgs {
+    fn server(&self) -> Result<Option<(std::net::SocketAddr, super::server::TlsFiles)>> {
+        match (&self.tls_cert_file, &self.tls_private_key_file, &self.client_ca_file) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let ip: std::net::IpAddr = self
+                    .address
+                    .parse()
+                    .with_context(|| format!("--address {:?} is not an IP address", self.address))?;
+                let files = super::server::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: ca.clone() };
+                Ok(Some((std::net::SocketAddr::new(ip, self.port), files)))
+            }
+            (None, None, None) => {
+                tracing::warn!("kubelet server off: give --tls-cert-file, --tls-private-key-file and --client-ca-file");
+                Ok(None)
+            }
+            _ => anyhow::bail!(
+                "the kubelet server needs all of --tls-cert-file, --tls-private-key-file, --client-ca-file"
+            ),
+        }
     }
 }
 

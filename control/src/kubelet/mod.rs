@@ -3,6 +3,7 @@
 //! the daemon that reads and writes the store (`run`, `node`).
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod containerd;
 pub mod cri;
@@ -10,3 +11,4 @@ pub mod decide;
 pub mod node;
 pub mod probe;
 pub mod run;
+pub mod server;

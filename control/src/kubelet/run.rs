@@ -25,6 +25,8 @@ use super::{node, probe};
 pub enum Error {
     #[error("etcd")]
     Etcd(#[from] weft_api::etcd::Error),
+    #[error("kubelet server")]
+    Server(#[from] super::server::Error),
     #[error("healthz on {addr}")]
     Healthz { addr: SocketAddr, source: std::io::Error },
 }
@@ -48,6 +50,8 @@ pub struct Options {
     /// Pods whose sandbox and containers are being created at once: the runtime does them on the same cores, so
     /// a bounded number finish early instead of all finishing late.
     pub parallel_starts: usize,
+    /// The kubelet's HTTPS server (logs, exec): address and certificates; None leaves it off.
+    pub server: Option<(SocketAddr, super::server::TlsFiles)>,
 }
 
 /// One pod's sandboxes and containers as CRI lists them.
@@ -221,6 +225,12 @@ pub async fn run<R: Runtime>(opts: Options, rt: R) -> Result<()> {
             _ => weft_api::http::Response::not_found(),
         });
         let serve = weft_api::http::bind(addr, handler).await.map_err(|source| Error::Healthz { addr, source })?;
+        tasks.spawn(serve);
+    }
+    if let Some((addr, files)) = &opts.server {
+        let serve =
+            super::server::bind(*addr, files, rt.clone(), pods.clone(), opts.settings.node_name.clone()).await?;
+        tracing::info!(%addr, "kubelet server listening (client certificates required)");
         tasks.spawn(serve);
     }
     tasks.spawn(node_loop(store.clone(), rt.clone(), opts.clone()));
