@@ -1,6 +1,7 @@
 //! The whole cluster in one lab (real etcd, containerd + runc + weft-cni per node, `weft kubelet`, `weft controller`,
 //! `weft proxy`, `weft dns`): a Deployment becomes Running containers on two nodes with addresses from their nodes'
-//! subnets, a Service with a selector answers HTTP 200 by DNS name from a pod on another node, a deleted pod is
+//! subnets, a Service with a selector answers HTTP 200 by DNS name from a pod on another node, `weft logs` and
+//! `weft exec` reach another node's kubelet with the lab's certificates, a deleted pod is
 //! recreated, `rollout undo` replaces the containers, and a node whose kubelet stops loses its pods to the other
 //! node after the (shortened) grace periods. One lab for every check, to keep the file within a few minutes.
 
@@ -157,7 +158,7 @@ fn curl(lab: &Lab, ns: &weft_lab::Netns, url: &str) -> Result<(String, String)> 
 /// `weft lab exec` hands `weft logs`/`weft exec` the lab's admin certificate and CA, and every kubelet's serving
 /// certificate is signed by that CA for its node's address.
 fn lab_exec_carries_the_labs_client_certificate(lab: &Lab) -> Result<()> {
-    let script = "test -s \"$WEFT_CLIENT_KEY\" && openssl verify -purpose sslclient -CAfile \"$WEFT_KUBELET_CA\" \"$WEFT_CLIENT_CERT\"";
+    let script = "test -s \"$WEFT_KUBELET_CLIENT_KEY\" && openssl verify -purpose sslclient -CAfile \"$WEFT_KUBELET_CA\" \"$WEFT_KUBELET_CLIENT_CERT\"";
     let out = std::process::Command::new(weft_lab::weft_bin())
         .args(["lab", "exec", "--name", lab.id(), "node-1", "--", "sh", "-c", script])
         .output()?;
@@ -229,6 +230,31 @@ fn service_answers_by_name_from_a_pod_on_another_node(lab: &Lab, pods: &[WebPod]
     })?;
     assert_eq!(code, "200", "{body}");
     assert!(body.starts_with("hello from web-"), "{body}");
+    Ok(())
+}
+
+/// `weft logs` and `weft exec` from node-1 reach pods on node-2 through its kubelet's port with the lab's
+/// certificates (as `weft lab exec` sets them); the port refuses a client without a certificate.
+fn logs_and_exec_reach_another_nodes_kubelet(lab: &Lab, pods: &[WebPod]) -> Result<()> {
+    let lab_exec = |cmd: &[&str]| -> Result<(bool, String)> {
+        let out = std::process::Command::new(weft_lab::weft_bin())
+            .args(["lab", "exec", "--name", lab.id(), "node-1", "--"])
+            .args(cmd)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+        ))
+    };
+    let target = pods.iter().find(|p| p.node == "node-2").ok_or_else(|| anyhow!("no web pod on node-2"))?;
+    let (ok, out) = lab_exec(&["weft", "exec", &target.name, "--", "cat", "/www/index.html"])?;
+    assert!(ok && out.contains(&format!("hello from {} v1", target.name)), "weft exec: {out}");
+    let (ok, out) = lab_exec(&["weft", "exec", &target.name, "--", "sh", "-c", "exit 3"])?;
+    assert!(!ok, "weft exec passes the command's failure on: {out}");
+    let (ok, out) = lab_exec(&["weft", "logs", "client"])?;
+    assert!(ok && out.contains("hello from web-"), "weft logs client: {out}");
+    let (ok, _) = lab_exec(&["curl", "-sk", "-m", "3", "https://192.168.56.12:10250/healthz"])?;
+    assert!(!ok, "the kubelet port served a client without a certificate");
     Ok(())
 }
 
@@ -318,6 +344,7 @@ fn deployment_runs_on_containerd_across_nodes_behind_a_service_and_survives_dele
     lab_exec_carries_the_labs_client_certificate(&lab).unwrap_or_else(|e| panic!("{e:#}"));
     let pods = pods_run_on_two_nodes_in_their_subnets(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     service_answers_by_name_from_a_pod_on_another_node(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
+    logs_and_exec_reach_another_nodes_kubelet(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     a_deleted_pod_is_recreated(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     rollout_undo_replaces_the_containers(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     a_stopped_kubelet_loses_its_pods_to_the_other_node(&mut lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
