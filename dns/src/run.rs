@@ -113,9 +113,13 @@ struct State {
     pods: Option<HashMap<ObjectKey, PodInfo>>,
 }
 
-fn apply<T>(map: &mut Option<HashMap<ObjectKey, T>>, change: Change<T>) {
+/// Applies one change; true when it replaced the whole kind (a list or relist: the next build is a full sync).
+fn apply<T>(map: &mut Option<HashMap<ObjectKey, T>>, change: Change<T>) -> bool {
     match change {
-        Change::Replace(m) => *map = Some(m),
+        Change::Replace(m) => {
+            *map = Some(m);
+            return true;
+        }
         Change::Upsert(k, v) => {
             map.get_or_insert_with(HashMap::new).insert(k, v);
         }
@@ -124,6 +128,18 @@ fn apply<T>(map: &mut Option<HashMap<ObjectKey, T>>, change: Change<T>) {
                 m.remove(&k);
             }
         }
+    }
+    false
+}
+
+/// The info line a build deserves: the first one (the zone is now answered), and every full sync (a kind was
+/// listed again, after a compaction or a broken watch), so the log shows that the server is serving and current.
+/// Builds for ordinary watch events log at debug only.
+pub fn sync_message(first: bool, relisted: bool) -> Option<&'static str> {
+    match (first, relisted) {
+        (true, _) => Some("first sync: answering for the cluster zone"),
+        (false, true) => Some("full sync: index rebuilt from a fresh list"),
+        (false, false) => None,
     }
 }
 
@@ -138,24 +154,26 @@ async fn index_loop(
     // so `make_mut` never copies.
     let mut state = Arc::new(State::default());
     let mut first = true;
+    // A relist seen since the last build (kept across batches that wait for the other kinds' first list).
+    let mut relisted = false;
     loop {
-        tokio::select! {
+        relisted |= tokio::select! {
             Some(c) = svc_rx.recv() => apply(&mut Arc::make_mut(&mut state).services, c),
             Some(c) = ep_rx.recv() => apply(&mut Arc::make_mut(&mut state).endpoints, c),
             Some(c) = pod_rx.recv() => apply(&mut Arc::make_mut(&mut state).pods, c),
             else => return,
-        }
+        };
         // Everything that arrived so far goes into this build; what arrives during it, into the next.
         {
             let st = Arc::make_mut(&mut state);
             while let Ok(c) = svc_rx.try_recv() {
-                apply(&mut st.services, c);
+                relisted |= apply(&mut st.services, c);
             }
             while let Ok(c) = ep_rx.try_recv() {
-                apply(&mut st.endpoints, c);
+                relisted |= apply(&mut st.endpoints, c);
             }
             while let Ok(c) = pod_rx.try_recv() {
-                apply(&mut st.pods, c);
+                relisted |= apply(&mut st.pods, c);
             }
         }
         if state.services.is_none() || state.endpoints.is_none() || state.pods.is_none() {
@@ -183,18 +201,11 @@ async fn index_loop(
             g.rebuilds += 1;
             g.last_rebuild = took;
         }
-        if first {
-            info!(
-                services = idx.services,
-                names = idx.names(),
-                records = idx.records,
-                ?took,
-                "first sync: answering for the cluster zone"
-            );
-            first = false;
-        } else {
-            tracing::debug!(services = idx.services, names = idx.names(), ?took, "index rebuilt");
+        match sync_message(first, relisted) {
+            Some(msg) => info!(services = idx.services, names = idx.names(), records = idx.records, ?took, "{msg}"),
+            None => tracing::debug!(services = idx.services, names = idx.names(), ?took, "index rebuilt"),
         }
+        (first, relisted) = (false, false);
         server.index.store(Some(Arc::new(idx)));
         // The previous index is freed once no query holds it; give its pages back rather than keep the peak.
         // SAFETY: malloc_trim only returns free memory to the kernel.
@@ -233,4 +244,22 @@ async fn serve_endpoints(opts: &DnsOptions, server: Arc<Server>, gauges: Arc<Mut
         tokio::spawn(srv);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_build_and_every_full_sync_log_one_info_line() {
+        // (first build, a kind was relisted, logs at info)
+        let cases = [(true, true, true), (true, false, true), (false, true, true), (false, false, false)];
+        for (first, relisted, info) in cases {
+            assert_eq!(sync_message(first, relisted).is_some(), info, "first={first} relisted={relisted}");
+        }
+        let mut m = None;
+        assert!(apply(&mut m, Change::<u8>::Replace(HashMap::new())), "a list replaces the kind");
+        assert!(!apply(&mut m, Change::Upsert(ObjectKey::new(Some("default"), "a"), 1)), "an event does not");
+        assert!(!apply(&mut m, Change::<u8>::Remove(ObjectKey::new(Some("default"), "a"))));
+    }
 }
