@@ -4,6 +4,7 @@
 //!    p50/p99 over BENCH_PODS (50) pods written at once, and the pods started per second;
 //! 2. the kubelet's RSS with BENCH_SCALE (100) pods running.
 //!
+//! BENCH_PARALLEL (16) is the kubelet's `--parallel-pod-starts`.
 //! Pods are busybox `sleep` (the local image `weft.local/busybox:1`). Prints a markdown summary on stdout.
 
 use std::collections::HashMap;
@@ -72,6 +73,7 @@ fn main() -> Result<()> {
         .arg("--resolv-conf")
         .arg(fx.dir().join("resolv.conf"))
         .args(["--pod-cidr", POD_SUBNET, "--healthz-bind-address", ""])
+        .args(["--parallel-pod-starts", &env_usize("BENCH_PARALLEL", 16).to_string()])
         .env("WEFT_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -85,7 +87,7 @@ fn main() -> Result<()> {
     let (lat, wall, rss_idle, rss_n, rss_scale, hwm) = result??;
     let mut sorted = lat.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    println!("## Kubelet: pod start latency and memory\n");
+    println!("## Kubelet: pod start latency and memory (--parallel-pod-starts {})\n", env_usize("BENCH_PARALLEL", 16));
     println!("| measurement | value | target |");
     println!("|---|---|---|");
     println!("| bind → Running, p50 over {n} pods written at once | **{:.2} s** | |", percentile(&sorted, 50.0));

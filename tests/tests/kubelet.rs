@@ -381,7 +381,7 @@ fn restart_policy_rows_with_real_exits() {
 #[test]
 fn a_crash_loop_backs_off_with_crashloopbackoff() {
     let env = env();
-    env.apply(&pod_yaml("crasher", "Always", &container("c", "exit 1")));
+    env.apply(&pod_yaml("crasher", "Always", &container("c", "echo attempt $HOSTNAME; exit 1")));
     let mut saw_backoff = false;
     let p = env.wait_pod("crasher", T, "3 restarts with CrashLoopBackOff in between", |p| {
         let c = cstatus(p, "c");
@@ -392,6 +392,9 @@ fn a_crash_loop_backs_off_with_crashloopbackoff() {
         saw_backoff && restarts(p, "c") >= 3
     });
     assert_eq!(phase(&p), "Running");
+    // The previous attempt's output, through the kubelet server.
+    let out = env.weft_cmd(&["logs", "crasher", "--previous"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "attempt crasher", "{out:?}");
 }
 
 #[test]
@@ -534,6 +537,10 @@ fn missing_image_and_bad_command_get_kubernetes_reasons() {
         "Always",
         "  - name: c\n    image: weft.local/busybox:1\n    command: [\"/no/such/binary\"]\n",
     ));
+    env.apply(&format!(
+        "{}    readinessProbe:\n      tcpSocket:\n        port: nope\n      periodSeconds: 1\n",
+        pod_yaml("badport", "Always", &container("c", "sleep 1000"))
+    ));
     let mut reasons = std::collections::BTreeSet::new();
     env.wait_pod("noimage", T, "ErrImagePull then ImagePullBackOff", |p| {
         if let Some(r) = cstatus(p, "c")["state"]["waiting"]["reason"].as_str() {
@@ -551,6 +558,9 @@ fn missing_image_and_bad_command_get_kubernetes_reasons() {
         term["reason"] == "StartError" && restarts(p, "c") >= 1
     });
     assert_eq!(phase(&p), "Running", "restartPolicy Always keeps it Running (restarting)");
+    // A probe naming a port the container does not have fails (never Ready); nothing crashes.
+    let p = env.wait_pod("badport", T, "Running", |p| phase(p) == "Running");
+    assert_eq!(condition(&p, "Ready"), "False");
     assert!(env.kubelet_alive(), "the kubelet survives pods it cannot run");
 }
 
@@ -584,7 +594,14 @@ fn a_restarted_kubelet_adopts_running_containers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let p = env.pod("steady").unwrap();
-    assert_eq!(cstatus(&p, "c")["containerID"].as_str().unwrap(), id, "same container");
+    let log = std::fs::read_to_string(env.kubelet_log()).unwrap_or_default();
+    let kills: Vec<&str> = log.lines().filter(|l| l.contains("kill") || l.contains("sandbox")).collect();
+    assert_eq!(
+        cstatus(&p, "c")["containerID"].as_str().unwrap(),
+        id,
+        "same container; kubelet log:\n{}",
+        kills.join("\n")
+    );
     assert_eq!(restarts(&p, "c"), 0);
     assert_eq!(p["status"]["podIP"].as_str().unwrap(), sandbox_ip);
     assert_eq!((phase(&p), condition(&p, "Ready")), ("Running", "True".to_string()));

@@ -146,7 +146,7 @@ pub struct KubeletArgs {
     #[arg(long)]
     pub client_ca_file: Option<PathBuf>,
     /// pods whose sandbox and containers are created at once (the rest wait their turn)
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 16)]
     pub parallel_pod_starts: usize,
     /// address of /healthz ("" to disable)
     #[arg(long, default_value = "127.0.0.1:10248")]

@@ -203,6 +203,8 @@ impl<R: Runtime> Shared<R> {
 struct Input {
     pod: Option<Arc<Pod>>,
     raw: PodRaw,
+    /// When the runtime was listed: a view older than the worker's last change is listed again.
+    taken: std::time::Instant,
 }
 
 struct Worker {
@@ -261,6 +263,7 @@ pub async fn run<R: Runtime>(opts: Options, rt: R) -> Result<()> {
                 while pod_events.try_recv().is_ok() {}
             }
         }
+        let taken = std::time::Instant::now();
         let snapshot = match shared.observe(None).await {
             Ok(s) => s,
             Err(e) => {
@@ -278,7 +281,8 @@ pub async fn run<R: Runtime>(opts: Options, rt: R) -> Result<()> {
         let mut uids: Vec<String> = mine.keys().cloned().collect();
         uids.extend(snapshot.keys().filter(|u| !mine.contains_key(*u)).cloned());
         for uid in &uids {
-            let input = Input { pod: mine.get(uid).cloned(), raw: snapshot.get(uid).cloned().unwrap_or_default() };
+            let input =
+                Input { pod: mine.get(uid).cloned(), raw: snapshot.get(uid).cloned().unwrap_or_default(), taken };
             let w = workers.entry(uid.clone()).or_insert_with(|| {
                 let (tx, rx) = watch::channel(None);
                 let handle = tokio::spawn(worker(shared.clone(), uid.clone(), rx));
@@ -332,16 +336,37 @@ struct PodWorker<R> {
     mem: PodMemory,
     probes: HashMap<ProbeKey, probe::State>,
     last_written: Option<PodStatus>,
+    /// When this worker last changed something in the runtime.
+    acted_at: Option<std::time::Instant>,
 }
 
 async fn worker<R: Runtime>(shared: Arc<Shared<R>>, uid: String, mut rx: watch::Receiver<Option<Input>>) {
-    let mut w = PodWorker { shared, uid, mem: PodMemory::default(), probes: HashMap::new(), last_written: None };
+    let mut w = PodWorker {
+        shared,
+        uid,
+        mem: PodMemory::default(),
+        probes: HashMap::new(),
+        last_written: None,
+        acted_at: None,
+    };
     while rx.changed().await.is_ok() {
-        let Some(input) = rx.borrow_and_update().clone() else { continue };
+        let Some(mut input) = rx.borrow_and_update().clone() else { continue };
+        // A list taken while this worker was still changing things (a container created, not yet started)
+        // would undo its own work: list this pod again.
+        if w.acted_at.is_some_and(|a| input.taken < a) {
+            match w.shared.observe(Some(&w.uid)).await {
+                Ok(mut m) => input.raw = m.remove(&w.uid).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(uid = %w.uid, error = %e, "listing the pod's containers failed");
+                    continue;
+                }
+            }
+        }
         let done = match &input.pod {
             None => w.clean_orphan(&input.raw).await,
             Some(pod) => w.sync(pod, &input.raw).await,
         };
+        w.acted_at = Some(std::time::Instant::now());
         if done {
             return;
         }
