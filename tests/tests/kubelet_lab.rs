@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use weft_lab::{Lab, LabOptions};
+use weft_lab::{cluster, Lab, LabOptions};
 
 const REPLICAS: usize = 4;
 
@@ -182,6 +182,17 @@ fn pods_run_on_two_nodes_in_their_subnets(lab: &Lab) -> Result<Vec<WebPod>> {
     let pods = wait_web(lab, REPLICAS, "v1", 120)?;
     let nodes: BTreeSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
     assert_eq!(nodes.len(), 2, "the scheduler spreads {REPLICAS} pods over both nodes: {pods:#?}");
+    // Sandboxes and containers (pause + httpd per pod) live under each node's pods cgroup in the lab's subtree,
+    // containerd itself under the subtree too: nothing of the lab is in the machine's root cgroup.
+    let id = lab.id();
+    let in_pods: usize =
+        (1..=2).map(|i| cluster::cgroup_pids(&cluster::pods_cgroup(id, lab.node(i).name())).len()).sum();
+    assert!(in_pods >= 2 * REPLICAS, "{in_pods} processes under the pods' cgroups");
+    let lab_pids = cluster::cgroup_pids(&cluster::cgroup_subtree(id));
+    for i in 1..=2 {
+        let pid: i32 = std::fs::read_to_string(lab.node(i).dir().join("containerd.pid"))?.trim().parse()?;
+        assert!(lab_pids.contains(&pid), "containerd of node-{i} ({pid}) is outside the lab's cgroup subtree");
+    }
     for p in &pods {
         let ip: Ipv4Addr = p.ip.parse().with_context(|| format!("pod {} has no address", p.name))?;
         let subnet = subnet_of(lab, node_index(&p.node)?)?;
@@ -310,6 +321,7 @@ fn a_stopped_kubelet_loses_its_pods_to_the_other_node(lab: &mut Lab) -> Result<(
         m
     });
     assert_eq!(per_node, BTreeMap::from([("node-1", REPLICAS)]));
+    assert_eq!(lab.ready_nodes(), ["node-1"], "node-2 is no longer Ready once its Lease is stale");
     Ok(())
 }
 
@@ -356,7 +368,7 @@ fn deployment_runs_on_containerd_across_nodes_behind_a_service_and_survives_dele
     Lab::down(&id).expect("lab down");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     assert!(!mounts.contains(&dir.to_string_lossy().to_string()), "mounts left under {}", dir.display());
-    assert!(weft_lab::cluster::cgroup_pids(&weft_lab::cluster::cgroup_subtree(&id)).is_empty());
+    assert!(cluster::cgroup_pids(&cluster::cgroup_subtree(&id)).is_empty());
     assert!(!weft_lab::lab::netns_list().iter().any(|n| n.starts_with(&weft_lab::lab::ns_prefix(&id))));
     assert!(!dir.exists());
 }
