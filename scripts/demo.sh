@@ -201,11 +201,24 @@ wait_for "an answer from web.default.svc.cluster.local" 30 fetch
 for i in 1 2 3; do fetch; done
 
 if "$WEFT" exec --help >/dev/null 2>&1; then
-  say "weft exec: a shell command inside a web pod (through the kubelet's TLS port)"
-  pod=$(w get pods -l app=web -o name | head -n 1)
-  w exec "${pod#pod/}" -- sh -c 'hostname; cat /www/index.html'
+  say "weft exec and weft logs: through the kubelets' HTTPS port 10250 with the lab's admin certificate"
+  pod=$(w get pods -l app=web -o json | python3 -c '
+import json, sys
+print(next(p["metadata"]["name"] for p in json.load(sys.stdin)["items"] if p["spec"].get("nodeName") != "node-1"))')
+  echo "\$ weft exec $pod -- sh -c 'hostname; cat /www/index.html; ps'"
+  w exec "$pod" -- sh -c 'hostname; cat /www/index.html; ps'
+  echo "\$ weft logs client --tail 2"
+  w logs client --tail 2
+  node_ip=$(w get pod "$pod" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["hostIP"])')
+  rc=0
+  "$WEFT" lab exec --name "$LAB" node-1 -- curl -sk -m 3 "https://$node_ip:10250/healthz" >/dev/null 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "the kubelet on $node_ip answered a client without a certificate" >&2
+    exit 1
+  fi
+  echo "curl https://$node_ip:10250/ without a client certificate: refused (curl exit $rc)"
 else
-  say "weft exec / weft logs: not in this build yet (the lab already sets WEFT_KUBELET_CA, WEFT_CLIENT_CERT, WEFT_CLIENT_KEY for them)"
+  say "weft exec / weft logs: not in this build yet (the lab already sets WEFT_KUBELET_CA, WEFT_KUBELET_CLIENT_CERT, WEFT_KUBELET_CLIENT_KEY for them)"
 fi
 
 say "weft scale deployment web --replicas 5: two more containers"

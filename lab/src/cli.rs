@@ -58,7 +58,8 @@ pub enum LabCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Run a command in `fabric`, `node-N` or `node-N-<pod>` (e.g. `weft lab exec node-1 -- weft routes`).
+    /// Run a command in `fabric`, `node-N` or `node-N-<pod>` (e.g. `weft lab exec node-1 -- weft get pods`), with
+    /// the lab's etcd and its kubelet client certificate (for `weft logs`, `weft exec`) in the environment.
     Exec {
         #[arg(long, default_value = "default")]
         name: String,

@@ -639,6 +639,15 @@ impl Lab {
             bail!("{e} ({ready} of {n} Ready)\n{}", logs.join("\n"));
         }
         progress(&format!("{n} nodes Ready"));
+        // The controller's /healthz at its default address, unless the caller moved it.
+        if !opts.controller_args.iter().any(|a| a.starts_with("--healthz-bind-address")) {
+            let fabric = Netns::attach(self.fabric.name());
+            let log = self.controller_log_path();
+            wait_until(Duration::from_secs(30), "weft controller's /healthz", || {
+                fabric.exec("curl", &["-sf", "http://127.0.0.1:10257/healthz"]).is_ok()
+            })
+            .with_context(|| tail(&log, 10))?;
+        }
         Ok(())
     }
 

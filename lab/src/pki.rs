@@ -22,8 +22,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The environment variables `weft logs` and `weft exec` read (set by `weft lab exec`).
 pub const ENV_KUBELET_CA: &str = "WEFT_KUBELET_CA";
-pub const ENV_CLIENT_CERT: &str = "WEFT_CLIENT_CERT";
-pub const ENV_CLIENT_KEY: &str = "WEFT_CLIENT_KEY";
+pub const ENV_CLIENT_CERT: &str = "WEFT_KUBELET_CLIENT_CERT";
+pub const ENV_CLIENT_KEY: &str = "WEFT_KUBELET_CLIENT_KEY";
 
 /// What one certificate is for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! The whole cluster in one lab (real etcd, containerd + runc + weft-cni per node, `weft kubelet`, `weft controller`,
 //! `weft proxy`, `weft dns`): a Deployment becomes Running containers on two nodes with addresses from their nodes'
-//! subnets, a Service with a selector answers HTTP 200 by DNS name from a pod on another node, a deleted pod is
+//! subnets, a Service with a selector answers HTTP 200 by DNS name from a pod on another node, `weft logs` and
+//! `weft exec` reach another node's kubelet with the lab's certificates, a deleted pod is
 //! recreated, `rollout undo` replaces the containers, and a node whose kubelet stops loses its pods to the other
 //! node after the (shortened) grace periods. One lab for every check, to keep the file within a few minutes.
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use weft_lab::{Lab, LabOptions};
+use weft_lab::{cluster, Lab, LabOptions};
 
 const REPLICAS: usize = 4;
 
@@ -154,11 +155,44 @@ fn curl(lab: &Lab, ns: &weft_lab::Netns, url: &str) -> Result<(String, String)> 
     Ok((code.to_string(), body.to_string()))
 }
 
+/// `weft lab exec` hands `weft logs`/`weft exec` the lab's admin certificate and CA, and every kubelet's serving
+/// certificate is signed by that CA for its node's address.
+fn lab_exec_carries_the_labs_client_certificate(lab: &Lab) -> Result<()> {
+    let script = "test -s \"$WEFT_KUBELET_CLIENT_KEY\" && openssl verify -purpose sslclient -CAfile \"$WEFT_KUBELET_CA\" \"$WEFT_KUBELET_CLIENT_CERT\"";
+    let out = std::process::Command::new(weft_lab::weft_bin())
+        .args(["lab", "exec", "--name", lab.id(), "node-1", "--", "sh", "-c", script])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains(": OK"), "{text}");
+    let pki = lab.pki();
+    for node in lab.nodes() {
+        let cert = pki.kubelet(node.name()).cert;
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-purpose", "sslserver", "-verify_ip", &node.ip().to_string(), "-CAfile"])
+            .arg(pki.ca().cert)
+            .arg(&cert)
+            .output()?;
+        assert!(out.status.success(), "{}: {}", cert.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 fn pods_run_on_two_nodes_in_their_subnets(lab: &Lab) -> Result<Vec<WebPod>> {
     lab.weft(&["apply", "-f", "-"], Some(&format!("{}---\n{SERVICE}", deployment("v1"))))?;
     let pods = wait_web(lab, REPLICAS, "v1", 120)?;
     let nodes: BTreeSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
     assert_eq!(nodes.len(), 2, "the scheduler spreads {REPLICAS} pods over both nodes: {pods:#?}");
+    // Sandboxes and containers (pause + httpd per pod) live under each node's pods cgroup in the lab's subtree,
+    // containerd itself under the subtree too: nothing of the lab is in the machine's root cgroup.
+    let id = lab.id();
+    let in_pods: usize =
+        (1..=2).map(|i| cluster::cgroup_pids(&cluster::pods_cgroup(id, lab.node(i).name())).len()).sum();
+    assert!(in_pods >= 2 * REPLICAS, "{in_pods} processes under the pods' cgroups");
+    let lab_pids = cluster::cgroup_pids(&cluster::cgroup_subtree(id));
+    for i in 1..=2 {
+        let pid: i32 = std::fs::read_to_string(lab.node(i).dir().join("containerd.pid"))?.trim().parse()?;
+        assert!(lab_pids.contains(&pid), "containerd of node-{i} ({pid}) is outside the lab's cgroup subtree");
+    }
     for p in &pods {
         let ip: Ipv4Addr = p.ip.parse().with_context(|| format!("pod {} has no address", p.name))?;
         let subnet = subnet_of(lab, node_index(&p.node)?)?;
@@ -207,6 +241,31 @@ fn service_answers_by_name_from_a_pod_on_another_node(lab: &Lab, pods: &[WebPod]
     })?;
     assert_eq!(code, "200", "{body}");
     assert!(body.starts_with("hello from web-"), "{body}");
+    Ok(())
+}
+
+/// `weft logs` and `weft exec` from node-1 reach pods on node-2 through its kubelet's port with the lab's
+/// certificates (as `weft lab exec` sets them); the port refuses a client without a certificate.
+fn logs_and_exec_reach_another_nodes_kubelet(lab: &Lab, pods: &[WebPod]) -> Result<()> {
+    let lab_exec = |cmd: &[&str]| -> Result<(bool, String)> {
+        let out = std::process::Command::new(weft_lab::weft_bin())
+            .args(["lab", "exec", "--name", lab.id(), "node-1", "--"])
+            .args(cmd)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+        ))
+    };
+    let target = pods.iter().find(|p| p.node == "node-2").ok_or_else(|| anyhow!("no web pod on node-2"))?;
+    let (ok, out) = lab_exec(&["weft", "exec", &target.name, "--", "cat", "/www/index.html"])?;
+    assert!(ok && out.contains(&format!("hello from {} v1", target.name)), "weft exec: {out}");
+    let (ok, out) = lab_exec(&["weft", "exec", &target.name, "--", "sh", "-c", "exit 3"])?;
+    assert!(!ok, "weft exec passes the command's failure on: {out}");
+    let (ok, out) = lab_exec(&["weft", "logs", "client"])?;
+    assert!(ok && out.contains("hello from web-"), "weft logs client: {out}");
+    let (ok, _) = lab_exec(&["curl", "-sk", "-m", "3", "https://192.168.56.12:10250/healthz"])?;
+    assert!(!ok, "the kubelet port served a client without a certificate");
     Ok(())
 }
 
@@ -262,6 +321,7 @@ fn a_stopped_kubelet_loses_its_pods_to_the_other_node(lab: &mut Lab) -> Result<(
         m
     });
     assert_eq!(per_node, BTreeMap::from([("node-1", REPLICAS)]));
+    assert_eq!(lab.ready_nodes(), ["node-1"], "node-2 is no longer Ready once its Lease is stale");
     Ok(())
 }
 
@@ -293,18 +353,22 @@ fn deployment_runs_on_containerd_across_nodes_behind_a_service_and_survives_dele
         s.push_str(&format!("--- controller\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
         s
     };
+    lab_exec_carries_the_labs_client_certificate(&lab).unwrap_or_else(|e| panic!("{e:#}"));
     let pods = pods_run_on_two_nodes_in_their_subnets(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     service_answers_by_name_from_a_pod_on_another_node(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
+    logs_and_exec_reach_another_nodes_kubelet(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     a_deleted_pod_is_recreated(&lab, &pods).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     rollout_undo_replaces_the_containers(&lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     a_stopped_kubelet_loses_its_pods_to_the_other_node(&mut lab).unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
 
-    // Teardown leaves no container, mount, cgroup or namespace of the lab.
+    // `weft lab down`'s teardown (from what is on the machine, not from this process's children) leaves no
+    // container, mount, cgroup or namespace of the lab.
     let (id, dir) = (lab.id().to_string(), lab.dir().to_path_buf());
-    drop(lab);
+    lab.persist();
+    Lab::down(&id).expect("lab down");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     assert!(!mounts.contains(&dir.to_string_lossy().to_string()), "mounts left under {}", dir.display());
-    assert!(weft_lab::cluster::cgroup_pids(&weft_lab::cluster::cgroup_subtree(&id)).is_empty());
+    assert!(cluster::cgroup_pids(&cluster::cgroup_subtree(&id)).is_empty());
     assert!(!weft_lab::lab::netns_list().iter().any(|n| n.starts_with(&weft_lab::lab::ns_prefix(&id))));
     assert!(!dir.exists());
 }
