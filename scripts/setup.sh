@@ -18,6 +18,9 @@ PACKAGES=(
   dnsperf knot                       # DNS load generator and the authoritative server weft dns is compared with (make bench)
   procps                             # ps, sysctl
   openssl                            # test certificates for etcd over TLS
+  qemu-system-x86 kmod cpio          # the QEMU kernel lab (IPVS mode): qemu-system-x86_64, depmod, initramfs
+  busybox-static binutils            # the lab guest's userland; objcopy strips weft's debug info for it
+  ipvsadm ipset                      # IPVS and ipset, read inside the lab guest (and ipset by ipvs mode itself)
 )
 
 missing=()
