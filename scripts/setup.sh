@@ -20,6 +20,9 @@ PACKAGES=(
   openssl                            # test certificates for etcd over TLS
   python3                            # make demo reads weft's JSON output (the lab's PKI uses openssl above)
   clang llvm libbpf-dev bpftool      # eBPF programs in C (weft-ebpf's build.rs) and bpftool for the eBPF tests
+  qemu-system-x86 kmod cpio          # the QEMU kernel lab (IPVS mode): qemu-system-x86_64, depmod, initramfs
+  busybox-static binutils            # the lab guest's userland; objcopy strips weft's debug info for it
+  ipvsadm ipset                      # IPVS and ipset, read inside the lab guest (and ipset by ipvs mode itself)
 )
 
 missing=()

@@ -44,6 +44,7 @@ impl RtSocket {
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(err)?;
         sock.bind_auto().map_err(err)?;
         sock.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+        sock.set_rx_buf_sz(super::netlink::RCVBUF).map_err(err)?;
         Ok(RtSocket { sock, seq: 0 })
     }
 

@@ -149,16 +149,15 @@ impl<R: Runner> IpvsDataplane<R> {
     }
 
     fn sockets(&mut self) -> Result<(&mut IpvsSocket, &mut RtSocket)> {
-        if self.ipvs.is_none() {
-            self.ipvs = Some(IpvsSocket::connect().map_err(ipvs_err("connecting to IPVS"))?);
-        }
-        if self.rt.is_none() {
-            self.rt = Some(RtSocket::connect()?);
-        }
-        match (self.ipvs.as_mut(), self.rt.as_mut()) {
-            (Some(i), Some(r)) => Ok((i, r)),
-            _ => unreachable!("both sockets were just set"),
-        }
+        let ipvs = match self.ipvs.take() {
+            Some(s) => s,
+            None => IpvsSocket::connect().map_err(ipvs_err("connecting to IPVS"))?,
+        };
+        let rt = match self.rt.take() {
+            Some(s) => s,
+            None => RtSocket::connect()?,
+        };
+        Ok((self.ipvs.insert(ipvs), self.rt.insert(rt)))
     }
 
     /// Once per process: sysctls and IPVS timeouts.
@@ -539,9 +538,13 @@ pub fn report() -> Result<String> {
     }
     let t = ipvs.timeouts().map_err(ipvs_err("reading IPVS timeouts"))?;
     out.push_str(&format!("timeouts: tcp {} tcpfin {} udp {}\n", t.tcp, t.tcp_fin, t.udp));
-    for (path, want) in sysctls(true, kernel_version(std::path::Path::new("/proc/sys"))) {
+    let all = sysctls(true, kernel_version(std::path::Path::new("/proc/sys")));
+    let always = sysctls(false, kernel_version(std::path::Path::new("/proc/sys")));
+    for (path, want) in all {
         let have = std::fs::read_to_string(std::path::Path::new("/proc/sys").join(path)).unwrap_or_default();
-        out.push_str(&format!("sysctl {} = {} (ipvs mode sets {want})\n", path.replace('/', "."), have.trim()));
+        let when = if always.iter().any(|(p, _)| *p == path) { "" } else { " with --ipvs-strict-arp" };
+        let name = path.replace('/', ".");
+        out.push_str(&format!("sysctl {name} = {} (ipvs mode sets {want}{when})\n", have.trim()));
     }
     Ok(out)
 }

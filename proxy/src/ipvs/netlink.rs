@@ -631,13 +631,19 @@ impl Error {
 /// and collects one answer per request: 0 for an ACK, a negative errno otherwise. The kernel handles the
 /// messages of one send in order, so a batch keeps the order of its requests.
 pub(crate) fn send_batch(sock: &Socket, requests: &[(u32, Vec<u8>)]) -> std::io::Result<Vec<i32>> {
+    // Each answer is its own socket buffer (about 1 KiB of receive-buffer space whatever its size): more
+    // than a few hundred outstanding overflow the receive buffer (ENOBUFS, answers lost). So a send
+    // carries at most MAX_MESSAGES requests, and the sockets ask for a larger buffer (`RCVBUF`).
     const CHUNK: usize = 32 * 1024;
+    const MAX_MESSAGES: usize = 128;
     let mut codes = vec![None::<i32>; requests.len()];
     let mut start = 0;
     while start < requests.len() {
         let mut end = start;
         let mut buf = Vec::new();
-        while end < requests.len() && (end == start || buf.len() + requests[end].1.len() <= CHUNK) {
+        while end < requests.len()
+            && (end == start || (buf.len() + requests[end].1.len() <= CHUNK && end - start < MAX_MESSAGES))
+        {
             buf.extend_from_slice(&requests[end].1);
             end += 1;
         }
@@ -670,6 +676,9 @@ pub(crate) fn send_batch(sock: &Socket, requests: &[(u32, Vec<u8>)]) -> std::io:
     Ok(codes.into_iter().map(|c| c.unwrap_or(0)).collect())
 }
 
+/// The receive buffer the batching sockets ask for.
+pub(crate) const RCVBUF: usize = 1 << 20;
+
 /// Serialises `payload` as one request with `flags` and sequence number `seq`.
 pub(crate) fn serialize<M: netlink_packet_core::NetlinkSerializable + std::fmt::Debug>(
     payload: M,
@@ -698,6 +707,7 @@ impl IpvsSocket {
         let mut sock = Socket::new(NETLINK_GENERIC).map_err(Error::Socket)?;
         sock.bind_auto().map_err(Error::Socket)?;
         sock.connect(&SocketAddr::new(0, 0)).map_err(Error::Socket)?;
+        sock.set_rx_buf_sz(RCVBUF).map_err(Error::Socket)?;
         let mut s = IpvsSocket { sock, family: 0, seq: 0 };
         s.family = s.resolve_family()?;
         Ok(s)
