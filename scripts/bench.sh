@@ -15,6 +15,9 @@
 #    latency percentiles at 10,000 QPS, and the RSS of `weft dns`. BENCH_DNS=0 skips it.
 # 6. Controllers: tests/examples/control_bench.rs — `weft apply` of a 1,000-replica Deployment to 1,000 pods bound,
 #    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
+# 7. eBPF mode: proxy/examples/ebpf_bench.rs — new connections through a VIP (socket LB) vs direct at 10 and
+#    BENCH_SERVICES (10,000) services, full / no-op / one-endpoint syncs beside iptables mode's full sync,
+#    map memory (bpftool). BENCH_EBPF=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -146,5 +149,11 @@ if [ "${BENCH_CONTROL:-1}" = 1 ]; then
   echo "== controllers: cargo run --release -p weft-lab --example control_bench (WEFT_BIN=$WEFT)" >&2
   WEFT_BIN="$WEFT" cargo run -q --release -p weft-lab --example control_bench >"$OUT/control.md" || fail "controller benchmark failed"
   [ -s "$OUT/control.md" ] && { echo; cat "$OUT/control.md"; }
+fi
+
+if [ "${BENCH_EBPF:-1}" = 1 ]; then
+  echo "== eBPF mode: cargo run --release -p weft-proxy --example ebpf_bench" >&2
+  cargo run -q --release -p weft-proxy --example ebpf_bench >"$OUT/ebpf.md" || fail "eBPF benchmark failed"
+  [ -s "$OUT/ebpf.md" ] && { echo; cat "$OUT/ebpf.md"; }
 fi
 exit $failed
