@@ -20,6 +20,9 @@
 # 8. ipvs mode vs iptables mode inside one QEMU guest (the host kernel has no IPVS): proxy/examples/ipvs_bench.rs —
 #    new connections through a VIP at 10 and BENCH_IPVS_SERVICES (10,000) services, full and one-endpoint syncs.
 #    Emulated CPU, so ratios only. BENCH_IPVS=0 skips it.
+# 9. eBPF mode: proxy/examples/ebpf_bench.rs — new connections through a VIP (socket LB) vs direct at 10 and
+#    BENCH_SERVICES (10,000) services, full / no-op / one-endpoint syncs beside iptables mode's full sync,
+#    map memory (bpftool). BENCH_EBPF=0 skips it.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -158,9 +161,17 @@ if [ "${BENCH_KUBELET:-1}" = 1 ]; then
   echo "== kubelet: cargo run --release -p weft-tests --example kubelet_bench (WEFT_BIN=$WEFT)" >&2
   WEFT_BIN="$WEFT" cargo run -q --release -p weft-tests --example kubelet_bench >"$OUT/kubelet.md" || fail "kubelet benchmark failed"
   [ -s "$OUT/kubelet.md" ] && { echo; cat "$OUT/kubelet.md"; }
+fi
+
 if [ "${BENCH_IPVS:-1}" = 1 ]; then
   echo "== ipvs vs iptables in the QEMU lab: cargo run --release -p weft-proxy --example ipvs_bench" >&2
   cargo run -q --release -p weft-proxy --example ipvs_bench >"$OUT/ipvs.md" || fail "ipvs benchmark failed"
   [ -s "$OUT/ipvs.md" ] && { echo; cat "$OUT/ipvs.md"; }
+fi
+
+if [ "${BENCH_EBPF:-1}" = 1 ]; then
+  echo "== eBPF mode: cargo run --release -p weft-proxy --example ebpf_bench" >&2
+  cargo run -q --release -p weft-proxy --example ebpf_bench >"$OUT/ebpf.md" || fail "eBPF benchmark failed"
+  [ -s "$OUT/ebpf.md" ] && { echo; cat "$OUT/ebpf.md"; }
 fi
 exit $failed

@@ -41,7 +41,7 @@ impl Fixture {
     /// A TCP client sends nothing (the server's close would reset a connection with unread data).
     fn client(&self, address: &str) -> Result<String> {
         let mut cmd = self.ns.command("socat");
-        cmd.args(["-T", "3", "-t", "5", "-", address])
+        cmd.args(["-T", "10", "-t", "10", "-", address])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -91,7 +91,7 @@ fn node_ports_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
             lb.maps.apply(&MapOp::PutService(k, SvcVal { id, count: 2, flags, affinity_secs: 0 }))?;
         }
     }
-    let fetch = |addr: &str| client.exec("socat", &["-T", "3", "-", &format!("TCP:{addr},connect-timeout=2")]);
+    let fetch = |addr: &str| client.exec("socat", &["-T", "10", "-", &format!("TCP:{addr},connect-timeout=5")]);
     let seen = |addr: &str| -> Result<BTreeSet<String>> {
         let mut s = BTreeSet::new();
         for _ in 0..30 {

@@ -85,6 +85,9 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 fn memlock(dir: &std::path::Path) -> Result<Vec<(String, u64, u64)>> {
     let mut out = Vec::new();
     for m in weft_ebpf::maps::MAPS {
+        if !dir.join(m).exists() {
+            continue; // weft_lb_ct exists only with --nodeport-interface
+        }
         let o = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(dir.join(m)).output()?;
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).context("bpftool -j map show")?;
         out.push((m.to_string(), v["max_entries"].as_u64().unwrap_or(0), v["bytes_memlock"].as_u64().unwrap_or(0)));

@@ -153,7 +153,10 @@ impl ProxyArgs {
         let node = self.hostname_override.clone().unwrap_or_else(hostname);
         if self.proxy_mode != Mode::Ebpf {
             // Switching away from ebpf mode: no program may keep translating behind this mode's back.
-            crate::ebpf::remove_leftovers(&self.bpf_pin_dir, &node).context("removing the ebpf mode's pins")?;
+            // Not fatal: this mode can still serve; the leftovers are named in the warning.
+            if let Err(e) = crate::ebpf::remove_leftovers(&self.bpf_pin_dir, &node) {
+                tracing::warn!("removing the ebpf mode's pins: {}", weft_api::error_chain(&e));
+            }
         }
         if self.proxy_mode != Mode::Ipvs {
             // A node switched away from ipvs mode keeps nothing of it (its VIPs on weft-ipvs0 would shadow ours).

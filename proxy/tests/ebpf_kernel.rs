@@ -55,7 +55,7 @@ impl Fixture {
     }
 
     fn fetch(&self, addr: &str) -> Result<String> {
-        Ok(self.script(&format!("socat -T 3 - TCP:{addr}"))?.trim().to_string())
+        Ok(self.script(&format!("socat -T 10 - TCP:{addr}"))?.trim().to_string())
     }
 }
 
@@ -102,7 +102,7 @@ fn a_racing_client_never_sees_a_half_written_service() -> Result<()> {
             Ok(n)
         })
     };
-    let out = fx.script("for i in $(seq 300); do socat -T 3 - TCP:10.96.0.1:80 || echo FAILED; done");
+    let out = fx.script("for i in $(seq 300); do socat -T 10 - TCP:10.96.0.1:80 || echo FAILED; done");
     stop.store(true, Ordering::Relaxed);
     let flips = flipper.join().map_err(|_| anyhow::anyhow!("flipper panicked"))??;
     let out = out?;

@@ -41,7 +41,7 @@ impl Env {
     fn spread_outside(&self, addr: &str, n: usize) -> Result<BTreeMap<String, usize>> {
         let mut seen = BTreeMap::new();
         for _ in 0..n {
-            let got = self.lab.fabric().exec("socat", &["-T", "3", "-", &format!("TCP:{addr},connect-timeout=2")])?;
+            let got = self.lab.fabric().exec("socat", &["-T", "10", "-", &format!("TCP:{addr},connect-timeout=5")])?;
             *seen.entry(got.trim().to_string()).or_insert(0) += 1;
         }
         Ok(seen)
@@ -62,12 +62,12 @@ impl Env {
     }
 
     fn fetch(&self, pod: &Pod, addr: &str) -> Result<String> {
-        self.in_pod(pod, &format!("socat -T 3 - TCP:{addr},connect-timeout=2"))
+        self.in_pod(pod, &format!("socat -T 10 - TCP:{addr},connect-timeout=5"))
     }
 
     /// `n` connections from the client pod; how many each server answered.
     fn spread(&self, addr: &str, n: usize) -> Result<BTreeMap<String, usize>> {
-        let out = self.in_pod(&self.client, &format!("for i in $(seq {n}); do socat -T 3 - TCP:{addr}; done"))?;
+        let out = self.in_pod(&self.client, &format!("for i in $(seq {n}); do socat -T 10 - TCP:{addr}; done"))?;
         let mut seen = BTreeMap::new();
         for l in out.lines() {
             *seen.entry(l.trim().to_string()).or_insert(0) += 1;
