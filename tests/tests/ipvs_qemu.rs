@@ -23,6 +23,7 @@ const CHECKS: &[&str] = &[
     "IPVS sysctls set in the node's namespace",
     "--ipvs-*-timeout flags",
     "weft services shows virtual and real servers with weights and connections",
+    "metrics and healthz",
     "a removed TCP real server goes to weight 0",
     "a removed endpoint gets no new connection",
     "a draining real server is deleted at its deadline",

@@ -182,6 +182,11 @@ if echo "$out" | grep -q "TCP 10.96.100.1:80 rr" && echo "$out" | grep -q "10.24
     pass "weft services shows virtual and real servers with weights and connections" ""
 else fail "weft services shows virtual and real servers with weights and connections" "$out"; fi
 
+out=$(nsx node curl -sf http://127.0.0.1:10249/metrics)
+if echo "$out" | grep -q 'weft_proxy_info{mode="ipvs"} 1' && echo "$out" | grep -Eq '^weft_proxy_service_ports [0-9]'; then
+    pass "metrics and healthz" "$(healthy)"
+else fail "metrics and healthz" "$out"; fi
+
 # A removed TCP real server drains at weight 0 (its closed connections still count), then goes at the deadline.
 before=$(spread client 10.96.100.8:80 6 | tr '\n' ' ')
 eps shrink 9376 TCP $S1 > /tmp/shrink.yaml; apply /tmp/shrink.yaml
