@@ -55,7 +55,9 @@ impl ContainerdFixture {
             .arg(f.dir())
             .arg("--cni-conf-dir")
             .arg(&net_d)
-            .args(["--cni-bin-dir", "/usr/lib/cni", "-o"])
+            .arg("--cni-bin-dir")
+            .arg(crate::bins::cni_bin_dir(None)?)
+            .arg("-o")
             .arg(&config))?;
         let log = std::fs::File::create(f.log_path())?;
         let child = f
@@ -108,7 +110,7 @@ impl ContainerdFixture {
         let data = self.dir().join("etcd");
         let log = std::fs::File::create(self.dir().join("etcd.log"))?;
         let child = self
-            .net_command("/usr/bin/etcd")
+            .net_command(crate::bins::etcd()?)
             .args(["--name", "node", "--data-dir"])
             .arg(&data)
             .args([

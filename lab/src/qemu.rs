@@ -16,15 +16,16 @@ use anyhow::{bail, Context, Result};
 /// Bump when the base image's contents change, so cached images are rebuilt.
 const BASE_VERSION: u32 = 1;
 
-/// Host programs copied into the guest (each with its `ldd` closure), at the same path.
-const TOOLS: &[&str] = &[
-    "/bin/ip",
-    "/usr/sbin/ipvsadm",
-    "/usr/sbin/ipset",
-    "/usr/sbin/xtables-nft-multi",
-    "/usr/bin/etcd",
-    "/usr/bin/curl",
-    "/usr/bin/socat",
+/// Host programs copied into the guest (each with its `ldd` closure): found on `PATH` (or where the variable
+/// names), put at the guest path its scenario scripts call them by.
+const TOOLS: &[(&str, &str, &str)] = &[
+    ("ip", "WEFT_IP_BIN", "/bin/ip"),
+    ("ipvsadm", "WEFT_IPVSADM_BIN", "/usr/sbin/ipvsadm"),
+    ("ipset", "WEFT_IPSET_BIN", "/usr/sbin/ipset"),
+    ("xtables-nft-multi", "WEFT_XTABLES_BIN", "/usr/sbin/xtables-nft-multi"),
+    ("etcd", crate::bins::ETCD_BIN_VAR, "/usr/bin/etcd"),
+    ("curl", "WEFT_CURL_BIN", "/usr/bin/curl"),
+    ("socat", "WEFT_SOCAT_BIN", "/usr/bin/socat"),
 ];
 
 /// Names the multi-call iptables binary answers to in the guest (the nf_tables backend).
@@ -177,19 +178,17 @@ impl KernelLab {
         for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "var/run", "root"] {
             std::fs::create_dir_all(stage.join(d))?;
         }
-        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("busybox is not installed (busybox-static)")?;
+        let busybox = crate::bins::find("busybox", "WEFT_BUSYBOX_BIN").context("busybox (busybox-static)")?;
         std::fs::copy(busybox, stage.join("bin/busybox"))?;
-        for tool in TOOLS {
-            copy_with_libs(Path::new(tool), &stage)?;
+        for (program, var, guest) in TOOLS {
+            let host = crate::bins::find(program, var).with_context(|| format!("{program}, for the guest"))?;
+            copy_with_libs_to(&host, Path::new(guest), &stage)?;
         }
         for l in XTABLES_LINKS {
             std::os::unix::fs::symlink("xtables-nft-multi", stage.join("usr/sbin").join(l))?;
         }
-        let xt = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
-        for e in std::fs::read_dir(xt).context("the iptables extensions")? {
+        let xt = xtables_dir()?;
+        for e in std::fs::read_dir(&xt).context("the iptables extensions")? {
             copy_with_libs(&e?.path(), &stage)?;
         }
         for f in ["/etc/protocols", "/etc/services", "/etc/ethertypes"] {
@@ -361,6 +360,29 @@ fn copy_libs(bin: &Path, root: &Path) -> Result<()> {
 fn copy_with_libs(bin: &Path, root: &Path) -> Result<()> {
     copy_file(bin, root)?;
     copy_libs(bin, root)
+}
+
+/// Copies the host's `bin` to `guest` inside `root` (where the scenario calls it), with its libraries.
+fn copy_with_libs_to(bin: &Path, guest: &Path, root: &Path) -> Result<()> {
+    let to = root.join(guest.strip_prefix("/").unwrap_or(guest));
+    std::fs::create_dir_all(to.parent().context("a path with a parent")?)?;
+    std::fs::copy(bin, &to).with_context(|| format!("copying {}", bin.display()))?;
+    copy_libs(bin, root)
+}
+
+/// iptables' extensions: `$XTABLES_LIBDIR`, else the `xtables` directory beside the `libxtables` that
+/// `xtables-nft-multi` links (its real path, which is where libxtables looks for them on the guest too).
+fn xtables_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XTABLES_LIBDIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    let multi = crate::bins::find("xtables-nft-multi", "WEFT_XTABLES_BIN")?;
+    let lib = libs(&multi)?
+        .into_iter()
+        .find(|l| l.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libxtables.so")))
+        .context("xtables-nft-multi links no libxtables")?;
+    let real = std::fs::canonicalize(&lib)?;
+    Ok(real.parent().context("libxtables' directory")?.join("xtables"))
 }
 
 fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
