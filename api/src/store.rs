@@ -381,6 +381,10 @@ impl Store {
     /// validation (errors name the field, as the API server's do).
     fn admit<K: Object>(obj: &K) -> Result<K> {
         let mut obj = obj.clone();
+        if !K::NAMESPACED {
+            // As the API server: a cluster-scoped object's namespace is cleared, not an error.
+            obj.metadata_mut().namespace = None;
+        }
         obj.apply_defaults();
         obj.validate().map_err(|errors| Error::Invalid {
             kind: K::KIND,

@@ -49,16 +49,13 @@ pub fn validate_meta(kind: &str, namespaced: bool, meta: &ObjectMeta) -> FieldEr
         }
         _ => {}
     }
-    match (namespaced, meta.namespace.as_deref()) {
-        (true, Some(ns)) if !is_dns1123_label(ns) => push(
+    // A cluster-scoped object's namespace is ignored (the store clears it on write), as the API server does.
+    if let Some(ns) = meta.namespace.as_deref().filter(|ns| namespaced && !is_dns1123_label(ns)) {
+        push(
             &mut errs,
             "metadata.namespace",
             format!("Invalid value: {:?}: a namespace must be a DNS-1123 label", truncate(ns)),
-        ),
-        (false, Some(ns)) if !ns.is_empty() => {
-            push(&mut errs, "metadata.namespace", "Forbidden: not allowed on this type")
-        }
-        _ => {}
+        );
     }
     for (k, v) in meta.labels.iter().flatten() {
         if !is_label_key(k) {
