@@ -466,3 +466,62 @@ pub async fn routes(args: RoutesArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::vtep_mac;
+    use crate::lease::LeaseAttrs;
+    use crate::plan::Route;
+
+    fn lease(subnet: &str, ip: [u8; 4]) -> Lease {
+        let ip = Ipv4Addr::from(ip);
+        Lease {
+            subnet: subnet.parse().unwrap(),
+            attrs: LeaseAttrs::vxlan(ip, 1, vtep_mac(ip, 1)),
+            etcd_lease: 1,
+            mod_revision: 1,
+            create_revision: 1,
+        }
+    }
+
+    #[test]
+    fn routes_report_marks_what_the_kernel_lacks_and_what_no_lease_claims() {
+        let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let local: Ipv4Network = "10.244.1.0/24".parse().unwrap();
+        let leases = [
+            lease("10.244.1.0/24", [192, 168, 56, 11]),
+            lease("10.244.2.0/24", [192, 168, 56, 12]),
+            lease("10.244.3.0/24", [192, 168, 56, 13]),
+        ];
+        // The kernel has everything for node-2, only the route for node-3, and a route nobody leases.
+        let mut observed = plan::desired_vxlan(local, 1, 5, &leases[..2]);
+        observed.routes.extend(plan::desired_vxlan(local, 1, 5, &leases[2..]).routes);
+        let stale = Route {
+            dst: "10.244.9.0/24".parse().unwrap(),
+            gateway: Ipv4Addr::new(10, 244, 9, 0),
+            ifindex: 5,
+            onlink: true,
+        };
+        observed.routes.insert(stale);
+        let info = LocalInfo { subnet: local, backend: "vxlan".into(), device: "flannel.1".into(), mtu: 1450 };
+        let mut report = routes_report(info, &cfg, &leases, 5, &observed);
+        let rows: Vec<_> = report.remotes.iter().map(|r| (r.subnet.to_string(), r.route, r.neigh, r.fdb)).collect();
+        assert_eq!(
+            rows,
+            [
+                ("10.244.2.0/24".to_string(), true, Some(true), Some(true)),
+                ("10.244.3.0/24".to_string(), true, Some(false), Some(false)),
+            ]
+        );
+        assert_eq!(report.stale, ["route 10.244.9.0/24 via 10.244.9.0"]);
+        report.source = "agent 127.0.0.1:8285".into();
+        report.programmed = Some([2, 2, 2]);
+        let text = render_routes(&report);
+        assert!(text.starts_with("local subnet 10.244.1.0/24  backend vxlan  device flannel.1  mtu 1450  (from agent 127.0.0.1:8285)\nthe agent programmed 2 routes, 2 neighbours, 2 FDB entries\n"), "{text}");
+        assert!(
+            text.contains("MISSING") && text.ends_with("stale (no lease): route 10.244.9.0/24 via 10.244.9.0\n"),
+            "{text}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 //! manifests, label selectors and quantities. The kubectl-like commands that print and edit these objects live in
 //! the `weft-cli` crate, which no daemon links.
 
+pub mod duration;
 pub mod etcd;
 pub mod http;
 pub mod informer;

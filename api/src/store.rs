@@ -218,11 +218,7 @@ fn etcd<'a>(op: &'static str, key: &'a str) -> impl FnOnce(etcd_client::Error) -
 
 /// A random version-4 UUID, formatted as Kubernetes formats metadata.uid.
 pub fn new_uid() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// Now, to the second, as the API server stamps creationTimestamp.

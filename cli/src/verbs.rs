@@ -159,33 +159,8 @@ pub struct DeleteArgs {
     pub etcd: EtcdArgs,
 }
 
-/// A Go-style duration: `90s`, `2m`, `1h30m`, `500ms`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (e.g. 30s, 2m, 1h30m)");
-    if let Ok(secs) = s.parse::<f64>() {
-        return (secs >= 0.0).then(|| Duration::from_secs_f64(secs)).ok_or_else(bad);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
-        rest = &rest[n..];
-        let u = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..u] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += value * scale;
-        rest = &rest[u..];
-    }
-    Ok(Duration::from_secs_f64(total))
-}
+/// Go-style durations: the one parser in weft-api.
+pub use weft_api::duration::parse as parse_duration;
 
 /// The kinds come from weft-api's registry; this crate adds kubectl's words for them and the printers
 /// (`table::Tabular`, `describe`).
@@ -1050,7 +1025,7 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("2").is_err(), "Go wants a unit");
         assert!(parse_duration("soon").is_err());
     }
 

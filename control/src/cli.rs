@@ -61,34 +61,8 @@ pub struct ControllerArgs {
     pub resync_period: Duration,
 }
 
-/// Go-style durations: `500ms`, `40s`, `5m`, `1h`, `5m0s`, `1.5s`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration like 500ms, 40s, 5m or 1h30m");
-    let mut total = 0f64;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    while !rest.is_empty() {
-        let n_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        let n: f64 = rest[..n_end].parse().map_err(|_| bad())?;
-        rest = &rest[n_end..];
-        let u_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let unit = match &rest[..u_end] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += n * unit;
-        rest = &rest[u_end..];
-    }
-    Ok(Duration::from_secs_f64(total))
-}
+/// Go-style durations: the one parser in weft-api.
+pub use weft_api::duration::parse as parse_duration;
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
     if v.is_empty() {
@@ -162,25 +136,6 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_read_like_go() {
-        let cases = [
-            ("500ms", 0.5),
-            ("40s", 40.0),
-            ("5m", 300.0),
-            ("1h30m", 5400.0),
-            ("5m0s", 300.0),
-            ("1.5s", 1.5),
-            ("0", 0.0),
-        ];
-        for (s, want) in cases {
-            assert_eq!(parse_duration(s).unwrap().as_secs_f64(), want, "{s}");
-        }
-        for bad in ["", "5", "5x", "m"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn controllers_flag() {

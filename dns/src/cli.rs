@@ -52,23 +52,8 @@ pub struct DnsArgs {
     pub healthz_bind_address: String,
 }
 
-/// `500ms`, `2s`, `1m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        return Err(format!("{s:?}: add a unit (ms, s, m)"));
-    };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms or 2s"))?;
-    if !n.is_finite() || n < 0.0 {
-        return Err(format!("{s:?} must be a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(n * mult))
-}
+/// Go-style durations: the one parser in weft-api.
+pub use weft_api::duration::parse as parse_duration;
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
     if v.is_empty() {

@@ -51,22 +51,26 @@ pub fn run_weft(endpoint: &str, args: &[&str], stdin: Option<&str>) -> std::io::
 /// (`MicroTime`, e.g. a Lease's renewTime). For tests and benchmarks that stand in for a kubelet.
 pub fn kube_time(t: std::time::SystemTime, micros: bool) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let base = format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
-    if micros {
-        format!("{base}.{:06}Z", d.subsec_micros())
-    } else {
-        format!("{base}Z")
+    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    let ts = jiff::Timestamp::new(secs, d.subsec_nanos() as i32).unwrap_or(jiff::Timestamp::MAX);
+    ts.strftime(if micros { "%Y-%m-%dT%H:%M:%S%.6fZ" } else { "%Y-%m-%dT%H:%M:%SZ" }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn kube_time_writes_rfc3339_utc_like_the_api_server() {
+        // (seconds, microseconds, Time, MicroTime)
+        let cases = [
+            (0, 0, "1970-01-01T00:00:00Z", "1970-01-01T00:00:00.000000Z"),
+            (951_782_400, 7, "2000-02-29T00:00:00Z", "2000-02-29T00:00:00.000007Z"),
+            (1_767_225_599, 999_999, "2025-12-31T23:59:59Z", "2025-12-31T23:59:59.999999Z"),
+        ];
+        for (secs, us, time, micro) in cases {
+            let t = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(us);
+            assert_eq!((super::kube_time(t, false).as_str(), super::kube_time(t, true).as_str()), (time, micro));
+        }
     }
 }
