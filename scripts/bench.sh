@@ -22,7 +22,8 @@
 #    Emulated CPU, so ratios only. BENCH_IPVS=0 skips it.
 # 9. eBPF mode: proxy/examples/ebpf_bench.rs — new connections through a VIP (socket LB) vs direct at 10 and
 #    BENCH_SERVICES (10,000) services, full / no-op / one-endpoint syncs beside iptables mode's full sync,
-#    map memory (bpftool). BENCH_EBPF=0 skips it.
+#    map memory (bpftool); proxy/examples/ebpf_nodeport_bench.rs — NodePort throughput to a remote backend,
+#    ebpf vs iptables mode on node-1 of a 2-node lab. BENCH_EBPF=0 skips both.
 #
 # Prints a markdown summary. Exits non-zero only when a measurement could not be taken; a missed target is
 # reported, never an error (timings on these shared 2-core machines are noisy).
@@ -173,5 +174,8 @@ if [ "${BENCH_EBPF:-1}" = 1 ]; then
   echo "== eBPF mode: cargo run --release -p weft-proxy --example ebpf_bench" >&2
   cargo run -q --release -p weft-proxy --example ebpf_bench >"$OUT/ebpf.md" || fail "eBPF benchmark failed"
   [ -s "$OUT/ebpf.md" ] && { echo; cat "$OUT/ebpf.md"; }
+  echo "== eBPF mode NodePort: cargo run --release -p weft-proxy --example ebpf_nodeport_bench (WEFT_BIN=$WEFT)" >&2
+  WEFT_BIN="$WEFT" cargo run -q --release -p weft-proxy --example ebpf_nodeport_bench >"$OUT/ebpf-np.md" || fail "eBPF NodePort benchmark failed"
+  [ -s "$OUT/ebpf-np.md" ] && { echo; cat "$OUT/ebpf-np.md"; }
 fi
 exit $failed

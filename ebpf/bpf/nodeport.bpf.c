@@ -109,7 +109,9 @@ static __always_inline int redirect(struct __sk_buff *skb, struct pkt *p, __u32 
 	struct bpf_fib_lookup fib = {};
 	fib.family = AF_INET;
 	fib.l4_protocol = p->proto;
-	fib.tot_len = skb->len - ETH_HLEN;
+	/* tot_len 0: the kernel checks the MTU against the skb itself, which knows GSO packets (a TSO
+	 * packet from a veth is up to 64 KiB and would otherwise be refused as "fragmentation needed"). */
+	fib.tot_len = 0;
 	fib.ipv4_src = src;
 	fib.ipv4_dst = dst;
 	fib.ifindex = skb->ifindex;
