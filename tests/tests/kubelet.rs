@@ -246,6 +246,31 @@ impl Env {
         Ok(())
     }
 
+    /// The id of the pod's running sandbox, from containerd's own labels.
+    fn sandbox_of(&self, uid: &str) -> Option<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.fx.socket())
+            .args(["-n", "k8s.io", "containers", "ls", "-q"])
+            .arg(format!("labels.\"io.kubernetes.pod.uid\"=={uid},labels.\"io.cri-containerd.kind\"==sandbox"))
+            .output()
+            .ok()?;
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        // Only one runs at a time; an old one may linger until the kubelet removes it.
+        ids.into_iter().find(|id| {
+            Command::new("ctr")
+                .arg("--address")
+                .arg(self.fx.socket())
+                .args(["-n", "k8s.io", "tasks", "ls"])
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING"))
+                })
+        })
+    }
+
     fn container_exists(&self, container_id: &str) -> bool {
         let id = container_id.trim_start_matches("containerd://");
         Command::new("ctr")
@@ -400,8 +425,10 @@ fn a_crash_loop_backs_off_with_crashloopbackoff() {
 #[test]
 fn init_containers_run_in_order_before_the_app() {
     let env = env();
+    // Each init container appends to a file on an emptyDir volume the app container sees.
+    let mount = "    volumeMounts:\n    - name: work\n      mountPath: /work\n";
     let y = format!(
-        "{}  initContainers:\n  - name: first\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 1\"]\n  - name: second\n    image: weft.local/busybox:1\n    command: [\"true\"]\n",
+        "{}{mount}  initContainers:\n  - name: first\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 1; echo first >> /work/order\"]\n{mount}  - name: second\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"echo second >> /work/order\"]\n{mount}  volumes:\n  - name: work\n    emptyDir: {{}}\n",
         pod_yaml("inits", "Always", &container("app", "sleep 1000"))
     );
     env.apply(&y);
@@ -412,6 +439,8 @@ fn init_containers_run_in_order_before_the_app() {
     assert_eq!(inits[1]["state"]["terminated"]["exitCode"], 0);
     assert!(t(0, "finishedAt") <= t(1, "startedAt"), "first finished before second started");
     assert_eq!(condition(&p, "Initialized"), "True");
+    let app = cstatus(&p, "app")["containerID"].as_str().unwrap().to_string();
+    assert_eq!(env.exec(&app, &["cat", "/work/order"]).unwrap(), "first\nsecond\n");
 
     // A failing init container blocks the app and is retried.
     let y = format!(
@@ -505,6 +534,14 @@ fn a_killed_container_is_recreated_and_a_deleted_pod_stopped() {
         restarts(p, "c") >= 1 && cstatus(p, "c")["state"]["running"].is_object()
     });
     assert_eq!(cstatus(&p, "c")["lastState"]["terminated"]["exitCode"], 137);
+    // The sandbox killed by hand: a new one (new address possible), the container started again in it.
+    let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
+    let sandbox = env.sandbox_of(&uid).expect("the pod's sandbox");
+    env.kill_task(&sandbox).unwrap();
+    let p = env.wait_pod("victim", T, "running again in a new sandbox", |p| {
+        restarts(p, "c") >= 2 && cstatus(p, "c")["state"]["running"].is_object() && condition(p, "Ready") == "True"
+    });
+    assert_ne!(env.sandbox_of(&uid).as_deref(), Some(sandbox.as_str()));
     let id2 = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
     // Deleted from the store outright: its containers are stopped and removed.
     env.weft(&["delete", "pod", "victim"], None).unwrap();
@@ -688,4 +725,18 @@ fn logs_and_exec_go_through_the_kubelet_server_with_client_certificates() {
         !rogue.status.success() || !String::from_utf8_lossy(&rogue.stdout).contains("ok"),
         "served a client of another CA"
     );
+}
+
+#[test]
+fn a_host_network_pod_runs_on_the_node_network() {
+    let env = env();
+    let y = pod_yaml("hostnet", "Always", &container("c", "sleep 1000"))
+        .replace("  restartPolicy:", "  hostNetwork: true\n  restartPolicy:");
+    env.apply(&y);
+    let p = env.wait_pod("hostnet", T, "Running", |p| phase(p) == "Running");
+    assert_eq!(p["status"]["podIP"], "10.88.0.1", "the node's address: {p}");
+    let id = cstatus(&p, "c")["containerID"].as_str().unwrap().to_string();
+    // The node's interfaces (its CNI bridge among them) are the container's.
+    let dev = env.exec(&id, &["cat", "/proc/net/dev"]).unwrap();
+    assert!(dev.contains("cni0"), "{dev}");
 }

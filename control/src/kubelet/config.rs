@@ -279,7 +279,11 @@ fn push_unique(list: &mut Vec<String>, items: impl IntoIterator<Item = String>) 
 pub fn dns_config(pod: &Pod, node: &NodeSettings) -> cri::DnsConfig {
     let spec = pod.spec.as_ref();
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let policy = spec.and_then(|s| s.dns_policy.as_deref()).unwrap_or("ClusterFirst");
+    let mut policy = spec.and_then(|s| s.dns_policy.as_deref()).unwrap_or("ClusterFirst");
+    // On the node's network the cluster DNS is only for pods that ask with ClusterFirstWithHostNet.
+    if host_network(pod) && policy == "ClusterFirst" {
+        policy = "Default";
+    }
     let mut d = cri::DnsConfig::default();
     match policy {
         "None" => {}
@@ -375,6 +379,61 @@ fn pod_ids(pod: &Pod) -> (String, String, String) {
     )
 }
 
+/// `<root>/pods/<uid>`: the pod's own files (its emptyDir volumes).
+pub fn pod_dir(pod: &Pod, node: &NodeSettings) -> String {
+    format!("{}/pods/{}", node.root_dir.trim_end_matches('/'), pod.metadata.uid.as_deref().unwrap_or_default())
+}
+
+/// Where emptyDir volume `name` of the pod lives on the node.
+pub fn empty_dir_path(pod: &Pod, node: &NodeSettings, name: &str) -> String {
+    format!("{}/volumes/{name}", pod_dir(pod, node))
+}
+
+/// The pod's emptyDir volumes' directories (the kubelet creates them before the containers).
+pub fn empty_dirs(pod: &Pod, node: &NodeSettings) -> Vec<String> {
+    let vols = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    vols.into_iter().flatten().filter(|v| v.empty_dir.is_some()).map(|v| empty_dir_path(pod, node, &v.name)).collect()
+}
+
+/// The container's volumeMounts as CRI mounts: emptyDir (a directory of the pod on the node) and hostPath;
+/// any other volume source is a config error.
+pub fn mounts(pod: &Pod, c: &Container, node: &NodeSettings) -> Result<Vec<cri::Mount>> {
+    let vols = pod.spec.as_ref().and_then(|s| s.volumes.as_deref()).unwrap_or_default();
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let v = vols
+            .iter()
+            .find(|v| v.name == m.name)
+            .ok_or_else(|| Error::Unsupported(format!("volumeMount {:?}: no volume of that name", m.name)))?;
+        let base = if v.empty_dir.is_some() {
+            empty_dir_path(pod, node, &v.name)
+        } else if let Some(h) = &v.host_path {
+            h.path.clone()
+        } else {
+            return Err(Error::Unsupported(format!(
+                "volume {:?}: only emptyDir and hostPath volumes are supported by this kubelet",
+                v.name
+            )));
+        };
+        let sub = m.sub_path.as_deref().unwrap_or_default();
+        if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
+            return Err(Error::Unsupported(format!("volumeMount {:?}: subPath {sub:?} must be relative", m.name)));
+        }
+        let host_path = if sub.is_empty() { base } else { format!("{base}/{sub}") };
+        out.push(cri::Mount {
+            container_path: m.mount_path.clone(),
+            host_path,
+            readonly: m.read_only.unwrap_or(false),
+            ..Default::default()
+        });
+    }
+    Ok(out)
+}
+
+pub fn host_network(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+}
+
 /// `<root>/pods/<namespace>_<name>_<uid>`
 pub fn pod_log_dir(pod: &Pod, node: &NodeSettings) -> String {
     let (name, ns, uid) = pod_ids(pod);
@@ -397,7 +456,12 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, node: &NodeSettings) -> cri::PodS
     let mut annotations: HashMap<String, String> =
         pod.metadata.annotations.clone().unwrap_or_default().into_iter().collect();
     annotations.insert(ANNOTATION_GRACE.into(), grace_period(pod).to_string());
-    let hostname = spec.and_then(|s| s.hostname.clone()).unwrap_or_else(|| name.clone());
+    // On the node's network the UTS namespace is the node's too: its hostname is not the pod's to set.
+    let hostname = if host_network(pod) {
+        String::new()
+    } else {
+        spec.and_then(|s| s.hostname.clone()).unwrap_or_else(|| name.clone())
+    };
     let port_mappings = spec
         .map(|s| s.containers.iter().flat_map(|c| c.ports.iter().flatten()).collect::<Vec<_>>())
         .unwrap_or_default()
@@ -422,7 +486,17 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, node: &NodeSettings) -> cri::PodS
         port_mappings,
         labels,
         annotations,
-        linux: Some(cri::LinuxPodSandboxConfig { cgroup_parent: node.cgroup_parent.clone(), ..Default::default() }),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: node.cgroup_parent.clone(),
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: if host_network(pod) { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod } as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -435,6 +509,7 @@ pub fn container_config(
     attempt: u32,
     env: Vec<(String, String)>,
     image: &str,
+    mounts: Vec<cri::Mount>,
 ) -> cri::ContainerConfig {
     let (name, ns, uid) = pod_ids(pod);
     let labels = HashMap::from([
@@ -456,6 +531,7 @@ pub fn container_config(
         args: c.args.clone().unwrap_or_default(),
         working_dir: c.working_dir.clone().unwrap_or_default(),
         envs: env.into_iter().map(|(key, value)| cri::KeyValue { key, value }).collect(),
+        mounts,
         labels,
         annotations,
         log_path: format!("{}/{attempt}.log", c.name),
@@ -635,6 +711,53 @@ mod tests {
     }
 
     #[test]
+    fn host_network_pods_use_the_node_network_and_its_dns() {
+        let p = pod(json!({"hostNetwork": true, "containers": [{"name": "c"}]}));
+        let sb = sandbox_config(&p, 0, &node());
+        let ns = sb.linux.unwrap().security_context.unwrap().namespace_options.unwrap();
+        assert_eq!(ns.network, cri::NamespaceMode::Node as i32);
+        assert_eq!(dns_config(&p, &node()).servers, vec!["192.168.56.1".to_string()]);
+        let p =
+            pod(json!({"hostNetwork": true, "dnsPolicy": "ClusterFirstWithHostNet", "containers": [{"name": "c"}]}));
+        assert_eq!(dns_config(&p, &node()).servers, vec!["10.96.0.10".to_string()]);
+        let p = pod(json!({"containers": [{"name": "c"}]}));
+        let ns = sandbox_config(&p, 0, &node()).linux.unwrap().security_context.unwrap().namespace_options.unwrap();
+        assert_eq!(ns.network, cri::NamespaceMode::Pod as i32);
+    }
+
+    #[test]
+    fn volume_mounts_for_empty_dir_and_host_path() {
+        let c = container(json!({"name": "c", "volumeMounts": [
+            {"name": "work", "mountPath": "/work"},
+            {"name": "work", "mountPath": "/sub", "subPath": "a/b", "readOnly": true},
+            {"name": "host", "mountPath": "/host"},
+        ]}));
+        let p = pod(json!({"containers": [c.clone()], "volumes": [
+            {"name": "work", "emptyDir": {}}, {"name": "host", "hostPath": {"path": "/srv/data"}},
+            {"name": "cfg", "configMap": {"name": "x"}},
+        ]}));
+        let m = mounts(&p, &c, &node()).unwrap();
+        let got: Vec<(&str, &str, bool)> =
+            m.iter().map(|m| (m.container_path.as_str(), m.host_path.as_str(), m.readonly)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/work", "/var/lib/weft/kubelet/pods/u-1/volumes/work", false),
+                ("/sub", "/var/lib/weft/kubelet/pods/u-1/volumes/work/a/b", true),
+                ("/host", "/srv/data", false),
+            ]
+        );
+        assert_eq!(empty_dirs(&p, &node()), vec!["/var/lib/weft/kubelet/pods/u-1/volumes/work".to_string()]);
+        for bad in [
+            json!({"name": "c", "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}),
+            json!({"name": "c", "volumeMounts": [{"name": "nope", "mountPath": "/x"}]}),
+            json!({"name": "c", "volumeMounts": [{"name": "work", "mountPath": "/x", "subPath": "../../etc"}]}),
+        ] {
+            assert!(mounts(&p, &container(bad.clone()), &node()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn resources_become_cgroup_values() {
         let c = container(
             json!({"name": "c", "resources": {"requests": {"cpu": "100m", "memory": "100Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}}}),
@@ -668,7 +791,7 @@ mod tests {
         assert_eq!(sb.log_directory, "/var/lib/weft/kubelet/pods/shop_web-1_u-1");
         assert_eq!(sb.linux.as_ref().unwrap().cgroup_parent, "/weft");
         assert_eq!(sb.annotations[ANNOTATION_GRACE], "5");
-        let cc = container_config(&p, &c, "app", 3, vec![("A".into(), "1".into())], "weft.local/busybox:1");
+        let cc = container_config(&p, &c, "app", 3, vec![("A".into(), "1".into())], "weft.local/busybox:1", vec![]);
         assert_eq!(cc.labels[LABEL_CONTAINER_NAME], "web");
         assert_eq!(cc.labels[LABEL_HASH], spec_hash(&c));
         assert_eq!(

@@ -181,6 +181,9 @@ pub fn key(name: &str) -> String {
     name.to_string()
 }
 
+/// The back-off key of the pod's sandbox (no container may have this name: it is not a DNS label).
+pub const SANDBOX_KEY: &str = "<sandbox>";
+
 /// Where initialization stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Init {
@@ -257,6 +260,12 @@ pub fn compute_pod_actions(
         }
         if obs.sandbox.is_some() || obs.containers.iter().any(|c| c.state == RunState::Running) {
             a.kill_pod = Some("the pod's sandbox changed; it is re-created".into());
+        }
+        // A sandbox that failed to start is retried after its back-off.
+        let failed_at = mem.start_errors.get(SANDBOX_KEY).map(|e| e.at);
+        if let Some(wait) = failed_at.and_then(|at| policy.remaining(mem.backoff.get(SANDBOX_KEY), at, now)) {
+            min_requeue(&mut a, wait);
+            return a;
         }
         a.create_sandbox = Some(attempt);
         // Containers of the old sandbox do not count: start from the first init container again.
@@ -643,7 +652,16 @@ pub fn pod_status(
             c.message = ready_msg.clone();
         }
     }
-    let ip = obs.sandbox.as_ref().filter(|s| s.ready).and_then(|s| s.ip.clone()).or_else(|| {
+    let host_net = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let sandbox_ip = obs.sandbox.as_ref().filter(|s| s.ready).and_then(|s| {
+        // On the node's network the pod's address is the node's.
+        if host_net {
+            Some(inputs.host_ip.clone()).filter(|h| !h.is_empty())
+        } else {
+            s.ip.clone()
+        }
+    });
+    let ip = sandbox_ip.or_else(|| {
         // A finished pod keeps the address it had.
         prev.and_then(|p| p.pod_ip.clone()).filter(|_| terminal)
     });
@@ -1039,6 +1057,22 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_sandbox_is_retried_after_its_backoff() {
+        let p = pod("Always", &["a"], &[]);
+        let pol = BackoffPolicy::default();
+        let mut mem = PodMemory::default();
+        mem.start_errors.insert(
+            SANDBOX_KEY.into(),
+            StartError { reason: "FailedCreatePodSandBox".into(), message: "x".into(), at: at(3) },
+        );
+        mem.backoff.insert(SANDBOX_KEY.into(), Backoff { delay: Duration::from_secs(10), since: at(3) });
+        let a = compute_pod_actions(&p, &Observed::default(), &mem, &pol, now());
+        assert_eq!((a.create_sandbox, a.requeue_after), (None, Some(Duration::from_secs(7))));
+        let a = compute_pod_actions(&p, &Observed::default(), &mem, &pol, now() + SignedDuration::from_secs(8));
+        assert_eq!(a.create_sandbox, Some(0));
+    }
+
+    #[test]
     fn liveness_failure_kills_and_the_policy_decides_the_restart() {
         for (policy, restarts) in [("Always", true), ("OnFailure", true), ("Never", false)] {
             let p = pod(policy, &["a"], &[]);
@@ -1116,6 +1150,18 @@ mod tests {
             now(),
         );
         assert_eq!(s.phase.as_deref(), Some("Failed"));
+    }
+
+    #[test]
+    fn a_host_network_pod_has_the_node_address() {
+        let mut p = pod("Always", &["a"], &[]);
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        let o = Observed {
+            sandbox: Some(SandboxObs { ip: None, ..sandbox().unwrap() }),
+            containers: vec![running("a", 0)],
+        };
+        let (_, s) = decide(&p, &o);
+        assert_eq!(s.pod_ip.as_deref(), Some("192.168.56.11"));
     }
 
     #[test]

@@ -423,7 +423,11 @@ impl<R: Runtime> PodWorker<R> {
         }
         tracing::info!(uid = %self.uid, "stopping the containers of a pod that is gone");
         self.kill_all(raw, raw.grace()).await;
-        self.remove_all(raw).await
+        let done = self.remove_all(raw).await;
+        if done && !self.uid.is_empty() && !self.uid.contains('/') {
+            let _ = std::fs::remove_dir_all(format!("{}/pods/{}", self.shared.opts.settings.root_dir, self.uid));
+        }
+        done
     }
 
     /// One level-triggered pass for a pod; true when the worker is done (the pod was deleted).
@@ -436,6 +440,7 @@ impl<R: Runtime> PodWorker<R> {
             if !self.remove_all(raw).await {
                 return false;
             }
+            self.remove_pod_dirs(pod);
             self.delete_pod_object(pod).await;
             return true;
         }
@@ -468,6 +473,16 @@ impl<R: Runtime> PodWorker<R> {
         self.write_status(pod, status).await;
         self.collect_garbage(raw).await;
         false
+    }
+
+    /// The pod's emptyDir volumes and logs, once its containers are gone.
+    fn remove_pod_dirs(&self, pod: &Pod) {
+        let settings = &self.shared.opts.settings;
+        for d in [config::pod_dir(pod, settings), config::pod_log_dir(pod, settings)] {
+            if pod.metadata.uid.as_deref().is_some_and(|u| !u.is_empty()) {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
     }
 
     async fn delete_pod_object(&self, pod: &Pod) {
@@ -603,12 +618,18 @@ impl<R: Runtime> PodWorker<R> {
                 acted = true;
                 match self.rt().run_pod_sandbox(cfg.clone()).await {
                     Ok(id) => {
+                        self.mem.start_errors.remove(decide::SANDBOX_KEY);
                         let ip = self.rt().pod_sandbox_status(&id).await.ok().and_then(|s| s.network).map(|n| n.ip);
                         tracing::info!(pod = %name, sandbox = %id, ip = ?ip, "sandbox created");
                         (id, ip.unwrap_or_default(), cfg)
                     }
                     Err(e) => {
-                        tracing::warn!(pod = %name, error = %weft_api::error_chain(&e), "creating the sandbox failed");
+                        tracing::warn!(pod = %name, error = %e.message(), "creating the sandbox failed");
+                        let key = decide::SANDBOX_KEY.to_string();
+                        let next = self.shared.opts.backoff.next(self.mem.backoff.get(&key), now);
+                        self.mem.backoff.insert(key.clone(), next);
+                        let err = StartError { reason: "FailedCreatePodSandBox".into(), message: e.message(), at: now };
+                        self.mem.start_errors.insert(key, err);
                         return acted;
                     }
                 }
@@ -622,6 +643,7 @@ impl<R: Runtime> PodWorker<R> {
             },
         };
         let fresh = a.create_sandbox.is_some();
+        let sandbox_ip = if config::host_network(pod) { settings.host_ip.clone() } else { sandbox_ip };
         let mut starts: Vec<(&k8s_openapi::api::core::v1::Container, &str)> = Vec::new();
         if let Some(i) = a.start_init {
             starts.extend(decide::init_containers(pod).get(i).map(|c| (c, "init")));
@@ -629,7 +651,9 @@ impl<R: Runtime> PodWorker<R> {
         starts.extend(a.start.iter().filter_map(|i| decide::app_containers(pod).get(*i)).map(|c| (c, "app")));
         for (c, kind) in starts {
             let latest = if fresh { None } else { obs.latest(&c.name).0 };
-            let attempt = latest.map(|o| o.attempt + 1).unwrap_or(0);
+            // In a new sandbox the count goes on from the containers of the old one (restartCount).
+            let before = raw.containers.iter().filter(|(o, _)| o.name == c.name).map(|(o, _)| o.attempt + 1).max();
+            let attempt = latest.map(|o| o.attempt + 1).or(before).unwrap_or(0);
             // A restart after an exit moves the back-off on.
             if let Some(at) = latest.filter(|o| o.state == RunState::Exited).and_then(|o| o.finished_at) {
                 let next = self.shared.opts.backoff.next(self.mem.backoff.get(&decide::key(&c.name)), at);
@@ -688,9 +712,18 @@ impl<R: Runtime> PodWorker<R> {
             Ok(env) => env,
             Err(e) => return fail(self, "CreateContainerConfigError", e.to_string()),
         };
+        let mounts = match config::mounts(pod, c, &self.shared.opts.settings) {
+            Ok(m) => m,
+            Err(e) => return fail(self, "CreateContainerConfigError", e.to_string()),
+        };
+        for d in config::empty_dirs(pod, &self.shared.opts.settings) {
+            if let Err(e) = std::fs::create_dir_all(&d) {
+                return fail(self, "CreateContainerConfigError", format!("emptyDir {d}: {e}"));
+            }
+        }
         let log_dir = std::path::Path::new(&sandbox_cfg.log_directory).join(&c.name);
         let _ = std::fs::create_dir_all(&log_dir);
-        let cfg = config::container_config(pod, c, kind, attempt, env, &image);
+        let cfg = config::container_config(pod, c, kind, attempt, env, &image, mounts);
         let id = match self.rt().create_container(sandbox_id, cfg, sandbox_cfg.clone()).await {
             Ok(id) => id,
             Err(e) => return fail(self, "CreateContainerError", e.message()),
