@@ -107,7 +107,7 @@ tasks() {
 pod_log() {
   local pod="$1" node="$2"
   if "$WEFT" logs --help >/dev/null 2>&1; then
-    w logs "$pod"
+    w logs "$pod" | on_nodes
   else
     echo "(no \`weft logs\` in this build: the kubelet's CRI log file on $node)"
     cat "$LABDIR/$node"/kubelet/pods/default_"$pod"_*/*/0.log | cut -d' ' -f4- | on_nodes
