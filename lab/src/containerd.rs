@@ -174,86 +174,24 @@ impl ContainerdFixture {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
-
-    fn kill_cgroup_procs(dir: &Path) {
-        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            for pid in text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a pid listed in our own cgroup; at worst ESRCH.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            for e in rd.flatten() {
-                if e.path().is_dir() {
-                    Self::kill_cgroup_procs(&e.path());
-                }
-            }
-        }
-    }
-
-    fn remove_cgroup_tree(dir: &Path) {
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            for e in rd.flatten() {
-                if e.path().is_dir() {
-                    Self::remove_cgroup_tree(&e.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(dir);
-    }
-
-    fn unmount_under(dir: &Path) {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = dir.to_string_lossy().to_string();
-        let mut points: Vec<String> = text
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&prefix))
-            .map(|p| p.replace("\\040", " "))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = Command::new("umount").arg("-l").arg(&p).stderr(Stdio::null()).status();
-        }
-    }
 }
 
 /// Kills every process in the cgroup `parent` (relative to each hierarchy, as `--cgroup-parent` takes it): what
 /// a node's pods run in. For teardown (the lab's too): then kill containerd and its shims, `unmount_under` its
 /// directory, and `remove_cgroups(parent)`.
 pub fn kill_cgroup(parent: &str) {
-    let roots = cgroup_roots(parent);
-    for _ in 0..3 {
-        for r in &roots {
-            ContainerdFixture::kill_cgroup_procs(r);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::cluster::kill_cgroup(parent, Duration::from_secs(5));
 }
 
 /// Removes the (empty) cgroup directories of `parent` in every hierarchy.
 pub fn remove_cgroups(parent: &str) {
-    for r in cgroup_roots(parent) {
-        ContainerdFixture::remove_cgroup_tree(&r);
-    }
+    crate::cluster::remove_cgroup(parent);
 }
 
-/// Lazily unmounts everything mounted under `dir` (containers' rootfs, sandboxes' shm and netns), deepest first.
+/// Lazily unmounts everything mounted at or under `dir` (containers' rootfs, sandboxes' shm and netns), deepest
+/// first.
 pub fn unmount_under(dir: &Path) {
-    ContainerdFixture::unmount_under(dir)
-}
-
-fn cgroup_roots(parent: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-        for e in rd.flatten() {
-            let p = e.path().join(parent.trim_start_matches('/'));
-            if p.is_dir() && !parent.trim_matches('/').is_empty() {
-                out.push(p);
-            }
-        }
-    }
-    out
+    crate::cluster::unmount_under(dir);
 }
 
 impl Drop for ContainerdFixture {

@@ -434,6 +434,28 @@ pub fn host_network(pod: &Pod) -> bool {
     pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
 }
 
+/// The namespaces a pod's sandbox and containers get, as the kubelet chooses them: network and IPC shared by the
+/// pod (or the node's with hostNetwork/hostIPC); PID per container unless `shareProcessNamespace` (pod) or
+/// `hostPID` (node), so a container's own process is PID 1 as its image expects.
+pub fn namespace_options(pod: &Pod) -> cri::NamespaceOption {
+    let spec = pod.spec.as_ref();
+    let flag = |f: fn(&k8s_openapi::api::core::v1::PodSpec) -> Option<bool>| spec.and_then(f).unwrap_or(false);
+    let shared = |on_node: bool| if on_node { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod } as i32;
+    let pid = if flag(|s| s.host_pid) {
+        cri::NamespaceMode::Node
+    } else if flag(|s| s.share_process_namespace) {
+        cri::NamespaceMode::Pod
+    } else {
+        cri::NamespaceMode::Container
+    };
+    cri::NamespaceOption {
+        network: shared(host_network(pod)),
+        ipc: shared(flag(|s| s.host_ipc)),
+        pid: pid as i32,
+        ..Default::default()
+    }
+}
+
 /// `<root>/pods/<namespace>_<name>_<uid>`
 pub fn pod_log_dir(pod: &Pod, node: &NodeSettings) -> String {
     let (name, ns, uid) = pod_ids(pod);
@@ -489,10 +511,7 @@ pub fn sandbox_config(pod: &Pod, attempt: u32, node: &NodeSettings) -> cri::PodS
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: node.cgroup_parent.clone(),
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: if host_network(pod) { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod } as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(namespace_options(pod)),
                 ..Default::default()
             }),
             ..Default::default()
@@ -542,6 +561,7 @@ pub fn container_config(
             resources: Some(linux_resources(pod, c)),
             security_context: Some(cri::LinuxContainerSecurityContext {
                 privileged: c.security_context.as_ref().and_then(|s| s.privileged).unwrap_or(false),
+                namespace_options: Some(namespace_options(pod)),
                 ..Default::default()
             }),
         }),
@@ -723,6 +743,30 @@ mod tests {
         let p = pod(json!({"containers": [{"name": "c"}]}));
         let ns = sandbox_config(&p, 0, &node()).linux.unwrap().security_context.unwrap().namespace_options.unwrap();
         assert_eq!(ns.network, cri::NamespaceMode::Pod as i32);
+    }
+
+    #[test]
+    fn containers_get_their_own_pid_namespace_unless_the_pod_shares_it() {
+        let cases = [
+            (json!({"containers": [{"name": "c"}]}), cri::NamespaceMode::Container, cri::NamespaceMode::Pod),
+            (
+                json!({"shareProcessNamespace": true, "containers": [{"name": "c"}]}),
+                cri::NamespaceMode::Pod,
+                cri::NamespaceMode::Pod,
+            ),
+            (
+                json!({"hostPID": true, "hostIPC": true, "containers": [{"name": "c"}]}),
+                cri::NamespaceMode::Node,
+                cri::NamespaceMode::Node,
+            ),
+        ];
+        for (spec, pid, ipc) in cases {
+            let p = pod(spec.clone());
+            let ns = namespace_options(&p);
+            assert_eq!((ns.pid, ns.ipc), (pid as i32, ipc as i32), "{spec}");
+            let sb = sandbox_config(&p, 0, &node()).linux.unwrap().security_context.unwrap().namespace_options.unwrap();
+            assert_eq!(sb, ns, "{spec}");
+        }
     }
 
     #[test]
