@@ -293,13 +293,20 @@ mod tests {
             ("[{operator: Exists}]", &[("", "", None)]),
         ];
         for (written, want) in cases {
-            let mut p: Pod =
-                serde_yaml::from_str(&format!("metadata: {{name: p}}\nspec:\n  containers: [{{name: c, image: i}}]\n  tolerations: {written}\n")).unwrap();
+            let mut p: Pod = serde_yaml::from_str(&format!(
+                "metadata: {{name: p}}\nspec:\n  containers: [{{name: c, image: i}}]\n  tolerations: {written}\n"
+            ))
+            .unwrap();
             add_default_tolerations(&mut p);
             let once = p.clone();
             add_default_tolerations(&mut p);
             assert_eq!(p, once, "idempotent: {written}");
-            let got: Vec<(String, String, Option<i64>)> = p.spec.unwrap().tolerations.unwrap_or_default().into_iter()
+            let got: Vec<(String, String, Option<i64>)> = p
+                .spec
+                .unwrap()
+                .tolerations
+                .unwrap_or_default()
+                .into_iter()
                 .map(|t| (t.key.unwrap_or_default(), t.effect.unwrap_or_default(), t.toleration_seconds))
                 .collect();
             let want: Vec<(String, String, Option<i64>)> =

@@ -276,7 +276,8 @@ pub fn reconcile(cache: &Cache, now: Timestamp, health: &Health, cfg: &Config) -
         !((updated.len() == not_ready && not_ready > 0) || (not_ready > 2 && not_ready * 100 >= updated.len() * 55));
     // Rate limit (one token every 1/rate s, burst 1): a NoExecute taint of ours that we first saw within the
     // interval holds the token; at most one node is tainted per pass.
-    let interval = (cfg.eviction_rate > 0.0).then(|| Duration::try_from_secs_f64(1.0 / cfg.eviction_rate).ok()).flatten();
+    let interval =
+        (cfg.eviction_rate > 0.0).then(|| Duration::try_from_secs_f64(1.0 / cfg.eviction_rate).ok()).flatten();
     let mut token = interval.is_some_and(|iv| {
         !health
             .values()
@@ -316,7 +317,9 @@ pub fn reconcile(cache: &Cache, now: Timestamp, health: &Health, cfg: &Config) -
             let tolerations = p.spec.as_ref().and_then(|s| s.tolerations.as_deref()).unwrap_or(&[]);
             if !taints.is_empty() && taint_eviction(&taints, tolerations) == Eviction::Now {
                 let why = match taints.iter().find(|(t, _)| is_ours(t)) {
-                    Some((t, age)) => format!("node {} has taint {}:NoExecute for {}s", node_name(n), t.key, age.as_secs()),
+                    Some((t, age)) => {
+                        format!("node {} has taint {}:NoExecute for {}s", node_name(n), t.key, age.as_secs())
+                    }
                     None => format!("node {} has a NoExecute taint the pod does not tolerate", node_name(n)),
                 };
                 out.actions.push(Action::delete(Kind::Pod, key_of(&p.metadata), uid(&p.metadata), why));

@@ -113,7 +113,6 @@ const FAST: &[&str] = &[
     "--leader-elect-renew-deadline=2s",
     "--leader-elect-retry-period=500ms",
     "--node-monitor-grace-period=3s",
-    "--pod-eviction-timeout=5s",
     "--node-monitor-period=500ms",
     "--resync-period=5s",
 ];
@@ -319,6 +318,13 @@ impl Env {
         Ok(())
     }
 
+    /// `weft args` against this etcd, as an operator would run it; its stdout, or an error with its stderr.
+    fn weft(&self, args: &[&str]) -> Result<String> {
+        let out = weft_lab::run_weft(self.endpoint(), args, None)?;
+        ensure!(out.status.success(), "weft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Pods (not being deleted) whose labels include `sel`.
     async fn pods(&self, sel: &[(&str, &str)]) -> Result<Vec<Value>> {
         Ok(list(&self.c, "/registry/pods/")
@@ -455,10 +461,10 @@ async fn a_deployment_rolls_out_rolls_back_and_pauses() -> Result<()> {
     let old = rss.iter().find(|r| revision(r) == "1").context("revision 1 kept")?;
     assert_eq!(old["spec"]["replicas"], 0);
 
-    // kubectl rollout undo: the CLI copies revision 1's template (without its hash label) into the Deployment.
-    let mut template = old["spec"]["template"].clone();
-    template["metadata"]["labels"].as_object_mut().unwrap().remove("pod-template-hash");
-    update(&env.c, DEPLOY_KEY, |d| d["spec"]["template"] = template.clone()).await?;
+    // `weft rollout undo` (kubectl's): the CLI copies revision 1's template (without its hash label) into the
+    // Deployment; the controller then scales the old ReplicaSet back up.
+    let out = env.weft(&["rollout", "undo", "deployment/nginx-deployment"])?;
+    assert!(out.contains("nginx-deployment rolled back"), "weft rollout undo printed {out:?}");
     rollout(&env, "nginx:1.7.9", 2, 4).await?;
     let rss = replicasets(&env).await?;
     assert_eq!(rss.len(), 2, "no third ReplicaSet: the old one is current again");
@@ -596,25 +602,47 @@ async fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() -> Result
         env.add_node(n).await?;
     }
     let _ctl = env.controller(&[])?;
-    env.apply(NGINX)?;
+    // The pods tolerate an unreachable node for 5 s instead of the default 300 s.
+    env.apply(&NGINX.replace(
+        "      containers:",
+        "      tolerations:\n      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 5}\n      containers:",
+    ))?;
     let pods = eventually!(30, "3 pods", settled(&env, &[("app", "nginx")], 3, "nginx:1.7.9"));
     let lost = pods.iter().find(|p| p["spec"]["nodeName"] == "node-1").map(name).context("a pod on node-1")?;
+    // The API server's default toleration for the other key was added at creation.
+    let (p, _) = get(&env.c, &format!("/registry/pods/default/{lost}")).await?.context("the pod")?;
+    let tolerations: Vec<(String, Value)> = p["spec"]["tolerations"]
+        .as_array()
+        .map(|ts| {
+            ts.iter().map(|t| (t["key"].as_str().unwrap_or("").to_string(), t["tolerationSeconds"].clone())).collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        tolerations,
+        [
+            ("node.kubernetes.io/unreachable".to_string(), json!(5)),
+            ("node.kubernetes.io/not-ready".to_string(), json!(300))
+        ]
+    );
     env.kubelet.set_alive("node-1", false);
-    // Past the 3 s grace period: Unknown, tainted, its pod not ready.
+    // Past the 3 s grace period: Unknown, tainted NoSchedule and NoExecute, its pod not ready.
     eventually!(15, "node-1 Unknown", async {
         let (n, _) = get(&env.c, "/registry/nodes/node-1").await?.unwrap();
         let ready =
             n["status"]["conditions"].as_array().and_then(|cs| cs.iter().find(|c| c["type"] == "Ready")).cloned();
-        let tainted = n["spec"]["taints"]
-            .as_array()
-            .is_some_and(|ts| ts.iter().any(|t| t["key"] == "node.kubernetes.io/unreachable"));
-        Ok((ready.is_some_and(|c| c["status"] == "Unknown") && tainted).then_some(()))
+        let tainted = |effect: &str| {
+            n["spec"]["taints"].as_array().is_some_and(|ts| {
+                ts.iter().any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == effect)
+            })
+        };
+        Ok((ready.is_some_and(|c| c["status"] == "Unknown") && tainted("NoSchedule") && tainted("NoExecute"))
+            .then_some(()))
     });
     eventually!(10, "its pod not ready", async {
         let p = get(&env.c, &format!("/registry/pods/default/{lost}")).await?;
         Ok(p.filter(|(p, _)| !is_ready(p)).map(|_| ()))
     });
-    // Past the 5 s eviction timeout: the pod is deleted and replaced on a live node.
+    // Past its 5 s toleration: the pod is deleted and replaced on a live node.
     let pods = eventually!(30, "3 pods on the live nodes", async {
         let pods = settled(&env, &[("app", "nginx")], 3, "nginx:1.7.9").await?;
         Ok(pods.filter(|ps| ps.iter().all(|p| p["spec"]["nodeName"] != "node-1")))

@@ -61,9 +61,8 @@ fn run(objs: Vec<Obj>, watched: i64) -> Outcome {
         let since =
             condition(&n, "Ready").and_then(|c| c.last_transition_time.as_ref()).map_or(first, |t| t.0.max(first));
         // The test's clocks agree: the controller first saw each taint when it was added.
-        let taints = no_execute(&n)
-            .map(|t| (t.key.clone(), t.time_added.as_ref().map_or(first, |x| x.0.max(first))))
-            .collect();
+        let taints =
+            no_execute(&n).map(|t| (t.key.clone(), t.time_added.as_ref().map_or(first, |x| x.0.max(first)))).collect();
         health.insert(node_name(&n).to_string(), Observed { beat: b, probe: when, ready, ready_since: since, taints });
     }
     reconcile(&cache, now(), &health, &cfg())
@@ -119,7 +118,10 @@ fn a_silent_node_goes_unknown_and_its_pods_unready() {
     assert_eq!(conds(&n), ["Ready=Unknown", "MemoryPressure=Unknown"]);
     assert_eq!(n["status"]["conditions"][0]["reason"], "NodeStatusUnknown");
     assert_eq!(n["status"]["conditions"][0]["message"], "Kubelet stopped posting node status.");
-    assert_eq!(taint_keys(&n), ["node.kubernetes.io/unreachable:NoSchedule", "node.kubernetes.io/unreachable:NoExecute"]);
+    assert_eq!(
+        taint_keys(&n),
+        ["node.kubernetes.io/unreachable:NoSchedule", "node.kubernetes.io/unreachable:NoExecute"]
+    );
     assert_eq!(out.lines()[1], "update Pod default/p (node n1 is not ready)");
     assert_eq!(out.actions.len(), 2, "{:?}", out.lines());
     assert!(deleted(&out).is_empty(), "the NoExecute taint is new: 300 s of toleration left");
@@ -202,7 +204,9 @@ fn no_execute_taints_are_added_at_the_eviction_rate() {
             v["spec"]["taints"].as_array().is_some_and(|list| {
                 list.iter().any(|t| {
                     t["effect"] == "NoExecute"
-                        && t["timeAdded"].as_str().is_some_and(|a| now().duration_since(ts(a)) < SignedDuration::from_secs(2))
+                        && t["timeAdded"]
+                            .as_str()
+                            .is_some_and(|a| now().duration_since(ts(a)) < SignedDuration::from_secs(2))
                 })
             })
         };
