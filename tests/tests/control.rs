@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 use serde_json::{json, Value};
 use weft_lab::EtcdFixture;
 
@@ -651,9 +651,59 @@ async fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() -> Result
     Ok(())
 }
 
+/// Every pod create and delete etcd commits, in revision order, seen through one watch on `/registry/`
+/// (so a barrier key written under it orders after every earlier write).
+#[derive(Clone, Default)]
+struct PodWrites(Arc<Mutex<Vec<(&'static str, String)>>>);
+
+const BARRIER: &str = "/registry/weft-test-barrier";
+
+impl PodWrites {
+    async fn watch(c: &Client) -> Result<PodWrites> {
+        let (watcher, mut stream) = c.clone().watch("/registry/", Some(WatchOptions::new().with_prefix())).await?;
+        let writes = PodWrites::default();
+        let w = writes.clone();
+        tokio::spawn(async move {
+            let _keep = watcher; // dropping the watcher would cancel the watch
+            while let Ok(Some(resp)) = stream.message().await {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = kv.key_str().unwrap_or("").to_string();
+                    let what = match ev.event_type() {
+                        EventType::Put if key == BARRIER => "barrier",
+                        EventType::Put if kv.version() == 1 => "create",
+                        EventType::Put => "update",
+                        EventType::Delete => "delete",
+                    };
+                    if key.starts_with("/registry/pods/") || what == "barrier" {
+                        w.0.lock().unwrap().push((what, key));
+                    }
+                }
+            }
+        });
+        Ok(writes)
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|(w, _)| *w == what).count()
+    }
+
+    /// Returns once the watch has delivered every write committed before now: writes a barrier key and waits
+    /// for it (one watch delivers in revision order).
+    async fn sync(&self, c: &Client) -> Result<()> {
+        let before = self.count("barrier");
+        c.clone().put(BARRIER, "x", None).await?;
+        eventually!(10, "the watch to deliver the barrier", async {
+            Ok((self.count("barrier") > before).then_some(()))
+        });
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_controllers_never_both_act() -> Result<()> {
+async fn two_controllers_never_both_act_every_pod_write_counted_by_watch() -> Result<()> {
     let env = Env::new().await?;
+    let writes = PodWrites::watch(&env.c).await?;
     env.add_node("node-1").await?;
     let mut a = env.controller(&[])?;
     eventually!(10, "a leader", async { Ok((a.metric("weft_controller_leader") == 1.0).then_some(())) });
@@ -665,6 +715,8 @@ async fn two_controllers_never_both_act() -> Result<()> {
     assert_eq!(b.metric("weft_controller_leader"), 0.0);
     assert_eq!(b.metric("weft_controller_actions_total"), 0.0, "the standby wrote nothing");
     assert_eq!(b.metric("weft_controller_reconciles_total"), 0.0, "the standby reconciled nothing");
+    writes.sync(&env.c).await?;
+    assert_eq!((writes.count("create"), writes.count("delete")), (5, 0), "one leader: exactly 5 pods created");
 
     // The leader freezes (as a stopped VM would): the standby takes over once the lease expires.
     a.signal("-STOP");
@@ -672,21 +724,19 @@ async fn two_controllers_never_both_act() -> Result<()> {
     env.apply(&FRONTEND.replace("replicas: 3", "replicas: 7"))?;
     // The old leader wakes up: it must notice it lost the lease before doing anything, and stop.
     a.signal("-CONT");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut most = 0;
-    loop {
+    eventually!(15, "a gone and 7 pods", async {
         let n = env.pods(&[("tier", "frontend")]).await?.len();
-        most = most.max(n);
-        if a.exited() && n == 7 {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "a still running ({}) or {n} pods", a.exited());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(most <= 7, "{most} pods: both controllers created pods");
+        Ok((a.exited() && n == 7).then_some(()))
+    });
     assert!(a.log().contains("leadership lost"), "{}", a.log());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(env.pods(&[("tier", "frontend")]).await?.len(), 7);
+    // Every pod write up to now (a has exited, so none of its writes is still to come): had both acted, a
+    // ReplicaSet would have been scaled twice — more than 7 creates, and deletes to correct them.
+    writes.sync(&env.c).await?;
+    let seen = writes.0.lock().unwrap().clone();
+    let creates: BTreeSet<&str> = seen.iter().filter(|(w, _)| *w == "create").map(|(_, k)| k.as_str()).collect();
+    assert_eq!(writes.count("create"), 7, "pods created: {seen:?}");
+    assert_eq!(creates.len(), 7, "a key created twice: {seen:?}");
+    assert_eq!(writes.count("delete"), 0, "pods deleted: {seen:?}");
     Ok(())
 }
 
