@@ -484,7 +484,12 @@ async fn a_deployment_rolls_out_rolls_back_and_pauses() -> Result<()> {
         let cs = d["status"]["conditions"].as_array().cloned().unwrap_or_default();
         Ok(cs.iter().any(|c| c["type"] == "Progressing" && c["reason"] == "DeploymentPaused").then_some(()))
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The controller has seen the paused template change (observedGeneration caught up): only now does the
+    // absence of a new ReplicaSet mean anything.
+    eventually!(10, "the controller to observe the paused template", async {
+        let (d, _) = get(&env.c, DEPLOY_KEY).await?.unwrap();
+        Ok((d["status"]["observedGeneration"] == d["metadata"]["generation"]).then_some(()))
+    });
     assert_eq!(replicasets(&env).await?.len(), 2, "no ReplicaSet for the new template while paused");
     assert!(env.pods(&[("app", "nginx")]).await?.iter().all(|p| image(p) == "nginx:1.7.9"));
     // Scaling while paused still works.
