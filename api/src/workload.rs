@@ -274,7 +274,8 @@ mod tests {
         // (tolerations written, the (key, effect, seconds) after admission)
         let nr = "node.kubernetes.io/not-ready";
         let un = "node.kubernetes.io/unreachable";
-        let cases: &[(&str, &[(&str, &str, Option<i64>)])] = &[
+        type Want<'a> = &'a [(&'a str, &'a str, Option<i64>)];
+        let cases: &[(&str, Want)] = &[
             ("[]", &[(nr, "NoExecute", Some(300)), (un, "NoExecute", Some(300))]),
             (
                 "[{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 5}]",

@@ -99,7 +99,7 @@ pub fn observe(health: &mut Health, cache: &Cache, now: Timestamp) {
     for n in &nodes {
         let (beat, ready) = (beat(n, cache), ready_status(n));
         let o = health.entry(node_name(n).to_string()).or_insert_with(|| Observed {
-            beat: beat.clone(),
+            beat,
             probe: now,
             ready: ready.clone(),
             ready_since: now,

@@ -242,8 +242,9 @@ fn the_taint_eviction_decision() {
         value: None,
     };
     let s = Duration::from_secs;
+    type Case<'a> = (&'a str, Vec<(&'a Taint, Duration)>, Vec<Toleration>, Eviction);
     #[rustfmt::skip]
-    let cases: Vec<(&str, Vec<(&Taint, Duration)>, Vec<Toleration>, Eviction)> = vec![
+    let cases: Vec<Case> = vec![
         ("no taint", vec![], vec![], Eviction::Keep),
         ("no toleration", vec![(&un, s(0))], vec![], Eviction::Now),
         ("toleration for another key", vec![(&un, s(0))], vec![tol(NOT_READY, None)], Eviction::Now),
