@@ -152,6 +152,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn node_eviction_rate_takes_finite_non_negative_numbers_only() {
+        for (v, ok) in
+            [("0.1", true), ("0", true), ("3", true), ("-1", false), ("NaN", false), ("inf", false), ("x", false)]
+        {
+            assert_eq!(parse_rate(v).is_ok(), ok, "{v}");
+        }
+    }
+
+    #[test]
     fn controllers_flag() {
         let all = enabled_controllers(&["*".into()]).unwrap();
         assert_eq!(all.len(), Ctl::ALL.len());
