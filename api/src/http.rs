@@ -45,14 +45,55 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Connections a daemon's accept loop serves at once; the next `accept` waits for a slot (the kernel's backlog
+/// holds the rest), so a flood of clients cannot exhaust file descriptors or memory.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// How long an accept loop waits after its `failures`-th consecutive error (EMFILE, ENFILE, ENOBUFS…):
+/// 10 ms doubling to 1 s, so it neither spins on a full descriptor table nor gives up serving.
+pub fn accept_backoff(failures: u32) -> Duration {
+    let ms = 10u64.saturating_mul(1u64 << failures.saturating_sub(1).min(10));
+    Duration::from_millis(ms.min(1000))
+}
+
+/// The one accept loop of weft's TCP servers: at most `limit` connections served at once (each on its own task,
+/// by `serve`), errors logged and backed off (`accept_backoff`, reset by a success). Never returns.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, limit: usize, what: &str, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    let mut failures = 0u32;
+    loop {
+        // The semaphore is never closed, so this only waits.
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                failures = 0;
+                let fut = serve(sock, peer);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = accept_backoff(failures);
+                if failures == 1 || wait == accept_backoff(u32::MAX) {
+                    tracing::warn!(server = what, error = %e, ?wait, "accept failed; backing off");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
 /// Binds `addr` (an error here is a start-up error) and returns the serving future.
 pub async fn bind(addr: SocketAddr, handler: Handler) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = TcpListener::bind(addr).await?;
     Ok(async move {
-        loop {
-            let Ok((sock, _)) = listener.accept().await else { continue };
-            tokio::spawn(answer(sock, handler.clone()));
-        }
+        accept_loop(listener, MAX_CONNECTIONS, "http", move |sock, _| answer(sock, handler.clone())).await;
     })
 }
 
@@ -111,6 +152,56 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_errors_back_off_from_10ms_doubling_to_1s() {
+        let ms = |f| accept_backoff(f).as_millis();
+        let got: Vec<u128> = [1, 2, 3, 4, 5, 6, 7, 8, 100, u32::MAX].into_iter().map(ms).collect();
+        assert_eq!(got, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+    }
+
+    #[tokio::test]
+    async fn the_accept_loop_serves_at_most_its_limit_at_once_and_the_rest_after() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let active = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (a, m, g) = (active.clone(), most.clone(), gate.clone());
+        tokio::spawn(accept_loop(listener, 2, "test", move |mut sock, _| {
+            let (a, m, g) = (a.clone(), m.clone(), g.clone());
+            async move {
+                m.fetch_max(a.fetch_add(1, SeqCst) + 1, SeqCst);
+                let _ = g.acquire().await.map(|p| p.forget());
+                a.fetch_sub(1, SeqCst);
+                let _ = sock.write_all(b"done").await;
+            }
+        }));
+        let clients: Vec<_> = (0..5)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).await.unwrap();
+                    out
+                })
+            })
+            .collect();
+        // Two are being served and held; the other three wait in the backlog.
+        for _ in 0..500 {
+            if active.load(SeqCst) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(active.load(SeqCst), 2);
+        gate.add_permits(5);
+        for c in clients {
+            assert_eq!(c.await.unwrap(), "done");
+        }
+        assert_eq!(most.load(SeqCst), 2, "never more than the limit at once");
+    }
 
     #[test]
     fn request_paths() {

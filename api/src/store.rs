@@ -410,6 +410,7 @@ impl Store {
     pub fn prepare_create<K: Object>(obj: &K) -> Result<(ObjectKey, K)> {
         let key = Self::check_name(obj)?;
         let mut obj = Self::admit(obj)?;
+        crate::validation::admit_create(&mut obj);
         let meta = obj.metadata_mut();
         meta.namespace = key.namespace.clone();
         meta.uid = Some(new_uid());

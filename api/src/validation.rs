@@ -161,6 +161,14 @@ pub fn default_object(obj: &mut dyn Any) {
     }
 }
 
+/// Admission on create only (the API server's mutating plugins that run on create): Pods get
+/// `DefaultTolerationSeconds` (`workload::add_default_tolerations`). Idempotent.
+pub fn admit_create(obj: &mut dyn Any) {
+    if let Some(p) = obj.downcast_mut::<Pod>() {
+        workload::add_default_tolerations(p);
+    }
+}
+
 /// Metadata, then the kind's own rules. Kinds without rules of their own get the metadata checks.
 pub fn validate_object(kind: &str, namespaced: bool, meta: &ObjectMeta, obj: &dyn Any) -> Result<(), FieldErrors> {
     let mut errs = validate_meta(kind, namespaced, meta);

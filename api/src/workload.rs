@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec, ReplicationController};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec, ReplicationController, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::labels::Selector;
@@ -161,6 +161,35 @@ fn result(errs: FieldErrors) -> Result<(), FieldErrors> {
     }
 }
 
+/// The NoExecute taints the node lifecycle controller puts on a failed node.
+pub const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+/// `--default-not-ready-toleration-seconds` / `--default-unreachable-toleration-seconds` of the API server.
+pub const DEFAULT_TOLERATION_SECONDS: i64 = 300;
+
+/// The API server's `DefaultTolerationSeconds` admission: a Pod created without a toleration for the not-ready
+/// (or unreachable) NoExecute taint gets one, `Exists`, `NoExecute`, 300 s, so it leaves a failed node after five
+/// minutes. A toleration with that key (or an empty key, which tolerates every taint) and effect NoExecute or
+/// empty counts as present, whatever its seconds. Idempotent.
+pub fn add_default_tolerations(p: &mut Pod) {
+    let spec = p.spec.get_or_insert_with(Default::default);
+    for key in [NOT_READY_TAINT, UNREACHABLE_TAINT] {
+        let list = spec.tolerations.as_deref().unwrap_or(&[]);
+        let has = list.iter().any(|t| {
+            matches!(t.key.as_deref(), None | Some("")) || t.key.as_deref() == Some(key)
+        } && matches!(t.effect.as_deref(), None | Some("") | Some("NoExecute")));
+        if !has {
+            spec.tolerations.get_or_insert_with(Vec::new).push(Toleration {
+                key: Some(key.into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoExecute".into()),
+                toleration_seconds: Some(DEFAULT_TOLERATION_SECONDS),
+                value: None,
+            });
+        }
+    }
+}
+
 pub fn validate_pod(p: &Pod) -> Result<(), FieldErrors> {
     let mut errs = FieldErrors::default();
     pod_spec(&mut errs, "spec", p.spec.as_ref(), false);
@@ -238,6 +267,53 @@ mod tests {
 
     fn deployment(yaml: &str) -> Deployment {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn pods_get_default_not_ready_and_unreachable_tolerations_unless_they_tolerate_the_key() {
+        // (tolerations written, the (key, effect, seconds) after admission)
+        let nr = "node.kubernetes.io/not-ready";
+        let un = "node.kubernetes.io/unreachable";
+        type Want<'a> = &'a [(&'a str, &'a str, Option<i64>)];
+        let cases: &[(&str, Want)] = &[
+            ("[]", &[(nr, "NoExecute", Some(300)), (un, "NoExecute", Some(300))]),
+            (
+                "[{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 5}]",
+                &[(un, "NoExecute", Some(5)), (nr, "NoExecute", Some(300))],
+            ),
+            (
+                "[{key: node.kubernetes.io/not-ready, operator: Exists}]",
+                &[(nr, "", None), (un, "NoExecute", Some(300))],
+            ),
+            // A NoSchedule toleration of the key does not count: the NoExecute default is still added.
+            (
+                "[{key: node.kubernetes.io/not-ready, operator: Exists, effect: NoSchedule}]",
+                &[(nr, "NoSchedule", None), (nr, "NoExecute", Some(300)), (un, "NoExecute", Some(300))],
+            ),
+            // An empty key with Exists tolerates everything, forever: nothing added.
+            ("[{operator: Exists}]", &[("", "", None)]),
+        ];
+        for (written, want) in cases {
+            let mut p: Pod = serde_yaml::from_str(&format!(
+                "metadata: {{name: p}}\nspec:\n  containers: [{{name: c, image: i}}]\n  tolerations: {written}\n"
+            ))
+            .unwrap();
+            add_default_tolerations(&mut p);
+            let once = p.clone();
+            add_default_tolerations(&mut p);
+            assert_eq!(p, once, "idempotent: {written}");
+            let got: Vec<(String, String, Option<i64>)> = p
+                .spec
+                .unwrap()
+                .tolerations
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| (t.key.unwrap_or_default(), t.effect.unwrap_or_default(), t.toleration_seconds))
+                .collect();
+            let want: Vec<(String, String, Option<i64>)> =
+                want.iter().map(|(k, e, s)| (k.to_string(), e.to_string(), *s)).collect();
+            assert_eq!(got, want, "{written}");
+        }
     }
 
     #[test]

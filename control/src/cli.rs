@@ -37,9 +37,14 @@ pub struct ControllerArgs {
     /// a node whose heartbeat (its Lease in kube-node-lease) is older than this is marked Unknown
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     pub node_monitor_grace_period: Duration,
-    /// pods on a node that has not been Ready for this long are deleted (their controllers recreate them elsewhere)
+    /// DEPRECATED, accepted and ignored (as in Kubernetes with taint-based eviction): pods leave a failed node
+    /// when their NoExecute toleration's tolerationSeconds run out (300 s by default, added at pod creation)
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub pod_eviction_timeout: Duration,
+    /// nodes per second that may get a NoExecute taint (node.kubernetes.io/unreachable or not-ready) and so lose
+    /// their pods; 0 taints none
+    #[arg(long, default_value_t = 0.1, value_parser = parse_rate)]
+    pub node_eviction_rate: f64,
     /// how often node health is checked
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub node_monitor_period: Duration,
@@ -63,6 +68,14 @@ pub struct ControllerArgs {
 
 /// Go-style durations: the one parser in weft-api.
 pub use weft_api::duration::parse as parse_duration;
+
+/// A finite, non-negative rate (`--node-eviction-rate`).
+fn parse_rate(v: &str) -> Result<f64, String> {
+    match v.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!("{v:?} is not a non-negative number")),
+    }
+}
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
     if v.is_empty() {
@@ -115,6 +128,7 @@ impl ControllerArgs {
             nodes: nodes::Config {
                 grace_period: self.node_monitor_grace_period,
                 eviction_timeout: self.pod_eviction_timeout,
+                eviction_rate: self.node_eviction_rate,
                 monitor_period: self.node_monitor_period.max(Duration::from_millis(100)),
             },
             healthz_addr: addr("healthz-bind-address", &self.healthz_bind_address)?,
@@ -136,6 +150,15 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_eviction_rate_takes_finite_non_negative_numbers_only() {
+        for (v, ok) in
+            [("0.1", true), ("0", true), ("3", true), ("-1", false), ("NaN", false), ("inf", false), ("x", false)]
+        {
+            assert_eq!(parse_rate(v).is_ok(), ok, "{v}");
+        }
+    }
 
     #[test]
     fn controllers_flag() {

@@ -219,19 +219,18 @@ pub fn serve_udp(server: Arc<Server>, sock: UdpSocket, shard: usize, rt: tokio::
     }
 }
 
-/// Accepts TCP connections (at most `MAX_TCP` at once) and serves each on its own task.
+/// Accepts TCP connections (at most `MAX_TCP` at once) and serves each on its own task; accept errors back off
+/// (the shared loop, `weft_api::http::accept_loop`).
 pub async fn serve_tcp(server: Arc<Server>, listener: std::net::TcpListener) -> std::io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    let slots = Arc::new(Semaphore::new(MAX_TCP));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let Ok(permit) = slots.clone().acquire_owned().await else { continue };
+    weft_api::http::accept_loop(listener, MAX_TCP, "dns tcp", move |stream, _| {
         let server = server.clone();
-        tokio::spawn(async move {
+        async move {
             let _ = tcp_connection(&server, stream).await;
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await;
+    Ok(())
 }
 
 /// Length-prefixed queries on one connection until the client closes it, it idles, or sends garbage.

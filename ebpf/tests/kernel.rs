@@ -19,6 +19,9 @@ struct Fixture {
 
 impl Fixture {
     fn new(label: &str) -> Result<Fixture> {
+        // The socket LB's hooks: cgroup connect4/sendmsg4/recvmsg4 (≤ 5.2), getpeername4 and
+        // bpf_get_netns_cookie in sock_addr programs (5.8).
+        weft_lab::require_kernel(5, 8, "cgroup/getpeername4 and bpf_get_netns_cookie in sock_addr programs");
         let ns = Netns::create(label)?;
         // Backends on loopback addresses of the namespace: 127.0.0.1 answers "a", 127.0.0.2 "b".
         for (ip, name) in [("127.0.0.1", "a"), ("127.0.0.2", "b")] {

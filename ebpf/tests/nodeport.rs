@@ -30,6 +30,7 @@ fn until<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
 
 #[test]
 fn node_ports_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
+    weft_lab::require_kernel(6, 6, "tcx links (the NodePort tc programs)");
     let client = Netns::create("npc")?;
     let node = Netns::create("npn")?;
     let pod = Netns::create("npp")?;

@@ -45,7 +45,7 @@ pub enum LabCommand {
         /// An extra flag for every node's `weft kubelet` (repeatable), e.g. --kubelet-arg=--sync-frequency=500ms
         #[arg(long = "kubelet-arg", allow_hyphen_values = true)]
         kubelet_args: Vec<String>,
-        /// An extra flag for `weft controller` (repeatable), e.g. --controller-arg=--pod-eviction-timeout=10s
+        /// An extra flag for `weft controller` (repeatable), e.g. --controller-arg=--node-eviction-rate=1
         #[arg(long = "controller-arg", allow_hyphen_values = true)]
         controller_args: Vec<String>,
         /// The reference CNI plugins' directory (bridge, host-local); default: the first of $CNI_PATH,

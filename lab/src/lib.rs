@@ -76,3 +76,41 @@ mod tests {
         }
     }
 }
+
+/// The running kernel's `major.minor` (from `/proc/sys/kernel/osrelease`, e.g. `6.1.0-57-amd64` → (6, 1)).
+pub fn kernel_version() -> Option<(u32, u32)> {
+    parse_kernel_version(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
+}
+
+fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Kernel-version assumptions made explicit: a test that needs `feature` (first in Linux `major.minor`) calls
+/// this first and fails at once with a message naming the feature and both versions, instead of failing later
+/// with an obscure EINVAL from the kernel.
+pub fn require_kernel(major: u32, minor: u32, feature: &str) {
+    match kernel_version() {
+        Some(v) if v >= (major, minor) => {}
+        Some((a, b)) => panic!("this test needs Linux >= {major}.{minor} for {feature}; the running kernel is {a}.{b}"),
+        None => panic!("this test needs Linux >= {major}.{minor} for {feature}; the kernel version is unreadable"),
+    }
+}
+
+#[cfg(test)]
+mod kernel_version_tests {
+    #[test]
+    fn kernel_releases_parse_to_major_minor() {
+        for (release, want) in [
+            ("6.1.0-57-amd64\n", Some((6, 1))),
+            ("6.12.9", Some((6, 12))),
+            ("5.15.0-1051-azure", Some((5, 15))),
+            ("4.19", Some((4, 19))),
+            ("garbage", None),
+            ("", None),
+        ] {
+            assert_eq!(super::parse_kernel_version(release), want, "{release:?}");
+        }
+    }
+}

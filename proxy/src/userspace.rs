@@ -403,6 +403,10 @@ async fn serve_tcp(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mute
     drop(extra);
 }
 
+/// Relays one service port accepts at once; more wait in the kernel's backlog (a flood cannot exhaust our
+/// descriptors and starve the other ports).
+const MAX_RELAYS: usize = 1024;
+
 async fn accept_loop(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mutex<Balancer>>, timeout: Duration) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -411,18 +415,12 @@ async fn accept_loop(listener: std::net::TcpListener, name: Arc<str>, lb: Arc<Mu
             return;
         }
     };
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(relay_tcp(client, peer, name.clone(), lb.clone(), timeout));
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(service = %name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    // Out of file descriptors and the like: the shared loop backs off (10 ms doubling to 1 s) instead of spinning.
+    let what = format!("userspace proxy {name}");
+    weft_api::http::accept_loop(listener, MAX_RELAYS, &what, move |client, peer| {
+        relay_tcp(client, peer, name.clone(), lb.clone(), timeout)
+    })
+    .await;
 }
 
 async fn relay_tcp(

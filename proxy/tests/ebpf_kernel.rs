@@ -23,6 +23,8 @@ struct Fixture {
 
 /// Backends 127.0.0.{1..4}:9376 answer "b1".."b4".
 fn fixture(label: &str) -> Result<Fixture> {
+    // eBPF mode's newest kernel need: tcx links for the NodePort programs (6.6); the sock_addr hooks are older.
+    weft_lab::require_kernel(6, 6, "tcx links (eBPF mode's NodePort tc programs)");
     let ns = Netns::create(label)?;
     for i in 1..=4 {
         ns.command("socat")

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 use serde_json::{json, Value};
 use weft_lab::EtcdFixture;
 
@@ -113,7 +113,6 @@ const FAST: &[&str] = &[
     "--leader-elect-renew-deadline=2s",
     "--leader-elect-retry-period=500ms",
     "--node-monitor-grace-period=3s",
-    "--pod-eviction-timeout=5s",
     "--node-monitor-period=500ms",
     "--resync-period=5s",
 ];
@@ -319,6 +318,13 @@ impl Env {
         Ok(())
     }
 
+    /// `weft args` against this etcd, as an operator would run it; its stdout, or an error with its stderr.
+    fn weft(&self, args: &[&str]) -> Result<String> {
+        let out = weft_lab::run_weft(self.endpoint(), args, None)?;
+        ensure!(out.status.success(), "weft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Pods (not being deleted) whose labels include `sel`.
     async fn pods(&self, sel: &[(&str, &str)]) -> Result<Vec<Value>> {
         Ok(list(&self.c, "/registry/pods/")
@@ -455,10 +461,10 @@ async fn a_deployment_rolls_out_rolls_back_and_pauses() -> Result<()> {
     let old = rss.iter().find(|r| revision(r) == "1").context("revision 1 kept")?;
     assert_eq!(old["spec"]["replicas"], 0);
 
-    // kubectl rollout undo: the CLI copies revision 1's template (without its hash label) into the Deployment.
-    let mut template = old["spec"]["template"].clone();
-    template["metadata"]["labels"].as_object_mut().unwrap().remove("pod-template-hash");
-    update(&env.c, DEPLOY_KEY, |d| d["spec"]["template"] = template.clone()).await?;
+    // `weft rollout undo` (kubectl's): the CLI copies revision 1's template (without its hash label) into the
+    // Deployment; the controller then scales the old ReplicaSet back up.
+    let out = env.weft(&["rollout", "undo", "deployment/nginx-deployment"])?;
+    assert!(out.contains("nginx-deployment rolled back"), "weft rollout undo printed {out:?}");
     rollout(&env, "nginx:1.7.9", 2, 4).await?;
     let rss = replicasets(&env).await?;
     assert_eq!(rss.len(), 2, "no third ReplicaSet: the old one is current again");
@@ -478,7 +484,12 @@ async fn a_deployment_rolls_out_rolls_back_and_pauses() -> Result<()> {
         let cs = d["status"]["conditions"].as_array().cloned().unwrap_or_default();
         Ok(cs.iter().any(|c| c["type"] == "Progressing" && c["reason"] == "DeploymentPaused").then_some(()))
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The controller has seen the paused template change (observedGeneration caught up): only now does the
+    // absence of a new ReplicaSet mean anything.
+    eventually!(10, "the controller to observe the paused template", async {
+        let (d, _) = get(&env.c, DEPLOY_KEY).await?.unwrap();
+        Ok((d["status"]["observedGeneration"] == d["metadata"]["generation"]).then_some(()))
+    });
     assert_eq!(replicasets(&env).await?.len(), 2, "no ReplicaSet for the new template while paused");
     assert!(env.pods(&[("app", "nginx")]).await?.iter().all(|p| image(p) == "nginx:1.7.9"));
     // Scaling while paused still works.
@@ -596,25 +607,47 @@ async fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() -> Result
         env.add_node(n).await?;
     }
     let _ctl = env.controller(&[])?;
-    env.apply(NGINX)?;
+    // The pods tolerate an unreachable node for 5 s instead of the default 300 s.
+    env.apply(&NGINX.replace(
+        "      containers:",
+        "      tolerations:\n      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 5}\n      containers:",
+    ))?;
     let pods = eventually!(30, "3 pods", settled(&env, &[("app", "nginx")], 3, "nginx:1.7.9"));
     let lost = pods.iter().find(|p| p["spec"]["nodeName"] == "node-1").map(name).context("a pod on node-1")?;
+    // The API server's default toleration for the other key was added at creation.
+    let (p, _) = get(&env.c, &format!("/registry/pods/default/{lost}")).await?.context("the pod")?;
+    let tolerations: Vec<(String, Value)> = p["spec"]["tolerations"]
+        .as_array()
+        .map(|ts| {
+            ts.iter().map(|t| (t["key"].as_str().unwrap_or("").to_string(), t["tolerationSeconds"].clone())).collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        tolerations,
+        [
+            ("node.kubernetes.io/unreachable".to_string(), json!(5)),
+            ("node.kubernetes.io/not-ready".to_string(), json!(300))
+        ]
+    );
     env.kubelet.set_alive("node-1", false);
-    // Past the 3 s grace period: Unknown, tainted, its pod not ready.
+    // Past the 3 s grace period: Unknown, tainted NoSchedule and NoExecute, its pod not ready.
     eventually!(15, "node-1 Unknown", async {
         let (n, _) = get(&env.c, "/registry/nodes/node-1").await?.unwrap();
         let ready =
             n["status"]["conditions"].as_array().and_then(|cs| cs.iter().find(|c| c["type"] == "Ready")).cloned();
-        let tainted = n["spec"]["taints"]
-            .as_array()
-            .is_some_and(|ts| ts.iter().any(|t| t["key"] == "node.kubernetes.io/unreachable"));
-        Ok((ready.is_some_and(|c| c["status"] == "Unknown") && tainted).then_some(()))
+        let tainted = |effect: &str| {
+            n["spec"]["taints"].as_array().is_some_and(|ts| {
+                ts.iter().any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == effect)
+            })
+        };
+        Ok((ready.is_some_and(|c| c["status"] == "Unknown") && tainted("NoSchedule") && tainted("NoExecute"))
+            .then_some(()))
     });
     eventually!(10, "its pod not ready", async {
         let p = get(&env.c, &format!("/registry/pods/default/{lost}")).await?;
         Ok(p.filter(|(p, _)| !is_ready(p)).map(|_| ()))
     });
-    // Past the 5 s eviction timeout: the pod is deleted and replaced on a live node.
+    // Past its 5 s toleration: the pod is deleted and replaced on a live node.
     let pods = eventually!(30, "3 pods on the live nodes", async {
         let pods = settled(&env, &[("app", "nginx")], 3, "nginx:1.7.9").await?;
         Ok(pods.filter(|ps| ps.iter().all(|p| p["spec"]["nodeName"] != "node-1")))
@@ -623,9 +656,59 @@ async fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() -> Result
     Ok(())
 }
 
+/// Every pod create and delete etcd commits, in revision order, seen through one watch on `/registry/`
+/// (so a barrier key written under it orders after every earlier write).
+#[derive(Clone, Default)]
+struct PodWrites(Arc<Mutex<Vec<(&'static str, String)>>>);
+
+const BARRIER: &str = "/registry/weft-test-barrier";
+
+impl PodWrites {
+    async fn watch(c: &Client) -> Result<PodWrites> {
+        let (watcher, mut stream) = c.clone().watch("/registry/", Some(WatchOptions::new().with_prefix())).await?;
+        let writes = PodWrites::default();
+        let w = writes.clone();
+        tokio::spawn(async move {
+            let _keep = watcher; // dropping the watcher would cancel the watch
+            while let Ok(Some(resp)) = stream.message().await {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = kv.key_str().unwrap_or("").to_string();
+                    let what = match ev.event_type() {
+                        EventType::Put if key == BARRIER => "barrier",
+                        EventType::Put if kv.version() == 1 => "create",
+                        EventType::Put => "update",
+                        EventType::Delete => "delete",
+                    };
+                    if key.starts_with("/registry/pods/") || what == "barrier" {
+                        w.0.lock().unwrap().push((what, key));
+                    }
+                }
+            }
+        });
+        Ok(writes)
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|(w, _)| *w == what).count()
+    }
+
+    /// Returns once the watch has delivered every write committed before now: writes a barrier key and waits
+    /// for it (one watch delivers in revision order).
+    async fn sync(&self, c: &Client) -> Result<()> {
+        let before = self.count("barrier");
+        c.clone().put(BARRIER, "x", None).await?;
+        eventually!(10, "the watch to deliver the barrier", async {
+            Ok((self.count("barrier") > before).then_some(()))
+        });
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_controllers_never_both_act() -> Result<()> {
+async fn two_controllers_never_both_act_every_pod_write_counted_by_watch() -> Result<()> {
     let env = Env::new().await?;
+    let writes = PodWrites::watch(&env.c).await?;
     env.add_node("node-1").await?;
     let mut a = env.controller(&[])?;
     eventually!(10, "a leader", async { Ok((a.metric("weft_controller_leader") == 1.0).then_some(())) });
@@ -637,6 +720,8 @@ async fn two_controllers_never_both_act() -> Result<()> {
     assert_eq!(b.metric("weft_controller_leader"), 0.0);
     assert_eq!(b.metric("weft_controller_actions_total"), 0.0, "the standby wrote nothing");
     assert_eq!(b.metric("weft_controller_reconciles_total"), 0.0, "the standby reconciled nothing");
+    writes.sync(&env.c).await?;
+    assert_eq!((writes.count("create"), writes.count("delete")), (5, 0), "one leader: exactly 5 pods created");
 
     // The leader freezes (as a stopped VM would): the standby takes over once the lease expires.
     a.signal("-STOP");
@@ -644,21 +729,19 @@ async fn two_controllers_never_both_act() -> Result<()> {
     env.apply(&FRONTEND.replace("replicas: 3", "replicas: 7"))?;
     // The old leader wakes up: it must notice it lost the lease before doing anything, and stop.
     a.signal("-CONT");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut most = 0;
-    loop {
+    eventually!(15, "a gone and 7 pods", async {
         let n = env.pods(&[("tier", "frontend")]).await?.len();
-        most = most.max(n);
-        if a.exited() && n == 7 {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "a still running ({}) or {n} pods", a.exited());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(most <= 7, "{most} pods: both controllers created pods");
+        Ok((a.exited() && n == 7).then_some(()))
+    });
     assert!(a.log().contains("leadership lost"), "{}", a.log());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(env.pods(&[("tier", "frontend")]).await?.len(), 7);
+    // Every pod write up to now (a has exited, so none of its writes is still to come): had both acted, a
+    // ReplicaSet would have been scaled twice — more than 7 creates, and deletes to correct them.
+    writes.sync(&env.c).await?;
+    let seen = writes.0.lock().unwrap().clone();
+    let creates: BTreeSet<&str> = seen.iter().filter(|(w, _)| *w == "create").map(|(_, k)| k.as_str()).collect();
+    assert_eq!(writes.count("create"), 7, "pods created: {seen:?}");
+    assert_eq!(creates.len(), 7, "a key created twice: {seen:?}");
+    assert_eq!(writes.count("delete"), 0, "pods deleted: {seen:?}");
     Ok(())
 }
 

@@ -710,7 +710,13 @@ fn restarted_etcd_keeps_answers_then_catches_up() -> Result<()> {
     etcd.stop()?;
     let sock = UdpSocket::bind("127.0.0.1:0")?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
-    std::thread::sleep(Duration::from_millis(500));
+    // Polled, not slept: ask only once the server has noticed etcd is gone (its watch broke, logged), so the
+    // answers below come from the cache it keeps while etcd is down.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !["watch broke", "watch failed", "list failed"].iter().any(|w| dns.log().contains(w)) {
+        ensure!(Instant::now() < deadline, "the server never noticed etcd stopped: {}", dns.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for _ in 0..10 {
         let (rcode, ips) = ask(&sock, dns.addr, "web.default.svc.cluster.local.")?;
         ensure!(rcode == ResponseCode::NoError && ips == ["10.96.0.20"], "etcd down: {rcode:?} {ips:?}");

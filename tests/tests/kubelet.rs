@@ -361,7 +361,7 @@ fn a_pod_runs_gets_an_address_and_the_node_registers() {
 }
 
 #[test]
-fn restart_policy_rows_with_real_exits() {
+fn each_restart_policy_gives_the_pod_phase_and_restarts_kubernetes_gives() {
     let env = env();
     // (pod, policy, containers, final phase, container → restarts at least)
     type Row<'a> = (&'a str, &'a str, String, &'a str, Vec<(&'a str, i64)>);
@@ -458,7 +458,7 @@ fn init_containers_run_in_order_before_the_app() {
 }
 
 #[test]
-fn probes_fail_and_recover() {
+fn failing_probes_make_the_pod_unready_and_restart_it_then_it_recovers() {
     let env = env();
     let y = format!(
         "{}    readinessProbe:\n      exec:\n        command: [\"test\", \"-e\", \"/tmp/ready\"]\n      periodSeconds: 1\n      failureThreshold: 1\n    livenessProbe:\n      httpGet:\n        path: /index.html\n        port: 80\n      periodSeconds: 1\n      failureThreshold: 2\n  - name: tcp\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \"sleep 2; httpd -f -p 8080 -h /var/www\"]\n    readinessProbe:\n      tcpSocket:\n        port: 8080\n      periodSeconds: 1\n",

@@ -27,6 +27,10 @@ spec:
     metadata: {{labels: {{app: web}}}}
     spec:
       terminationGracePeriodSeconds: 2
+      # Leave a lost node after 2 s, not the default 300 s (taint-based eviction).
+      tolerations:
+      - {{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}}
+      - {{key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 2}}
       containers:
       - name: httpd
         image: weft.local/busybox:1
@@ -333,11 +337,7 @@ fn deployment_runs_on_containerd_across_nodes_behind_a_service_and_survives_dele
         dns: true,
         kubelet: true,
         kubelet_args: vec!["--node-lease-renew-interval=1s".into(), "--node-status-update-frequency=1s".into()],
-        controller_args: vec![
-            "--node-monitor-period=1s".into(),
-            "--node-monitor-grace-period=6s".into(),
-            "--pod-eviction-timeout=2s".into(),
-        ],
+        controller_args: vec!["--node-monitor-period=1s".into(), "--node-monitor-grace-period=6s".into()],
         ..LabOptions::default()
     };
     let mut lab = Lab::up(opts, &mut |_| {}).expect("lab up with kubelets");

@@ -317,11 +317,11 @@ pub async fn bind<R: Runtime>(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
     let server = Arc::new(Server { rt, pods, node_name });
     Ok(async move {
-        loop {
-            let Ok((sock, peer)) = listener.accept().await else { continue };
+        // The shared accept loop: at most MAX_CONNECTIONS at once, accept errors backed off.
+        weft_api::http::accept_loop(listener, weft_api::http::MAX_CONNECTIONS, "kubelet", move |sock, peer| {
             let tls = tls.clone();
             let server = server.clone();
-            tokio::spawn(async move {
+            async move {
                 let stream = match tls.accept(sock).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -336,8 +336,9 @@ pub async fn bind<R: Runtime>(
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
-            });
-        }
+            }
+        })
+        .await;
     })
 }
 

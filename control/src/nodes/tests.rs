@@ -8,7 +8,29 @@ fn cfg() -> Config {
         grace_period: Duration::from_secs(40),
         eviction_timeout: Duration::from_secs(300),
         monitor_period: Duration::from_secs(5),
+        eviction_rate: 0.1,
     }
+}
+
+/// A pod as the API server admits it: with the default 300 s not-ready/unreachable tolerations.
+fn admitted(p: PodB) -> Obj {
+    let mut p = p.build();
+    weft_api::workload::add_default_tolerations(&mut p);
+    Obj::Pod(p)
+}
+
+/// A pod tolerating `key:NoExecute` for `secs` (forever for None).
+fn tolerating(p: PodB, key: &str, secs: Option<i64>) -> PodB {
+    p.with(json!({"spec": {"tolerations": [{"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": secs}]}}))
+}
+
+/// The node (first object) with a NoExecute taint `key` added `ago` seconds ago.
+fn tainted(mut objs: Vec<Obj>, key: &str, ago_s: i64) -> Vec<Obj> {
+    if let Obj::Node(n) = &mut objs[0] {
+        let t: Taint = from(json!({"key": key, "effect": "NoExecute", "timeAdded": ago(ago_s)}));
+        n.spec.get_or_insert_with(Default::default).taints.get_or_insert_with(Vec::new).push(t);
+    }
+    objs
 }
 
 /// A node created long ago, Ready=True as of `beat_ago`, with a Lease renewed `lease_ago` seconds ago.
@@ -38,7 +60,10 @@ fn run(objs: Vec<Obj>, watched: i64) -> Outcome {
         let ready = condition(&n, "Ready").map(|c| c.status.clone()).unwrap_or_default();
         let since =
             condition(&n, "Ready").and_then(|c| c.last_transition_time.as_ref()).map_or(first, |t| t.0.max(first));
-        health.insert(node_name(&n).to_string(), Observed { beat: b, probe: when, ready, ready_since: since });
+        // The test's clocks agree: the controller first saw each taint when it was added.
+        let taints =
+            no_execute(&n).map(|t| (t.key.clone(), t.time_added.as_ref().map_or(first, |x| x.0.max(first)))).collect();
+        health.insert(node_name(&n).to_string(), Observed { beat: b, probe: when, ready, ready_since: since, taints });
     }
     reconcile(&cache, now(), &health, &cfg())
 }
@@ -86,17 +111,20 @@ fn a_fresh_lease_keeps_a_node_ready() {
 fn a_silent_node_goes_unknown_and_its_pods_unready() {
     let mut objs = node("n1", "True", 300, Some(60));
     objs.extend(healthy());
-    objs.push(pod("p").node("n1").ready(600).into());
-    objs.push(pod("elsewhere").node("n2").ready(600).into());
+    objs.push(admitted(pod("p").node("n1").ready(600)));
+    objs.push(admitted(pod("elsewhere").node("n2").ready(600)));
     let out = run(objs, 3600);
     let n = node_update(&out, "n1").expect("n1 updated");
     assert_eq!(conds(&n), ["Ready=Unknown", "MemoryPressure=Unknown"]);
     assert_eq!(n["status"]["conditions"][0]["reason"], "NodeStatusUnknown");
     assert_eq!(n["status"]["conditions"][0]["message"], "Kubelet stopped posting node status.");
-    assert_eq!(taint_keys(&n), ["node.kubernetes.io/unreachable:NoSchedule"]);
+    assert_eq!(
+        taint_keys(&n),
+        ["node.kubernetes.io/unreachable:NoSchedule", "node.kubernetes.io/unreachable:NoExecute"]
+    );
     assert_eq!(out.lines()[1], "update Pod default/p (node n1 is not ready)");
     assert_eq!(out.actions.len(), 2, "{:?}", out.lines());
-    assert!(deleted(&out).is_empty(), "not yet past the eviction timeout");
+    assert!(deleted(&out).is_empty(), "the NoExecute taint is new: 300 s of toleration left");
 }
 
 #[test]
@@ -107,50 +135,138 @@ fn a_restarted_controller_gives_every_node_a_grace_period() {
 }
 
 #[test]
-fn pods_are_evicted_after_the_timeout_except_daemon_pods() {
-    let mut objs = node("n1", "Unknown", 400, Some(400));
+fn pods_leave_when_the_unreachable_taint_outlives_their_toleration_and_forever_tolerations_stay() {
+    let mut objs = tainted(node("n1", "Unknown", 400, Some(400)), UNREACHABLE, 360);
     objs.extend(healthy());
-    objs.push(pod("web-1").node("n1").owner(Kind::ReplicaSet, "web").running().into());
-    objs.push(pod("logs-1").node("n1").owner(Kind::DaemonSet, "logs").running().into());
+    objs.push(admitted(pod("web-1").node("n1").owner(Kind::ReplicaSet, "web").running())); // 300 s: gone
+    objs.push(tolerating(pod("patient").node("n1").running(), UNREACHABLE, Some(3600)).into()); // 3600 s: stays
+    objs.push(tolerating(pod("forever").node("n1").running(), UNREACHABLE, None).into());
+    let mut daemon = pod("logs-1").node("n1").owner(Kind::DaemonSet, "logs").running().build();
+    crate::daemonset::add_daemon_tolerations(daemon.spec.get_or_insert_with(Default::default));
+    objs.push(Obj::Pod(daemon));
     objs.push(pod("leaving").node("n1").deleting().into());
     let out = run(objs, 3600);
     assert_eq!(deleted(&out), ["web-1"]);
+    assert!(out.lines().iter().any(|l| l.contains("has taint node.kubernetes.io/unreachable:NoExecute for 360s")));
 }
 
 #[test]
-fn a_node_reported_not_ready_is_evicted_from_its_transition() {
+fn a_pod_without_a_matching_toleration_is_evicted_at_once() {
+    let mut objs = tainted(node("n1", "Unknown", 60, Some(60)), UNREACHABLE, 1);
+    objs.extend(healthy());
+    objs.push(pod("bare").node("n1").running().into());
+    objs.push(tolerating(pod("wrong-key").node("n1").running(), NOT_READY, None).into());
+    objs.push(admitted(pod("admitted").node("n1").running()));
+    assert_eq!(deleted(&run(objs, 3600)), ["bare", "wrong-key"]);
+}
+
+#[test]
+fn a_node_reported_not_ready_gets_the_not_ready_taint_and_evicts_when_the_toleration_runs_out() {
     let mut objs = node("n1", "False", 100, Some(1)); // heartbeating, but the kubelet says NotReady since 100 s
     objs.extend(healthy());
-    objs.push(pod("a").node("n1").running().into());
+    objs.push(admitted(pod("a").node("n1").running()));
     let out = run(objs.clone(), 3600);
-    assert_eq!(taint_keys(&node_update(&out, "n1").unwrap()), ["node.kubernetes.io/not-ready:NoSchedule"]);
+    assert_eq!(
+        taint_keys(&node_update(&out, "n1").unwrap()),
+        ["node.kubernetes.io/not-ready:NoSchedule", "node.kubernetes.io/not-ready:NoExecute"]
+    );
     assert!(deleted(&out).is_empty());
-    let mut late = node("n1", "False", 400, Some(1));
+    let mut late = tainted(node("n1", "False", 400, Some(1)), NOT_READY, 301);
     late.extend(healthy());
-    late.push(pod("a").node("n1").running().into());
+    late.push(admitted(pod("a").node("n1").running()));
     assert_eq!(deleted(&run(late, 3600)), ["a"]);
 }
 
 #[test]
-fn no_evictions_when_every_node_is_down() {
+fn no_taints_and_no_evictions_when_every_node_is_down() {
     let objs = [
-        node("n1", "Unknown", 400, Some(400)),
+        tainted(node("n1", "Unknown", 400, Some(400)), UNREACHABLE, 360),
         node("n2", "Unknown", 400, Some(400)),
         vec![pod("a").node("n1").running().into()],
     ]
     .concat();
-    assert!(deleted(&run(objs, 3600)).is_empty(), "full disruption: the fault is more likely ours");
+    let out = run(objs, 3600);
+    assert!(deleted(&out).is_empty(), "full disruption: the fault is more likely ours");
+    // The NoExecute taint is taken off (the nodes are treated as reachable); the NoSchedule ones stay.
+    assert_eq!(taint_keys(&node_update(&out, "n1").unwrap()), ["node.kubernetes.io/unreachable:NoSchedule"]);
+    assert_eq!(taint_keys(&node_update(&out, "n2").unwrap()), ["node.kubernetes.io/unreachable:NoSchedule"]);
 }
 
 #[test]
-fn a_node_ready_again_loses_the_taint() {
-    let objs = node("n1", "True", 1, Some(1));
-    let Obj::Node(mut n) = objs[0].clone() else { panic!() };
-    n.spec = Some(from(
-        json!({"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}, {"key": "gpu", "effect": "NoSchedule"}]}),
-    ));
-    let out = run(vec![Obj::Node(n)], 3600);
-    assert_eq!(taint_keys(&node_update(&out, "n1").unwrap()), ["gpu:NoSchedule"]);
+fn no_execute_taints_are_added_at_the_eviction_rate() {
+    // Ten healthy nodes, two silent: one NoExecute taint per pass, none while the last is younger than 1/rate.
+    let mut objs: Vec<Obj> = (0..10).flat_map(|i| node(&format!("ok{i}"), "True", 5, Some(2))).collect();
+    objs.extend(node("n1", "True", 300, Some(60)));
+    objs.extend(node("n2", "True", 300, Some(60)));
+    // The nodes this pass gave a NoExecute taint (added just now, not carried over).
+    let no_execute_on = |out: &Outcome| -> Vec<String> {
+        let fresh = |v: &Value| {
+            v["spec"]["taints"].as_array().is_some_and(|list| {
+                list.iter().any(|t| {
+                    t["effect"] == "NoExecute"
+                        && t["timeAdded"]
+                            .as_str()
+                            .is_some_and(|a| now().duration_since(ts(a)) < SignedDuration::from_secs(2))
+                })
+            })
+        };
+        ["n1", "n2"].into_iter().filter(|n| node_update(out, n).is_some_and(|v| fresh(&v))).map(String::from).collect()
+    };
+    let n1 = objs.iter().position(|o| matches!(o, Obj::Node(n) if n.metadata.name.as_deref() == Some("n1"))).unwrap();
+    assert_eq!(no_execute_on(&run(objs.clone(), 3600)), ["n1"]);
+    // n1 got its taint 5 s ago (< 10 s at 0.1 nodes/s): n2 waits; 11 s ago: n2's turn.
+    let mut recent = objs.clone();
+    recent[n1] = tainted(vec![recent[n1].clone()], UNREACHABLE, 5).remove(0);
+    assert_eq!(no_execute_on(&run(recent, 3600)), Vec::<String>::new());
+    let mut older = objs.clone();
+    older[n1] = tainted(vec![older[n1].clone()], UNREACHABLE, 11).remove(0);
+    assert_eq!(no_execute_on(&run(older, 3600)), ["n2"]);
+    // Rate 0: no NoExecute taints at all (the NoSchedule ones still follow Ready).
+    let cache = Cache::of(objs);
+    let mut health = Health::new();
+    observe(&mut health, &cache, now() - SignedDuration::from_secs(3600));
+    let out = reconcile(&cache, now(), &health, &Config { eviction_rate: 0.0, ..cfg() });
+    assert_eq!(taint_keys(&node_update(&out, "n1").unwrap()), ["node.kubernetes.io/unreachable:NoSchedule"]);
+    assert_eq!(no_execute_on(&out), Vec::<String>::new());
+}
+
+#[test]
+fn the_taint_eviction_decision() {
+    let t = |key: &str| Taint { key: key.into(), effect: "NoExecute".into(), ..Default::default() };
+    let (un, nr, other) = (t(UNREACHABLE), t(NOT_READY), t("dedicated"));
+    let tol = |key: &str, secs: Option<i64>| Toleration {
+        key: Some(key.into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoExecute".into()),
+        toleration_seconds: secs,
+        value: None,
+    };
+    let s = Duration::from_secs;
+    type Case<'a> = (&'a str, Vec<(&'a Taint, Duration)>, Vec<Toleration>, Eviction);
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        ("no taint", vec![], vec![], Eviction::Keep),
+        ("no toleration", vec![(&un, s(0))], vec![], Eviction::Now),
+        ("toleration for another key", vec![(&un, s(0))], vec![tol(NOT_READY, None)], Eviction::Now),
+        ("within tolerationSeconds", vec![(&un, s(100))], vec![tol(UNREACHABLE, Some(300))], Eviction::After(s(200))),
+        ("at tolerationSeconds", vec![(&un, s(300))], vec![tol(UNREACHABLE, Some(300))], Eviction::Now),
+        ("past tolerationSeconds", vec![(&un, s(301))], vec![tol(UNREACHABLE, Some(300))], Eviction::Now),
+        ("forever", vec![(&un, s(99999))], vec![tol(UNREACHABLE, None)], Eviction::Keep),
+        ("zero seconds", vec![(&un, s(0))], vec![tol(UNREACHABLE, Some(0))], Eviction::Now),
+        ("negative seconds count as zero", vec![(&un, s(0))], vec![tol(UNREACHABLE, Some(-5))], Eviction::Now),
+        ("the smallest seconds of the matching ones", vec![(&un, s(10))],
+         vec![tol(UNREACHABLE, None), tol(UNREACHABLE, Some(60)), tol(UNREACHABLE, Some(30))], Eviction::After(s(20))),
+        ("two taints: the sooner one", vec![(&un, s(10)), (&nr, s(0))],
+         vec![tol(UNREACHABLE, Some(300)), tol(NOT_READY, Some(30))], Eviction::After(s(30))),
+        ("two taints: one untolerated", vec![(&un, s(0)), (&other, s(0))], vec![tol(UNREACHABLE, None)], Eviction::Now),
+        ("empty key Exists tolerates all, forever", vec![(&other, s(5))],
+         vec![Toleration { operator: Some("Exists".into()), ..Default::default() }], Eviction::Keep),
+        ("a NoSchedule toleration does not count", vec![(&un, s(0))],
+         vec![Toleration { effect: Some("NoSchedule".into()), ..tol(UNREACHABLE, None) }], Eviction::Now),
+    ];
+    for (name, taints, tols, want) in cases {
+        assert_eq!(taint_eviction(&taints, &tols), want, "{name}");
+    }
 }
 
 #[test]
