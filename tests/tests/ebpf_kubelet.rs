@@ -187,12 +187,11 @@ fn run(lab: &mut Lab, root: &Cgroup2Root, bpffs: &Bpffs) -> Result<()> {
     let services = status["services"].as_array().cloned().unwrap_or_default();
     let web = services.iter().find(|s| s["name"] == "default/web:http").context("web listed")?;
     let programmed = web["programmed"].as_str().unwrap_or("");
-    ensure!(
-        programmed.starts_with(&format!("{cluster_ip}:80/tcp id=")) && programmed.contains("count=2"),
-        "{programmed}"
-    );
+    // One entry per frontend (the node port, the ClusterIP), each counting both backends.
+    let entry = |frontend: &str| programmed.split(", ").any(|e| e.starts_with(frontend) && e.contains(" count=2"));
+    ensure!(entry(&format!("{cluster_ip}:80/tcp id=")) && entry("*:30090/tcp nodeport id="), "{programmed}");
     let dns = services.iter().find(|s| s["name"] == "kube-system/kube-dns:dns").context("kube-dns listed")?;
-    ensure!(dns["programmed"].as_str().unwrap_or("").starts_with("10.96.0.10:53/udp id="), "{dns}");
+    ensure!(dns["programmed"].as_str().unwrap_or("").contains("10.96.0.10:53/udp id="), "{dns}");
 
     // North-south through the default interface: node-2 has no web pod, so the backend is remote (SNAT).
     let body = until("node port 30090 on node-2 from the fabric", 20, || {
