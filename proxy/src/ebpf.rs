@@ -603,7 +603,8 @@ mod tests {
         .collect();
         let any = ip("0.0.0.0");
         // (flag, --bind-address, default route interface) → chosen interface, or the error's text.
-        let table: &[(Option<&str>, Ipv4Addr, Option<&str>, Result<Option<&str>, &str>)] = &[
+        type Case<'a> = (Option<&'a str>, Ipv4Addr, Option<&'a str>, Result<Option<&'a str>, &'a str>);
+        let table: &[Case] = &[
             (Some("eth1"), any, Some("eth0"), Ok(Some("eth1"))),
             (Some("eth1"), ip("192.168.56.11"), Some("eth0"), Ok(Some("eth1"))),
             (Some("none"), ip("192.168.56.11"), Some("eth0"), Ok(None)),
