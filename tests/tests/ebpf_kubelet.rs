@@ -168,7 +168,7 @@ fn run(lab: &mut Lab, root: &Cgroup2Root, bpffs: &Bpffs) -> Result<()> {
     let client = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: client}}\nspec:\n  nodeName: node-2\n  restartPolicy: Never\n  \
          containers:\n  - name: wget\n    image: weft.local/busybox:1\n    command: [\"sh\", \"-c\", \
-         \"wget -q -T 5 -O - http://{cluster_ip}/ && wget -q -T 5 -O - http://web/\"]\n"
+         \"wget -q -O - http://{cluster_ip}/ && wget -q -O - http://web/\"]\n"
     );
     lab.weft(&["apply", "-f", "-"], Some(&client))?;
     let phase = until("pod client to finish", 45, || {
