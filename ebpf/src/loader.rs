@@ -268,6 +268,12 @@ pub fn interface_ipv4(interface: &str) -> Option<std::net::Ipv4Addr> {
     })
 }
 
+/// Every (interface, IPv4 address) pair of this network namespace.
+pub fn interfaces_ipv4() -> Vec<(String, std::net::Ipv4Addr)> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addrs.filter_map(|a| Some((a.interface_name.clone(), a.address.as_ref()?.as_sockaddr_in()?.ip()))).collect()
+}
+
 /// Replaces the link pinned at `links/<program>` by `link`: the new one is attached before the old goes.
 fn replace_pin(links: &Path, program: &'static str, link: FdLink) -> Result<()> {
     let pin = links.join(program);

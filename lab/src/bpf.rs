@@ -122,3 +122,21 @@ impl Drop for Cgroup {
         }
     }
 }
+
+/// The cgroup v2 hierarchy mounted on a temporary directory, so a daemon started by `ip netns exec` (which
+/// remounts /sys) can be given a cgroup v2 directory that exists elsewhere, e.g. the kubelet's pods cgroup.
+/// Unmounted on drop; the directories in it are left to whoever owns them.
+pub struct Cgroup2Root {
+    mount: Mount,
+}
+
+impl Cgroup2Root {
+    pub fn mount() -> Result<Cgroup2Root> {
+        Ok(Cgroup2Root { mount: Mount::new("cgroup2")? })
+    }
+
+    /// `rel` (a path from the v2 root, e.g. `/weft-lab-<id>/node-1/pods`) under this mount.
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.mount.dir.path().join(rel.trim_start_matches('/'))
+    }
+}

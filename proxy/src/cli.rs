@@ -61,9 +61,12 @@ pub struct ProxyArgs {
     /// ebpf mode: entries of every load-balancer map (services, backend slots, affinity, reverse NAT)
     #[arg(long, default_value_t = weft_ebpf::maps::LB_MAP_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(16..))]
     pub bpf_lb_map_max: u32,
-    /// ebpf mode: the interface whose node address serves NodePorts and external IPs to the outside (tc programs) [default: none, no north-south]
+    /// ebpf mode: the interface whose node address serves NodePorts and external IPs to the outside (tc programs); `none` or "" turns north-south off [default: the interface holding the node address]
     #[arg(long)]
     pub nodeport_interface: Option<String>,
+    /// the node's address (kube-proxy's flag); ebpf mode: the default --nodeport-interface is the interface holding it (0.0.0.0: the interface of the IPv4 default route)
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: std::net::Ipv4Addr,
     #[command(flatten)]
     pub ipvs: IpvsArgs,
 }
@@ -148,6 +151,22 @@ impl ProxyArgs {
         })
     }
 
+    /// `--nodeport-interface` resolved against `--bind-address` and this namespace (ebpf mode; `None`: off).
+    fn nodeport_interface(&self) -> Result<Option<String>> {
+        let route = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        let default_route = crate::ebpf::default_route_interface(&route);
+        let chosen = crate::ebpf::nodeport_interface(
+            self.nodeport_interface.as_deref(),
+            self.bind_address,
+            &crate::ebpf::interface_addresses(),
+            default_route.as_deref(),
+        )?;
+        if chosen.is_none() && self.nodeport_interface.is_none() {
+            tracing::warn!("no IPv4 default route and no --bind-address: north-south (NodePort, externalIPs) is off");
+        }
+        Ok(chosen)
+    }
+
     /// The dataplane for `--proxy-mode`.
     pub fn dataplane(&self) -> Result<Box<dyn Dataplane + Send>> {
         let node = self.hostname_override.clone().unwrap_or_else(hostname);
@@ -171,7 +190,7 @@ impl ProxyArgs {
                     cgroup: self.cgroup_path.clone().unwrap_or_else(crate::ebpf::default_cgroup),
                     pin_base: self.bpf_pin_dir.clone(),
                     map_max: self.bpf_lb_map_max,
-                    nodeport_interface: self.nodeport_interface.clone(),
+                    nodeport_interface: self.nodeport_interface()?,
                 };
                 Ok(Box::new(crate::ebpf::EbpfDataplane::load(&cfg, &node)?))
             }

@@ -24,6 +24,8 @@ pub enum Error {
     Bpf(#[from] weft_ebpf::Error),
     #[error("--nodeport-interface {0}: no such interface with an IPv4 address in this namespace")]
     NoNodeAddress(String),
+    #[error("--bind-address {0}: no interface in this namespace holds it (name one with --nodeport-interface)")]
+    NoInterfaceFor(Ipv4Addr),
     #[error("map {map} would need {needed} entries but holds {max}: raise --bpf-lb-map-max")]
     TooManyEntries { map: &'static str, needed: usize, max: u32 },
 }
@@ -36,7 +38,7 @@ impl Error {
         match self {
             Error::TooManyEntries { .. } => true,
             Error::Bpf(e) => e.is_map_full(),
-            Error::NoNodeAddress(_) => false,
+            Error::NoNodeAddress(_) | Error::NoInterfaceFor(_) => false,
         }
     }
 }
@@ -84,6 +86,43 @@ pub fn default_cgroup() -> PathBuf {
     } else {
         "/sys/fs/cgroup".into()
     }
+}
+
+/// Where `--nodeport-interface` puts the north-south programs, decided from the flag, `--bind-address`, this
+/// namespace's (interface, IPv4 address) pairs and the interface of its IPv4 default route. Unset, it is the
+/// interface holding the node address: `--bind-address` when given, else the default route's interface (as
+/// Cilium picks its devices). `none` or an empty value turns north-south off. `Ok(None)`: off.
+pub fn nodeport_interface(
+    flag: Option<&str>,
+    bind: Ipv4Addr,
+    addrs: &[(String, Ipv4Addr)],
+    default_route: Option<&str>,
+) -> Result<Option<String>> {
+    match flag.map(str::trim) {
+        Some("") | Some("none") => return Ok(None),
+        Some(name) => return Ok(Some(name.to_string())),
+        None => {}
+    }
+    if !bind.is_unspecified() {
+        return addrs.iter().find(|(_, a)| *a == bind).map(|(i, _)| Some(i.clone())).ok_or(Error::NoInterfaceFor(bind));
+    }
+    // Without a default route there is no node address to guess: north-south stays off (the caller says so).
+    Ok(default_route.filter(|r| addrs.iter().any(|(i, _)| i == r)).map(String::from))
+}
+
+/// The interface of the first IPv4 default route in a `/proc/net/route` text (destination and mask 0, up).
+pub fn default_route_interface(route: &str) -> Option<String> {
+    route.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (iface, dest, flags, mask) = (f.first()?, f.get(1)?, f.get(3)?, f.get(7)?);
+        let up = u32::from_str_radix(flags, 16).ok()? & 1 == 1;
+        (*dest == "00000000" && *mask == "00000000" && up).then(|| iface.to_string())
+    })
+}
+
+/// This namespace's (interface, IPv4 address) pairs.
+pub fn interface_addresses() -> Vec<(String, Ipv4Addr)> {
+    weft_ebpf::loader::interfaces_ipv4()
 }
 
 /// This node's pin directory.
@@ -548,6 +587,64 @@ impl<M: LbMapsApi> Dataplane for EbpfDataplane<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodeport_interface_is_the_one_holding_the_node_address_unless_named_or_off() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let addrs: Vec<(String, Ipv4Addr)> = [
+            ("lo", "127.0.0.1"),
+            ("eth0", "192.168.56.11"),
+            ("eth1", "10.0.0.5"),
+            ("cni0", "10.244.1.1"),
+            ("eth1", "10.0.0.6"),
+        ]
+        .iter()
+        .map(|(i, a)| (i.to_string(), ip(a)))
+        .collect();
+        let any = ip("0.0.0.0");
+        // (flag, --bind-address, default route interface) → chosen interface, or the error's text.
+        type Case<'a> = (Option<&'a str>, Ipv4Addr, Option<&'a str>, Result<Option<&'a str>, &'a str>);
+        let table: &[Case] = &[
+            (Some("eth1"), any, Some("eth0"), Ok(Some("eth1"))),
+            (Some("eth1"), ip("192.168.56.11"), Some("eth0"), Ok(Some("eth1"))),
+            (Some("none"), ip("192.168.56.11"), Some("eth0"), Ok(None)),
+            (Some(""), any, Some("eth0"), Ok(None)),
+            (None, ip("10.0.0.6"), Some("eth0"), Ok(Some("eth1"))),
+            (None, ip("192.168.56.11"), None, Ok(Some("eth0"))),
+            (None, ip("192.0.2.1"), Some("eth0"), Err("--bind-address 192.0.2.1: no interface")),
+            (None, any, Some("eth1"), Ok(Some("eth1"))),
+            (None, any, None, Ok(None)),
+            (None, any, Some("tun9"), Ok(None)),
+        ];
+        for (flag, bind, route, want) in table {
+            let got = nodeport_interface(*flag, *bind, &addrs, *route);
+            match (want, got) {
+                (Ok(w), Ok(g)) => assert_eq!(g.as_deref(), *w, "{flag:?} {bind} {route:?}"),
+                (Err(w), Err(e)) => assert!(e.to_string().starts_with(w), "{flag:?} {bind} {route:?}: {e}"),
+                (w, g) => panic!("{flag:?} {bind} {route:?}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn default_route_interface_reads_proc_net_route() {
+        let header = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
+        let table: &[(&str, Option<&str>)] = &[
+            (
+                "eth0\t0038A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+              eth0\t00000000\t0A38A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n",
+                Some("eth0"),
+            ),
+            // A route to 0.0.0.0/8 is not a default route; a down one does not count.
+            ("eth1\t00000000\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n", None),
+            ("eth1\t00000000\t0A38A8C0\t0002\t0\t0\t0\t00000000\t0\t0\t0\n", None),
+            ("", None),
+            ("garbage\n", None),
+        ];
+        for (rows, want) in table {
+            assert_eq!(default_route_interface(&format!("{header}{rows}")).as_deref(), *want, "{rows}");
+        }
+    }
     use crate::model::{Endpoint, ServicePort};
     use std::time::Duration;
 
