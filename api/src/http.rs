@@ -1,5 +1,6 @@
 //! The small HTTP/1.1 endpoints every weft daemon exposes (`/healthz`, `/metrics`, status JSON), and
-//! the matching one-shot GET for the CLI. Loopback-only by default; not a general web server.
+//! the matching one-shot GET for the CLI, on hyper (the protocol) behind one bounded accept loop.
+//! Loopback-only by default; not a general web server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,21 +30,6 @@ impl Response {
 
 /// Maps a request path to a response; called for every request.
 pub type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
-
-/// The path of a request's first line (`GET /healthz HTTP/1.1` → `/healthz`), query string dropped.
-pub fn request_path(head: &str) -> &str {
-    let target = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("");
-    target.split('?').next().unwrap_or("")
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        404 => "Not Found",
-        503 => "Service Unavailable",
-        _ => "Error",
-    }
-}
 
 /// Connections a daemon's accept loop serves at once; the next `accept` waits for a slot (the kernel's backlog
 /// holds the rest), so a flood of clients cannot exhaust file descriptors or memory.
@@ -97,29 +83,35 @@ pub async fn bind(addr: SocketAddr, handler: Handler) -> std::io::Result<impl st
     })
 }
 
-async fn answer(mut sock: TcpStream, handler: Handler) {
-    let mut buf = [0u8; 2048];
-    let n = match tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await {
-        Ok(Ok(n)) => n,
-        _ => return,
-    };
-    let head = String::from_utf8_lossy(&buf[..n]);
-    let r = handler(request_path(&head));
-    let out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-        r.status,
-        reason(r.status),
-        r.content_type,
-        r.body.len(),
-        r.body
-    );
-    let _ = sock.write_all(out.as_bytes()).await;
+/// How long a client may take to send its request head (a slow client must not hold one of the slots).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn answer(sock: TcpStream, handler: Handler) {
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let r = handler(req.uri().path());
+        async move {
+            hyper::Response::builder()
+                .status(r.status)
+                .header(hyper::header::CONTENT_TYPE, r.content_type)
+                .body(http_body_util::Full::new(hyper::body::Bytes::from(r.body)))
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("GET http://{addr}{path}: {source}")]
     Io { addr: SocketAddr, path: String, source: std::io::Error },
+    #[error("GET http://{addr}{path}: {source}")]
+    Http { addr: SocketAddr, path: String, source: hyper::Error },
     #[error("GET http://{addr}{path}: status {status}: {body}")]
     Status { addr: SocketAddr, path: String, status: u16, body: String },
     #[error("GET http://{addr}{path}: no answer within {0:?}", .timeout)]
@@ -128,25 +120,33 @@ pub enum Error {
 
 /// A one-shot `GET path` against a weft daemon's endpoint; the body on 200.
 pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, Error> {
+    use http_body_util::BodyExt;
     let io = |source| Error::Io { addr, path: path.to_string(), source };
+    let http = |source| Error::Http { addr, path: path.to_string(), source };
     let fut = async {
-        let mut s = TcpStream::connect(addr).await.map_err(io)?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.map_err(io)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.map_err(io)?;
-        Ok::<_, Error>(String::from_utf8_lossy(&raw).into_owned())
+        let s = TcpStream::connect(addr).await.map_err(io)?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await.map_err(http)?;
+        let conn = tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let resp = sender.send_request(req).await.map_err(http)?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
+        conn.abort();
+        Ok::<_, Error>((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    let raw = tokio::time::timeout(timeout, fut).await.map_err(|_| Error::Timeout {
+    let (status, body) = tokio::time::timeout(timeout, fut).await.map_err(|_| Error::Timeout {
         addr,
         path: path.to_string(),
         timeout,
     })??;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     if status != 200 {
         return Err(Error::Status { addr, path: path.to_string(), status, body: body.trim().to_string() });
     }
-    Ok(body.to_string())
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -203,18 +203,6 @@ mod tests {
         assert_eq!(most.load(SeqCst), 2, "never more than the limit at once");
     }
 
-    #[test]
-    fn request_paths() {
-        for (head, want) in [
-            ("GET /healthz HTTP/1.1\r\nHost: x\r\n", "/healthz"),
-            ("GET /metrics?x=1 HTTP/1.0", "/metrics"),
-            ("garbage", ""),
-            ("", ""),
-        ] {
-            assert_eq!(request_path(head), want, "{head:?}");
-        }
-    }
-
     #[tokio::test]
     async fn serves_and_gets() {
         let handler: Handler = Arc::new(|p: &str| match p {
@@ -227,6 +215,7 @@ mod tests {
         let server = bind(addr, handler).await.unwrap();
         tokio::spawn(server);
         assert_eq!(get(addr, "/ok", Duration::from_secs(5)).await.unwrap(), "fine");
+        assert_eq!(get(addr, "/ok?verbose=1", Duration::from_secs(5)).await.unwrap(), "fine", "query dropped");
         let err = get(addr, "/nope", Duration::from_secs(5)).await.unwrap_err();
         assert!(matches!(err, Error::Status { status: 404, .. }), "{err}");
     }

@@ -38,7 +38,7 @@ pub enum Error {
     #[error("reading {path}")]
     Read { path: String, source: std::io::Error },
     #[error("{source_}: not valid YAML or JSON")]
-    Syntax { source_: Source, source: serde_yaml::Error },
+    Syntax { source_: Source, source: serde_norway::Error },
     #[error("{source_}: {field}: {problem}")]
     Document { source_: Source, field: String, problem: String },
     #[error("{source_}: {kind} {name:?}: {errors}")]
@@ -118,7 +118,7 @@ fn parse_file(path: &Path) -> Result<Vec<Document>> {
 /// Parses one file's text: YAML documents separated by `---`, or JSON (a JSON document is YAML too).
 pub fn parse(file: &str, text: &str) -> Result<Vec<Document>> {
     let mut docs = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let source = Source { file: file.to_string(), index, item: None };
         let value = Value::deserialize(de).map_err(|e| Error::Syntax { source_: source.clone(), source: e })?;
         if value.is_null() {

@@ -658,7 +658,7 @@ mod tests {
     use super::*;
 
     fn svc(yaml: &str) -> Service {
-        let mut s: Service = serde_yaml::from_str(yaml).unwrap();
+        let mut s: Service = serde_norway::from_str(yaml).unwrap();
         apply_defaults(&mut s);
         s
     }

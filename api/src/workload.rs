@@ -266,7 +266,7 @@ mod tests {
     use super::*;
 
     fn deployment(yaml: &str) -> Deployment {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_norway::from_str(yaml).unwrap()
     }
 
     #[test]
@@ -294,7 +294,7 @@ mod tests {
             ("[{operator: Exists}]", &[("", "", None)]),
         ];
         for (written, want) in cases {
-            let mut p: Pod = serde_yaml::from_str(&format!(
+            let mut p: Pod = serde_norway::from_str(&format!(
                 "metadata: {{name: p}}\nspec:\n  containers: [{{name: c, image: i}}]\n  tolerations: {written}\n"
             ))
             .unwrap();
@@ -370,7 +370,7 @@ mod tests {
     #[test]
     fn replication_controllers_need_a_selector_that_matches() {
         let rc = |yaml: &str| -> String {
-            let rc: ReplicationController = serde_yaml::from_str(yaml).unwrap();
+            let rc: ReplicationController = serde_norway::from_str(yaml).unwrap();
             validate_replicationcontroller(&rc).err().map(|e| e.to_string()).unwrap_or_default()
         };
         let ok = "metadata: {name: r}\nspec:\n  selector: {app: web}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: a, image: x}]}\n";

@@ -13,7 +13,7 @@ async fn store(etcd: &EtcdFixture) -> Store {
 }
 
 fn svc(yaml: &str) -> Service {
-    serde_yaml::from_str(yaml).unwrap()
+    serde_norway::from_str(yaml).unwrap()
 }
 
 fn my_service(extra: &str) -> Service {

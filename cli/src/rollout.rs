@@ -468,7 +468,7 @@ mod tests {
     use crate::owned::{new_and_old, owned_replicasets};
 
     fn deployment(yaml: &str) -> Deployment {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_norway::from_str(yaml).unwrap()
     }
 
     const BASE: &str = "metadata: {name: web, namespace: default, uid: d-1, generation: 2}\nspec:\n  replicas: 3\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: nginx, image: nginx:1.9.1}]}\n";
@@ -525,7 +525,7 @@ mod tests {
     #[test]
     fn daemonset_status_lines() {
         let ds = |status: &str, strategy: &str| -> DaemonSet {
-            serde_yaml::from_str(&format!("metadata: {{name: agent, generation: 1}}\nspec:\n  selector: {{matchLabels: {{app: a}}}}\n  updateStrategy: {{type: {strategy}}}\n  template: {{metadata: {{labels: {{app: a}}}}}}\nstatus: {status}\n")).unwrap()
+            serde_norway::from_str(&format!("metadata: {{name: agent, generation: 1}}\nspec:\n  selector: {{matchLabels: {{app: a}}}}\n  updateStrategy: {{type: {strategy}}}\n  template: {{metadata: {{labels: {{app: a}}}}}}\nstatus: {status}\n")).unwrap()
         };
         let base = "{observedGeneration: 1, currentNumberScheduled: 3, numberMisscheduled: 0, numberReady: 3, desiredNumberScheduled: 3";
         assert_eq!(
@@ -548,7 +548,7 @@ mod tests {
             Some(r) => format!("annotations: {{deployment.kubernetes.io/revision: \"{r}\", deployment.kubernetes.io/desired-replicas: \"3\", kubernetes.io/change-cause: \"set {image}\"}}, "),
             None => String::new(),
         };
-        serde_yaml::from_str(&format!(
+        serde_norway::from_str(&format!(
             "metadata: {{name: {name}, namespace: default, {annotations}creationTimestamp: \"2026-01-01T00:{minute:02}:00Z\", labels: {{app: web, pod-template-hash: h{minute}}}, ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: web, uid: {owner}, controller: true}}]}}\nspec:\n  replicas: 0\n  selector: {{matchLabels: {{app: web, pod-template-hash: h{minute}}}}}\n  template:\n    metadata: {{labels: {{app: web, pod-template-hash: h{minute}}}}}\n    spec: {{containers: [{{name: nginx, image: \"{image}\"}}]}}\n"
         ))
         .unwrap()

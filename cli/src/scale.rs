@@ -406,7 +406,7 @@ mod tests {
     }
 
     fn spec() -> PodSpec {
-        serde_yaml::from_str(
+        serde_norway::from_str(
             "initContainers: [{name: setup, image: busybox}]\ncontainers: [{name: nginx, image: nginx:1.7.9}, {name: sidecar, image: envoy:1}]\n",
         )
         .unwrap()

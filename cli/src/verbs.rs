@@ -546,7 +546,7 @@ pub async fn get_to(store: &Store, args: &GetArgs, out: &mut dyn Write) -> anyho
                 serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values, "metadata": {"resourceVersion": ""}})
             };
             if args.output == Some(Output::Yaml) {
-                out.write_all(serde_yaml::to_string(&doc)?.as_bytes())?;
+                out.write_all(serde_norway::to_string(&doc)?.as_bytes())?;
             } else {
                 out.write_all(format!("{}\n", serde_json::to_string_pretty(&doc)?).as_bytes())?;
             }
@@ -661,9 +661,9 @@ async fn watch_kind<K: Object + Tabular>(
             Some(Output::Json) => writeln!(out, "{}", serde_json::to_string_pretty(o)?)?,
             Some(Output::Yaml) if args.output_watch_events => {
                 let ev = serde_json::json!({"type": event, "object": o});
-                write!(out, "---\n{}", serde_yaml::to_string(&ev)?)?
+                write!(out, "---\n{}", serde_norway::to_string(&ev)?)?
             }
-            Some(Output::Yaml) => write!(out, "---\n{}", serde_yaml::to_string(o)?)?,
+            Some(Output::Yaml) => write!(out, "---\n{}", serde_norway::to_string(o)?)?,
             Some(Output::Name) => {
                 writeln!(out, "{}", object_name(target.kind, o.metadata().name.as_deref().unwrap_or("")))?
             }

@@ -117,7 +117,7 @@ fn apply_get_delete_the_documentation_services() {
     assert!(row.lines().nth(1).unwrap().starts_with("my-headless   ClusterIP   None   "), "{row}");
 
     // -o yaml of several objects is a List; -A adds NAMESPACE.
-    let list: serde_yaml::Value = serde_yaml::from_str(&weft.ok(&["get", "svc", "-o", "yaml"])).unwrap();
+    let list: serde_norway::Value = serde_norway::from_str(&weft.ok(&["get", "svc", "-o", "yaml"])).unwrap();
     assert_eq!(list["kind"], "List");
     assert_eq!(list["items"].as_sequence().unwrap().len(), 2);
     assert!(weft.ok(&["get", "svc", "-A"]).starts_with("NAMESPACE   NAME"));

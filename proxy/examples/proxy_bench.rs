@@ -360,7 +360,7 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
     let dir = tempfile::Builder::new().prefix("weft-pbench-").tempdir()?;
     let etcd_log = std::fs::File::create(dir.path().join("etcd.log"))?;
     let mut etcd = ns
-        .command("/usr/bin/etcd")
+        .command(weft_lab::bins::etcd()?)
         .arg("--name=bench")
         .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
         .args([

@@ -105,24 +105,8 @@ impl IpvsArgs {
     }
 }
 
-/// `500ms`, `1s`, `1.5s`, `2m`, `1h` (Go-duration style, one unit).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| format!("{s:?}: add a unit (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms or 30s"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} must be a positive duration"));
-    }
-    // try_: a finite but huge value (1e300h) would panic in from_secs_f64.
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long a duration"))
-}
+/// Go-style durations: the one parser in weft-api.
+pub use weft_api::duration::parse as parse_duration;
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>> {
     if v.is_empty() {
