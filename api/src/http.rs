@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +151,7 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn accept_errors_back_off_from_10ms_doubling_to_1s() {
