@@ -11,6 +11,7 @@ pub mod informer;
 pub mod kind;
 pub mod labels;
 pub mod manifest;
+pub mod metrics;
 pub mod quantity;
 pub mod service;
 pub mod store;

@@ -15,6 +15,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, ReplicationController, Service};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::Metadata;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 use weft_api::http::{self, Response};
@@ -97,33 +101,39 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The metrics as OpenMetrics text (`weft_api::metrics::CONTENT_TYPE`), built by prometheus-client.
     pub fn render(&self) -> String {
-        let mut s = String::new();
-        s.push_str("# HELP weft_controller_leader 1 while this process holds the leader lease and acts.\n");
-        s.push_str("# TYPE weft_controller_leader gauge\n");
-        s.push_str(&format!("weft_controller_leader {}\n", self.leader as u8));
-        s.push_str("# TYPE weft_controller_informers_synced gauge\n");
-        s.push_str(&format!("weft_controller_informers_synced {}\n", self.synced as u8));
-        s.push_str("# TYPE weft_controller_queue_depth gauge\n");
-        s.push_str(&format!("weft_controller_queue_depth {}\n", self.queue_depth));
-        s.push_str("# HELP weft_controller_reconciles_total Reconciles run, by controller.\n");
-        s.push_str("# TYPE weft_controller_reconciles_total counter\n");
-        for (c, n) in &self.reconciles {
-            s.push_str(&format!("weft_controller_reconciles_total{{controller=\"{c}\"}} {n}\n"));
-        }
-        s.push_str("# HELP weft_controller_actions_total Writes that succeeded, by controller, verb and kind.\n");
-        s.push_str("# TYPE weft_controller_actions_total counter\n");
-        for ((c, v, k), n) in &self.actions {
-            s.push_str(&format!("weft_controller_actions_total{{controller=\"{c}\",verb=\"{v}\",kind=\"{k}\"}} {n}\n"));
-        }
-        s.push_str(
-            "# HELP weft_controller_action_errors_total Writes that failed: conflict (reconciled again) or error.\n",
+        let mut r = Registry::default();
+        r.register(
+            "weft_controller_leader",
+            "1 while this process holds the leader lease and acts",
+            ConstGauge::new(i64::from(self.leader)),
         );
-        s.push_str("# TYPE weft_controller_action_errors_total counter\n");
-        for ((c, r), n) in &self.errors {
-            s.push_str(&format!("weft_controller_action_errors_total{{controller=\"{c}\",reason=\"{r}\"}} {n}\n"));
+        r.register(
+            "weft_controller_informers_synced",
+            "1 once every informer has listed its kind",
+            ConstGauge::new(i64::from(self.synced)),
+        );
+        r.register("weft_controller_queue_depth", "Keys waiting for a reconcile", ConstGauge::new(self.queue_depth));
+        // Counters are registered without `_total`: the encoder appends it.
+        let reconciles = Family::<[(&str, String); 1], Counter>::default();
+        for (c, n) in &self.reconciles {
+            reconciles.get_or_create(&[("controller", c.to_string())]).inc_by(*n);
         }
-        s
+        r.register("weft_controller_reconciles", "Reconciles run, by controller", reconciles);
+        let actions = Family::<[(&str, String); 3], Counter>::default();
+        for ((c, v, k), n) in &self.actions {
+            actions
+                .get_or_create(&[("controller", c.to_string()), ("verb", v.to_string()), ("kind", k.to_string())])
+                .inc_by(*n);
+        }
+        r.register("weft_controller_actions", "Writes that succeeded, by controller, verb and kind", actions);
+        let errors = Family::<[(&str, String); 2], Counter>::default();
+        for ((c, reason), n) in &self.errors {
+            errors.get_or_create(&[("controller", c.to_string()), ("reason", reason.to_string())]).inc_by(*n);
+        }
+        r.register("weft_controller_action_errors", "Writes that failed: conflict (reconciled again) or error", errors);
+        weft_api::metrics::encode(&r)
     }
 
     /// Writes that succeeded, over all controllers (tests read it).
@@ -573,7 +583,9 @@ async fn serve(addr: Option<SocketAddr>, metrics: Arc<Mutex<Metrics>>) -> Result
     let Some(addr) = addr else { return Ok(()) };
     let handler: http::Handler = Arc::new(move |path: &str| match path {
         "/healthz" | "/readyz" | "/livez" => Response::text(200, "ok"),
-        "/metrics" => Response::text(200, lock(&metrics).render()),
+        "/metrics" => {
+            Response { status: 200, content_type: weft_api::metrics::CONTENT_TYPE, body: lock(&metrics).render() }
+        }
         _ => Response::not_found(),
     });
     let server = http::bind(addr, handler).await.map_err(|source| Error::Listen { addr, source })?;
@@ -668,4 +680,32 @@ pub async fn run(opts: Options) -> Result<(), Error> {
         tracing::info!("released the leader lease");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_keeps_names_and_labels() {
+        let mut m = Metrics { leader: true, synced: true, queue_depth: 3, ..Metrics::default() };
+        m.reconciles.insert(Ctl::ReplicaSet, 4);
+        m.actions.insert((Ctl::ReplicaSet, "create", Kind::Pod), 2);
+        m.errors.insert((Ctl::Deployment, "conflict"), 1);
+        let text = m.render();
+        let pod = Kind::Pod;
+        for line in [
+            "weft_controller_leader 1".to_string(),
+            "weft_controller_informers_synced 1".to_string(),
+            "weft_controller_queue_depth 3".to_string(),
+            "# TYPE weft_controller_reconciles counter".to_string(),
+            "weft_controller_reconciles_total{controller=\"replicaset\"} 4".to_string(),
+            format!("weft_controller_actions_total{{controller=\"replicaset\",verb=\"create\",kind=\"{pod}\"}} 2"),
+            "weft_controller_action_errors_total{controller=\"deployment\",reason=\"conflict\"} 1".to_string(),
+            "# EOF".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(m.total_actions(), 2);
+    }
 }

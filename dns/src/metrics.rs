@@ -1,10 +1,15 @@
 //! Prometheus metrics of `weft dns`: queries by type and rcode, a latency histogram, forwarder cache hits
 //! and misses, and the index's size. Counters are atomics in one shard per serving thread (no lock and no
-//! shared cache line on the hot path); rendering sums the shards.
+//! shared cache line on the hot path); rendering sums the shards into prometheus-client's OpenMetrics text.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use weft_api::metrics::{encode, HistogramSnapshot};
 
 /// The query types counted by name; everything else is `other`.
 pub const TYPES: [(&str, u16); 9] =
@@ -66,74 +71,63 @@ pub struct Gauges {
     pub cache_entries: usize,
 }
 
+/// The shards summed and the gauges, as OpenMetrics text (`weft_api::metrics::CONTENT_TYPE`) built by
+/// prometheus-client.
 pub fn render(shards: &[Shard], g: &Gauges) -> String {
-    let mut o = String::new();
     let sum = |f: &dyn Fn(&Shard) -> u64| shards.iter().map(f).sum::<u64>();
-    let _ = writeln!(o, "# HELP weft_dns_requests_total Queries answered, by query type and response code.");
-    let _ = writeln!(o, "# TYPE weft_dns_requests_total counter");
+    let mut r = Registry::default();
+    // Counters are registered without `_total`: the encoder appends it.
+    let requests = Family::<[(&str, &str); 2], Counter>::default();
     for t in 0..=TYPES.len() {
-        for r in 0..=RCODES.len() {
-            let n = sum(&|s| s.queries[t][r].load(Relaxed));
+        for rc in 0..=RCODES.len() {
+            let n = sum(&|s| s.queries[t][rc].load(Relaxed));
             if n == 0 {
                 continue;
             }
             let tn = TYPES.get(t).map_or("other", |x| x.0);
-            let rn = RCODES.get(r).map_or("other", |x| x.0);
-            let _ = writeln!(o, "weft_dns_requests_total{{type=\"{tn}\",rcode=\"{rn}\"}} {n}");
+            let rn = RCODES.get(rc).map_or("other", |x| x.0);
+            requests.get_or_create(&[("type", tn), ("rcode", rn)]).inc_by(n);
         }
     }
-    let _ = writeln!(o, "# HELP weft_dns_request_duration_seconds Time from receiving a query to sending its answer.");
-    let _ = writeln!(o, "# TYPE weft_dns_request_duration_seconds histogram");
-    let mut cum = 0;
-    for (i, le) in BUCKETS.iter().enumerate() {
-        cum += sum(&|s| s.buckets[i].load(Relaxed));
-        let _ = writeln!(o, "weft_dns_request_duration_seconds_bucket{{le=\"{le}\"}} {cum}");
-    }
-    let count = sum(&|s| s.count.load(Relaxed));
-    let _ = writeln!(o, "weft_dns_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(o, "weft_dns_request_duration_seconds_sum {}", sum(&|s| s.sum_ns.load(Relaxed)) as f64 / 1e9);
-    let _ = writeln!(o, "weft_dns_request_duration_seconds_count {count}");
-    let lines: [(&str, &str, &str, String); 10] = [
-        (
-            "weft_dns_cache_hits_total",
-            "counter",
-            "Forwarded queries answered from the cache.",
-            sum(&|s| s.cache_hits.load(Relaxed)).to_string(),
+    r.register("weft_dns_requests", "Queries answered, by query type and response code", requests);
+    let per_bucket: Vec<u64> = (0..BUCKETS.len()).map(|i| sum(&|s| s.buckets[i].load(Relaxed))).collect();
+    r.register(
+        "weft_dns_request_duration_seconds",
+        "Time from receiving a query to sending its answer",
+        HistogramSnapshot::new(
+            &BUCKETS,
+            &per_bucket,
+            sum(&|s| s.count.load(Relaxed)),
+            sum(&|s| s.sum_ns.load(Relaxed)) as f64 / 1e9,
         ),
-        (
-            "weft_dns_cache_misses_total",
-            "counter",
-            "Forwarded queries sent upstream.",
-            sum(&|s| s.cache_misses.load(Relaxed)).to_string(),
-        ),
-        ("weft_dns_cache_entries", "gauge", "Answers in the forwarder's cache.", g.cache_entries.to_string()),
-        (
-            "weft_dns_dropped_total",
-            "counter",
-            "Packets that got no answer.",
-            sum(&|s| s.dropped.load(Relaxed)).to_string(),
-        ),
-        (
-            "weft_dns_synced",
-            "gauge",
-            "1 once the first full sync from etcd is in the index.",
-            u8::from(g.synced).to_string(),
-        ),
-        ("weft_dns_index_services", "gauge", "Services in the index.", g.services.to_string()),
-        ("weft_dns_index_names", "gauge", "Names in the index.", g.names.to_string()),
-        ("weft_dns_index_records", "gauge", "Records in the index.", g.records.to_string()),
-        ("weft_dns_index_rebuilds_total", "counter", "Index rebuilds.", g.rebuilds.to_string()),
-        (
-            "weft_dns_index_rebuild_seconds",
-            "gauge",
-            "Duration of the last index rebuild.",
-            g.last_rebuild.as_secs_f64().to_string(),
-        ),
-    ];
-    for (name, kind, help, value) in lines {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    }
-    o
+    );
+    r.register(
+        "weft_dns_cache_hits",
+        "Forwarded queries answered from the cache",
+        ConstCounter::new(sum(&|s| s.cache_hits.load(Relaxed))),
+    );
+    r.register(
+        "weft_dns_cache_misses",
+        "Forwarded queries sent upstream",
+        ConstCounter::new(sum(&|s| s.cache_misses.load(Relaxed))),
+    );
+    r.register("weft_dns_cache_entries", "Answers in the forwarder's cache", ConstGauge::new(g.cache_entries));
+    r.register("weft_dns_dropped", "Packets that got no answer", ConstCounter::new(sum(&|s| s.dropped.load(Relaxed))));
+    r.register(
+        "weft_dns_synced",
+        "1 once the first full sync from etcd is in the index",
+        ConstGauge::new(i64::from(g.synced)),
+    );
+    r.register("weft_dns_index_services", "Services in the index", ConstGauge::new(g.services));
+    r.register("weft_dns_index_names", "Names in the index", ConstGauge::new(g.names));
+    r.register("weft_dns_index_records", "Records in the index", ConstGauge::new(g.records));
+    r.register("weft_dns_index_rebuilds", "Index rebuilds", ConstCounter::new(g.rebuilds));
+    r.register(
+        "weft_dns_index_rebuild_seconds",
+        "Duration of the last index rebuild",
+        ConstGauge::new(g.last_rebuild.as_secs_f64()),
+    );
+    encode(&r)
 }
 
 #[cfg(test)]
@@ -160,6 +154,7 @@ mod tests {
             "weft_dns_cache_hits_total 1",
             "weft_dns_synced 1",
             "weft_dns_index_names 7",
+            "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -221,7 +221,7 @@ async fn serve_endpoints(opts: &DnsOptions, server: Arc<Server>, gauges: Arc<Mut
                 g.cache_entries = server.forwarder.cache_len();
                 Response {
                     status: 200,
-                    content_type: "text/plain; version=0.0.4",
+                    content_type: weft_api::metrics::CONTENT_TYPE,
                     body: metrics::render(&server.shards, &g),
                 }
             }

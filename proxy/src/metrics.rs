@@ -1,8 +1,13 @@
 //! The proxy's Prometheus metrics: sync duration histogram, what is programmed, last sync time and
-//! sync errors, rendered in the text exposition format by a pure function.
+//! sync errors, rendered as OpenMetrics text by prometheus-client from a snapshot (a pure function).
 
-use std::fmt::Write;
 use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+use weft_api::metrics::{encode, HistogramSnapshot};
 
 use crate::dataplane::SyncStats;
 
@@ -55,84 +60,70 @@ impl Metrics {
         }
     }
 
+    /// The metrics as OpenMetrics text (`weft_api::metrics::CONTENT_TYPE`), built by prometheus-client from a
+    /// snapshot of this struct.
     pub fn render(&self, mode: &str) -> String {
-        let mut o = String::new();
         let ts = |t: Option<SystemTime>| {
             t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0.0, |d| d.as_secs_f64())
         };
-        let _ = writeln!(
-            o,
-            "# HELP weft_proxy_sync_proxy_rules_duration_seconds Time to sync the dataplane to the service table."
+        // `buckets` is cumulative; the encoder wants each bucket's own count.
+        let per_bucket: Vec<u64> =
+            self.buckets.iter().scan(0, |prev, &c| Some(c - std::mem::replace(prev, c))).collect();
+        let mut r = Registry::default();
+        r.register(
+            "weft_proxy_sync_proxy_rules_duration_seconds",
+            "Time to sync the dataplane to the service table",
+            HistogramSnapshot::new(&BUCKETS, &per_bucket, self.count, self.sum),
         );
-        let _ = writeln!(o, "# TYPE weft_proxy_sync_proxy_rules_duration_seconds histogram");
-        for (i, le) in BUCKETS.iter().enumerate() {
-            let _ =
-                writeln!(o, "weft_proxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{le}\"}} {}", self.buckets[i]);
-        }
-        let _ = writeln!(o, "weft_proxy_sync_proxy_rules_duration_seconds_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(o, "weft_proxy_sync_proxy_rules_duration_seconds_sum {}", self.sum);
-        let _ = writeln!(o, "weft_proxy_sync_proxy_rules_duration_seconds_count {}", self.count);
-        let gauges: [(&str, &str, &str, String); 11] = [
-            (
-                "weft_proxy_sync_proxy_rules_last_timestamp_seconds",
-                "gauge",
-                "Time of the last successful sync.",
-                ts(self.last_sync).to_string(),
-            ),
-            (
-                "weft_proxy_sync_full_proxy_rules_last_timestamp_seconds",
-                "gauge",
-                "Time of the last successful full sync.",
-                ts(self.last_full_sync).to_string(),
-            ),
-            ("weft_proxy_sync_errors_total", "counter", "Syncs that failed.", self.sync_errors.to_string()),
-            (
-                "weft_proxy_syncs_total{kind=\"full\"}",
-                "counter",
-                "Successful syncs by kind.",
-                self.full_syncs.to_string(),
-            ),
-            ("weft_proxy_syncs_total{kind=\"partial\"}", "", "", self.partial_syncs.to_string()),
-            ("weft_proxy_service_ports", "gauge", "Service ports in the table.", self.service_ports.to_string()),
-            ("weft_proxy_endpoints", "gauge", "Ready endpoints in the table.", self.endpoints.to_string()),
-            (
-                "weft_proxy_rules_written",
-                "gauge",
-                "Rules or sockets written by the last sync.",
-                self.rules_written.to_string(),
-            ),
-            (
-                "weft_proxy_invalid_objects_total",
-                "counter",
-                "Objects read from etcd that failed validation and were skipped (once per key and revision).",
-                self.invalid_objects.to_string(),
-            ),
-            (
-                "weft_proxy_skipped_inputs",
-                "gauge",
-                "Service or Endpoints input the last sync could not serve.",
-                self.skipped.to_string(),
-            ),
-            (
-                "weft_proxy_refused_service_ports",
-                "gauge",
-                "Service ports left out because the kernel refused their rules.",
-                self.refused.to_string(),
-            ),
-        ];
-        for (name, kind, help, value) in gauges {
-            let base = name.split('{').next().unwrap_or(name);
-            if !kind.is_empty() {
-                let _ = writeln!(o, "# HELP {base} {help}");
-                let _ = writeln!(o, "# TYPE {base} {kind}");
-            }
-            let _ = writeln!(o, "{name} {value}");
-        }
+        r.register(
+            "weft_proxy_sync_proxy_rules_last_timestamp_seconds",
+            "Time of the last successful sync",
+            ConstGauge::new(ts(self.last_sync)),
+        );
+        r.register(
+            "weft_proxy_sync_full_proxy_rules_last_timestamp_seconds",
+            "Time of the last successful full sync",
+            ConstGauge::new(ts(self.last_full_sync)),
+        );
+        // Counters are registered without `_total`: the encoder appends it.
+        r.register("weft_proxy_sync_errors", "Syncs that failed", ConstCounter::new(self.sync_errors));
+        let syncs = Family::<[(&str, &str); 1], Counter>::default();
+        syncs.get_or_create(&[("kind", "full")]).inc_by(self.full_syncs);
+        syncs.get_or_create(&[("kind", "partial")]).inc_by(self.partial_syncs);
+        r.register("weft_proxy_syncs", "Successful syncs by kind", syncs);
+        r.register("weft_proxy_service_ports", "Service ports in the table", ConstGauge::new(self.service_ports));
+        r.register("weft_proxy_endpoints", "Ready endpoints in the table", ConstGauge::new(self.endpoints));
+        r.register(
+            "weft_proxy_rules_written",
+            "Rules or sockets written by the last sync",
+            ConstGauge::new(self.rules_written),
+        );
+        r.register(
+            "weft_proxy_invalid_objects",
+            "Objects read from etcd that failed validation and were skipped (once per key and revision)",
+            ConstCounter::new(self.invalid_objects),
+        );
+        r.register(
+            "weft_proxy_skipped_inputs",
+            "Service or Endpoints input the last sync could not serve",
+            ConstGauge::new(self.skipped),
+        );
+        r.register(
+            "weft_proxy_refused_service_ports",
+            "Service ports left out because the kernel refused their rules",
+            ConstGauge::new(self.refused),
+        );
         if mode == "ebpf" {
-            let _ = writeln!(o, "# HELP weft_proxy_bpf_map_full_total Syncs refused because an eBPF LB map was full (raise --bpf-lb-map-max).\n# TYPE weft_proxy_bpf_map_full_total counter\nweft_proxy_bpf_map_full_total {}", self.bpf_map_full);
+            r.register(
+                "weft_proxy_bpf_map_full",
+                "Syncs refused because an eBPF LB map was full (raise --bpf-lb-map-max)",
+                ConstCounter::new(self.bpf_map_full),
+            );
         }
-        let _ = writeln!(o, "# HELP weft_proxy_info The proxy's mode.\n# TYPE weft_proxy_info gauge\nweft_proxy_info{{mode=\"{mode}\"}} 1");
-        o
+        let info = Family::<[(&str, String); 1], Gauge>::default();
+        info.get_or_create(&[("mode", mode.to_string())]).set(1);
+        r.register("weft_proxy_info", "The proxy's mode", info);
+        encode(&r)
     }
 }
 
@@ -158,12 +149,13 @@ mod tests {
             "weft_proxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.512\"} 2",
             "weft_proxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 2",
             "weft_proxy_sync_proxy_rules_duration_seconds_count 2",
-            "weft_proxy_sync_proxy_rules_last_timestamp_seconds 1000",
+            "weft_proxy_sync_proxy_rules_last_timestamp_seconds 1000.0",
             "weft_proxy_sync_errors_total 1",
             "weft_proxy_syncs_total{kind=\"full\"} 1",
             "weft_proxy_syncs_total{kind=\"partial\"} 1",
             "weft_proxy_rules_written 5",
             "weft_proxy_info{mode=\"iptables\"} 1",
+            "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -216,7 +216,7 @@ async fn serve_endpoints(opts: &ProxyOptions, shared: Arc<Mutex<Shared>>, mode: 
                 "/metrics" if full => {
                     let mut m = s.metrics.clone();
                     m.invalid_objects = weft_api::store::rejected_total();
-                    Response { status: 200, content_type: "text/plain; version=0.0.4", body: m.render(mode) }
+                    Response { status: 200, content_type: weft_api::metrics::CONTENT_TYPE, body: m.render(mode) }
                 }
                 "/services" if full => Response::json(serde_json::to_string(&s.status).unwrap_or_default()),
                 "/healthz" | "/livez" => {
