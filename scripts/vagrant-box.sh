@@ -28,14 +28,15 @@ rootfs="$out/rootfs"
 box="$out/$name.box"
 if [ "$force" = 1 ]; then rm -rf "$rootfs" "$box" "$out/stage"; fi
 
-packages=(linux-image-amd64 systemd-sysv udev openssh-server sudo rsync ifupdown isc-dhcp-client iproute2 kmod
+packages=(linux-image-amd64 systemd-sysv udev dbus openssh-server sudo rsync ifupdown isc-dhcp-client iproute2 kmod
   ca-certificates curl procps less
   containerd runc containernetworking-plugins iptables ipset ipvsadm conntrack dnsutils openssl etcd-server etcd-client)
-if [ ! -e "$rootfs/.weft-debootstrap-done" ]; then
-  rm -rf "$rootfs"
+# The stamp holds the package list: a changed list means a fresh debootstrap.
+if [ "$(cat "$rootfs/.weft-debootstrap-done" 2>/dev/null)" != "${packages[*]}" ]; then
+  rm -rf "$rootfs" "$box"
   echo "vagrant-box.sh: debootstrap bookworm from $mirror into $rootfs"
   debootstrap --include="$(IFS=,; echo "${packages[*]}")" bookworm "$rootfs" "$mirror"
-  touch "$rootfs/.weft-debootstrap-done"
+  echo "${packages[*]}" >"$rootfs/.weft-debootstrap-done"
 fi
 
 if [ ! -e "$rootfs/.weft-configured" ]; then
@@ -44,7 +45,7 @@ if [ ! -e "$rootfs/.weft-configured" ]; then
   echo "deb $mirror bookworm main" >"$rootfs/etc/apt/sources.list"
   printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' >"$rootfs/etc/fstab"
   echo vagrant >"$rootfs/etc/hostname"
-  printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$rootfs/etc/hosts"
+  printf '127.0.0.1 localhost\n127.0.1.1 vagrant\n::1 localhost ip6-localhost ip6-loopback\n' >"$rootfs/etc/hosts"
   printf 'auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet dhcp\n\nsource /etc/network/interfaces.d/*\n' \
     >"$rootfs/etc/network/interfaces"
   mkdir -p "$rootfs/etc/network/interfaces.d"
@@ -104,7 +105,8 @@ BOXVF
   rm -rf "$stage"
 fi
 
-if [ "$force" = 1 ] || ! vagrant box list 2>/dev/null | grep -q "^$name "; then
+if [ "$force" = 1 ] || [ "$box" -nt "$out/.added" ] || ! vagrant box list 2>/dev/null | grep -q "^$name "; then
   vagrant box add --force --name "$name" "$box"
+  touch "$out/.added"
 fi
 echo "vagrant-box.sh: box $name ($box)"
