@@ -63,11 +63,10 @@ trap cleanup EXIT
 say "libvirtd in network namespace $ns"
 ip netns add "$ns"
 ip -n "$ns" link set lo up
-in_ns virtlogd -d
-libvirt_pids+=("$(pgrep -nx virtlogd)")
-in_ns libvirtd -d
+in_ns virtlogd -d -p "$logs/virtlogd.pid"
+in_ns libvirtd -d -p "$logs/libvirtd.pid"
 for _ in $(seq 30); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 1; done
-libvirt_pids+=("$(pgrep -nx libvirtd)")
+libvirt_pids+=("$(cat "$logs/libvirtd.pid")" "$(cat "$logs/virtlogd.pid")")
 in_ns virsh -c qemu:///system capabilities | grep -q "domain type='qemu'"
 
 remaining() { echo $((deadline - SECONDS)); }
@@ -128,8 +127,9 @@ spec:
   ports: [{port: 80, targetPort: 80}]
 YAML
 } | w apply -f -
-pod_ip() { w get pod "$1" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin).get("status",{}).get("podIP",""))'; }
-running() { [ -n "$(pod_ip "$1")" ] && w get pod "$1" -o json | grep -q '"phase": *"Running"'; }
+pod_status() { w get pod "$1" -o json | python3 -c "import json,sys; print(json.load(sys.stdin).get('status',{}).get('$2',''))"; }
+pod_ip() { pod_status "$1" podIP; }
+running() { [ -n "$(pod_ip "$1")" ] && [ "$(pod_status "$1" phase)" = Running ]; }
 for i in $(seq "$nodes"); do poll 600 "web-$i Running on node-$i" running "web-$i"; done
 
 # A client pod on node-1 fetches every other node's pod by address, the Service by name (cluster DNS) and VIP.
@@ -150,7 +150,7 @@ spec:
 YAML
 client_done() {
   local phase
-  phase="$(w get pod client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin).get("status",{}).get("phase",""))')"
+  phase="$(pod_status client phase)"
   [ "$phase" = Failed ] && { echo "client pod Failed" >&2; exit 1; }
   [ "$phase" = Succeeded ]
 }
