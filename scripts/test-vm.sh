@@ -20,10 +20,12 @@ say() { printf '\n== %s\n' "$*"; }
 
 bash "$repo/scripts/vagrant-deps.sh"
 bash "$repo/scripts/vagrant-box.sh"
-if [ ! -x "$repo/target/release/weft" ] || [ -n "$(find "$repo"/{src,agent,api,cli,control,dns,proxy,lab} -newer "$repo/target/release/weft" -name '*.rs' -print -quit 2>/dev/null)" ]; then
+if [ -n "${WEFT_BIN:-}" ]; then
+  : # a prebuilt binary (host-prepare.sh stages $WEFT_BIN too)
+elif [ ! -x "$repo/target/release/weft" ] || [ -n "$(find "$repo"/{src,agent,api,cli,control,dns,proxy,lab} -newer "$repo/target/release/weft" -name '*.rs' -print -quit 2>/dev/null)" ]; then
   (cd "$repo" && cargo build --release)
 fi
-weft="$repo/target/release/weft"
+weft="${WEFT_BIN:-$repo/target/release/weft}"
 
 if [ -S /run/libvirt/libvirt-sock ]; then
   echo "test-vm: a libvirtd is already running; this test starts its own inside a network namespace" >&2
