@@ -5,7 +5,7 @@
 set -euo pipefail
 
 want=(debootstrap qemu-utils e2fsprogs rsync openssl gcc libc6-dev busybox-static)
-[ "${1:-}" = --box-only ] || want+=(vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86)
+[ "${1:-}" = --box-only ] || want+=(vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients dnsmasq-base qemu-system-x86)
 need=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
