@@ -36,6 +36,8 @@ fi
 in_ns() { ip netns exec "$ns" "$@"; }
 export VAGRANT_CWD="$repo/vagrant" VAGRANT_DEFAULT_PROVIDER=libvirt VAGRANT_DOTFILE_PATH="$logs/dot-vagrant"
 export WEFT_BOX="${WEFT_BOX:-weft-debian12}" WEFT_LIBVIRT_DRIVER=qemu WEFT_CPUS="${WEFT_CPUS:-1}"
+export WEFT_BOX_KERNEL="/var/lib/libvirt/boot/$WEFT_BOX-vmlinuz" WEFT_BOX_INITRD="/var/lib/libvirt/boot/$WEFT_BOX-initrd.img"
+export WEFT_BOX_CMDLINE="root=/dev/vda rw console=ttyS0 net.ifnames=0 biosdevname=0"
 export WEFT_MEMORY="${WEFT_MEMORY:-1024}" WEFT_NODES="$nodes" WEFT_CONSOLE_DIR="$logs" WEFT_LIBVIRT_PREFIX="$prefix"
 etcd="http://192.168.56.11:2379"
 w() { in_ns "$weft" "$@" --etcd-endpoints "$etcd"; }

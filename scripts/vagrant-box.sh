@@ -109,4 +109,12 @@ if [ "$force" = 1 ] || [ "$box" -nt "$out/.added" ] || ! vagrant box list 2>/dev
   vagrant box add --force --name "$name" "$box"
   touch "$out/.added"
 fi
-echo "vagrant-box.sh: box $name ($box)"
+# qemu runs as libvirt-qemu and cannot read the box's copy under root's ~/.vagrant.d: a readable copy where libvirt
+# keeps kernels (the Vagrantfile's WEFT_BOX_KERNEL/WEFT_BOX_INITRD point at it).
+boot=/var/lib/libvirt/boot
+mkdir -p "$boot"
+tar -C "$boot" -xf "$box" vmlinuz initrd.img
+mv "$boot/vmlinuz" "$boot/$name-vmlinuz"
+mv "$boot/initrd.img" "$boot/$name-initrd.img"
+chmod 0644 "$boot/$name-vmlinuz" "$boot/$name-initrd.img"
+echo "vagrant-box.sh: box $name ($box); kernel and initrd also in $boot/$name-{vmlinuz,initrd.img}"
