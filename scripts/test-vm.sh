@@ -71,7 +71,7 @@ in_ns virtlogd -d -p "$logs/virtlogd.pid"
 in_ns libvirtd -d -p "$logs/libvirtd.pid"
 for _ in $(seq 30); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 1; done
 libvirt_pids+=("$(cat "$logs/libvirtd.pid")" "$(cat "$logs/virtlogd.pid")")
-in_ns virsh -c qemu:///system capabilities | grep -q "domain type='qemu'"
+caps="$(in_ns virsh -c qemu:///system capabilities)"; [[ "$caps" == *"domain type='qemu'"* ]] || { echo "test-vm: libvirt offers no qemu domains" >&2; exit 1; }
 
 remaining() { echo $((deadline - SECONDS)); }
 say "vagrant up ($nodes nodes, box $WEFT_BOX, driver qemu)"
