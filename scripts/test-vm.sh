@@ -162,9 +162,9 @@ poll 300 "a pod on node-1 reaches the pods on the other VMs, the Service by DNS 
 
 say "every VM: the Service VIP answers, DNS resolves, weft routes"
 for i in $(seq "$nodes"); do
-  vm "node-$i" "curl -sf --max-time 10 http://$vip/" | grep -q '^web-' || { echo "node-$i: VIP $vip did not answer" >&2; exit 1; }
+  vm "node-$i" "curl -sf --max-time 10 http://$vip/" | grep '^web-' || { echo "node-$i: VIP $vip did not answer" >&2; exit 1; }
   echo "ok: node-$i reaches the VIP $vip"
-  vm "node-$i" "dig +short @10.96.0.10 web.default.svc.cluster.local" | grep -qx "$vip" || { echo "node-$i: DNS did not resolve web to $vip" >&2; exit 1; }
+  vm "node-$i" "dig +short @10.96.0.10 web.default.svc.cluster.local" | grep -x "$vip" || { echo "node-$i: DNS did not resolve web to $vip" >&2; exit 1; }
   echo "ok: node-$i resolves web.default.svc.cluster.local to $vip"
   vm "node-$i" "sudo weft routes --etcd-endpoints $etcd" | tee "$logs/routes-node-$i.txt"
   # Every other node's lease must appear as programmed: count the peers' addresses in the output.
