@@ -34,3 +34,9 @@ bench: setup
 # Removes every lab left by an interrupted `weft lab up` or test run.
 clean-lab:
 	@for d in /run/weft/lab/*/; do [ -d "$$d" ] && $(WEFT) lab down --name "$$(basename $$d)"; done; true
+
+# The multi-VM lab (vagrant/) on QEMU-emulated VMs with real Vagrant + libvirt: slow (tens of minutes), so not part
+# of `make test`. Builds the local Debian 12 box and the release binary first.
+.PHONY: test-vm
+test-vm:
+	@bash scripts/test-vm.sh

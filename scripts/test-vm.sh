@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# `make test-vm`: proves vagrant/ with real Vagrant on QEMU-emulated VMs. Installs the tools (vagrant-deps.sh), builds
+# the local box (vagrant-box.sh) and the release binary, then runs libvirtd inside a network namespace of its own
+# (the VMs' bridges, dnsmasq and NAT rules never touch the host's network), `vagrant up` of the project's
+# vagrant/Vagrantfile with only environment variables changed, checks from outside (Nodes Ready, one lease per node,
+# pods on different VMs reach each other, a Service VIP answers from every VM, DNS resolves, `weft routes` on every
+# VM), and `vagrant destroy -f`, checking no domain, network or volume is left. A hang is killed at
+# $WEFT_VM_DEADLINE seconds (default 5400) and reported with the VMs' console logs. Slow: not part of `make test`.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+nodes="${WEFT_NODES:-3}"
+deadline=$((SECONDS + ${WEFT_VM_DEADLINE:-5400}))
+run="$(date +%s)-$$"
+ns="weft-vm-$$"
+logs="$repo/target/vagrant/test-vm/$run"
+prefix="weftvm$$_"
+mkdir -p "$logs"
+say() { printf '\n== %s\n' "$*"; }
+
+bash "$repo/scripts/vagrant-deps.sh"
+bash "$repo/scripts/vagrant-box.sh"
+if [ -n "${WEFT_BIN:-}" ]; then
+  : # a prebuilt binary (host-prepare.sh stages $WEFT_BIN too)
+elif [ ! -x "$repo/target/release/weft" ] || [ -n "$(find "$repo"/{src,agent,api,cli,control,dns,proxy,lab} -newer "$repo/target/release/weft" -name '*.rs' -print -quit 2>/dev/null)" ]; then
+  (cd "$repo" && cargo build --release)
+fi
+weft="${WEFT_BIN:-$repo/target/release/weft}"
+
+if [ -S /run/libvirt/libvirt-sock ]; then
+  echo "test-vm: a libvirtd is already running; this test starts its own inside a network namespace" >&2
+  echo "test-vm: stop that one first (its VM networks would land in the host's network namespace)" >&2
+  exit 1
+fi
+
+in_ns() { ip netns exec "$ns" "$@"; }
+export VAGRANT_CWD="$repo/vagrant" VAGRANT_DEFAULT_PROVIDER=libvirt VAGRANT_DOTFILE_PATH="$logs/dot-vagrant"
+export WEFT_BOX="${WEFT_BOX:-weft-debian12}" WEFT_LIBVIRT_DRIVER=qemu WEFT_CPUS="${WEFT_CPUS:-1}"
+export WEFT_BOX_KERNEL="/var/lib/libvirt/boot/$WEFT_BOX-vmlinuz" WEFT_BOX_INITRD="/var/lib/libvirt/boot/$WEFT_BOX-initrd.img"
+export WEFT_BOX_CMDLINE="root=/dev/vda rw console=ttyS0 net.ifnames=0 biosdevname=0"
+export WEFT_MEMORY="${WEFT_MEMORY:-1024}" WEFT_NODES="$nodes" WEFT_CONSOLE_DIR="$logs" WEFT_LIBVIRT_PREFIX="$prefix"
+etcd="http://192.168.56.11:2379"
+w() { in_ns "$weft" "$@" --etcd-endpoints "$etcd"; }
+vm() { in_ns timeout 300 vagrant ssh "$1" -c "$2" -- -o LogLevel=ERROR; }
+
+libvirt_pids=()
+cleanup() {
+  local rc=$?
+  set +e
+  if [ "$rc" -ne 0 ]; then
+    echo "test-vm FAILED (exit $rc); console logs in $logs:" >&2
+    for f in "$logs"/node-*.log; do [ -f "$f" ] && { echo "--- $f" >&2; tail -n 30 "$f" >&2; }; done
+  fi
+  say "vagrant destroy -f"
+  in_ns timeout 600 vagrant destroy -f >"$logs/destroy.log" 2>&1 || echo "vagrant destroy failed: $logs/destroy.log" >&2
+  local left
+  left="$( (in_ns virsh -c qemu:///system list --all --name; in_ns virsh -c qemu:///system vol-list default) 2>/dev/null | grep -c "$prefix" || true)"
+  nets="$(in_ns virsh -c qemu:///system net-list --all --name 2>/dev/null | grep -cv '^$' || true)"
+  echo "left behind: $left domains/volumes named $prefix*, $nets libvirt networks"
+  [ "$left" = 0 ] || rc=1
+  for p in "${libvirt_pids[@]}"; do kill "$p" 2>/dev/null; done
+  ip netns del "$ns" 2>/dev/null
+  exit "$rc"
+}
+trap cleanup EXIT
+
+say "libvirtd in network namespace $ns"
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+in_ns virtlogd -d -p "$logs/virtlogd.pid"
+in_ns libvirtd -d -p "$logs/libvirtd.pid"
+for _ in $(seq 30); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 1; done
+libvirt_pids+=("$(cat "$logs/libvirtd.pid")" "$(cat "$logs/virtlogd.pid")")
+caps="$(in_ns virsh -c qemu:///system capabilities)"; [[ "$caps" == *"domain type='qemu'"* ]] || { echo "test-vm: libvirt offers no qemu domains" >&2; exit 1; }
+
+remaining() { echo $((deadline - SECONDS)); }
+say "vagrant up ($nodes nodes, box $WEFT_BOX, driver qemu)"
+t0=$SECONDS
+# --no-parallel: two CPUs emulate every VM; provisioning one at a time keeps each within its own timeouts.
+in_ns timeout "$(remaining)" vagrant up --no-parallel 2>&1 | tee "$logs/up.log"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+
+poll() { # SECS WHAT CMD...
+  local secs="$1" what="$2" end
+  shift 2
+  end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$end" ] && [ "$SECONDS" -lt "$deadline" ] || { echo "timed out: $what" >&2; return 1; }
+    sleep 3
+  done
+  echo "ok: $what"
+}
+ready_nodes() {
+  w get nodes -o json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+items = v.get("items", [v])
+print(sum(any(c.get("type") == "Ready" and c.get("status") == "True" for c in (n.get("status") or {}).get("conditions") or []) for n in items))'
+}
+all_ready() { [ "$(ready_nodes)" = "$nodes" ]; }
+poll 600 "$nodes Nodes Ready" all_ready
+echo "bring-up: $((SECONDS - t0)) s from vagrant up to all Nodes Ready" | tee "$logs/bringup.txt"
+
+leases() { vm node-1 "etcdctl --endpoints=http://127.0.0.1:2379 get --prefix --keys-only /coreos.com/network/subnets/ | grep -c subnets/"; }
+three_leases() { [ "$(leases | tr -dc 0-9)" = "$nodes" ]; }
+poll 120 "$nodes subnet leases in etcd" three_leases
+
+say "pods on every VM"
+{
+  for i in $(seq "$nodes"); do
+    cat <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: web-$i, labels: {app: web}}
+spec:
+  nodeName: node-$i
+  containers:
+  - name: httpd
+    image: weft.local/busybox:1
+    command: ["sh", "-c", "mkdir -p /www && echo web-$i > /www/index.html && exec httpd -f -p 80 -h /www"]
+    readinessProbe: {httpGet: {path: /, port: 80}, periodSeconds: 2}
+---
+YAML
+  done
+  cat <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 80}]
+YAML
+} | w apply -f -
+pod_status() { w get pod "$1" -o json | python3 -c "import json,sys; print(json.load(sys.stdin).get('status',{}).get('$2',''))"; }
+pod_ip() { pod_status "$1" podIP; }
+running() { [ -n "$(pod_ip "$1")" ] && [ "$(pod_status "$1" phase)" = Running ]; }
+for i in $(seq "$nodes"); do poll 600 "web-$i Running on node-$i" running "web-$i"; done
+
+# A client pod on node-1 fetches every other node's pod by address, the Service by name (cluster DNS) and VIP.
+vip="$(w get svc web -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["spec"]["clusterIP"])')"
+targets=""
+for i in $(seq 2 "$nodes"); do targets="$targets $(pod_ip "web-$i")"; done
+w apply -f - <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  nodeName: node-1
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: weft.local/busybox:1
+    command: ["sh", "-c", "for t in $targets web.default.svc.cluster.local $vip; do wget -T 10 -qO- http://\$t/ || exit 1; done"]
+YAML
+client_done() {
+  local phase
+  phase="$(pod_status client phase)"
+  [ "$phase" = Failed ] && { echo "client pod Failed" >&2; exit 1; }
+  [ "$phase" = Succeeded ]
+}
+poll 300 "a pod on node-1 reaches the pods on the other VMs, the Service by DNS name and by VIP $vip" client_done
+
+say "every VM: the Service VIP answers, DNS resolves, weft routes"
+for i in $(seq "$nodes"); do
+  vm "node-$i" "curl -sf --max-time 10 http://$vip/" | grep '^web-' || { echo "node-$i: VIP $vip did not answer" >&2; exit 1; }
+  echo "ok: node-$i reaches the VIP $vip"
+  vm "node-$i" "dig +short @10.96.0.10 web.default.svc.cluster.local" | grep -x "$vip" || { echo "node-$i: DNS did not resolve web to $vip" >&2; exit 1; }
+  echo "ok: node-$i resolves web.default.svc.cluster.local to $vip"
+  vm "node-$i" "sudo weft routes --etcd-endpoints $etcd" | tee "$logs/routes-node-$i.txt"
+  # Every other node's lease must appear as programmed: count the peers' addresses in the output.
+  for j in $(seq "$nodes"); do
+    [ "$j" = "$i" ] && continue
+    grep -q "192.168.56.$((10 + j))" "$logs/routes-node-$i.txt" || { echo "node-$i: weft routes lacks node-$j" >&2; exit 1; }
+  done
+done
+say "test-vm passed ($logs)"
