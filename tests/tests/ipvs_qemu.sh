@@ -191,8 +191,15 @@ else fail "metrics and healthz" "$out"; fi
 before=$(spread client 10.96.100.8:80 6 | tr '\n' ' ')
 eps shrink 9376 TCP $S1 > /tmp/shrink.yaml; apply /tmp/shrink.yaml
 quiesced() { nsx node ipvsadm -Ln -t 10.96.100.8:80 | grep -Eq "10.244.1.4:9376 +Masq +0 "; }
-if until_ok 10 quiesced; then pass "a removed TCP real server goes to weight 0" "before: $before"
-else fail "a removed TCP real server goes to weight 0" "$(nsx node ipvsadm -Ln -t 10.96.100.8:80)"; fi
+gone_now() { ! nsx node ipvsadm -Ln -t 10.96.100.8:80 | grep -q "10.244.1.4:9376"; }
+# A real server with connections to drain goes to weight 0; one that served none (the spread missed it) has nothing
+# to drain and is deleted at once, as kube-proxy's graceful termination does.
+case "$before" in
+    *s2*) check=quiesced ;;
+    *) check=gone_now ;;
+esac
+if until_ok 10 $check; then pass "a removed TCP real server goes to weight 0" "before: $before ($check)"
+else fail "a removed TCP real server goes to weight 0" "before: $before; $(nsx node ipvsadm -Ln -t 10.96.100.8:80 | tr '\n' ' ')"; fi
 after=$(spread client 10.96.100.8:80 12 | tr '\n' ' ')
 case "$after" in *s2*) fail "a removed endpoint gets no new connection" "$after" ;; *) pass "a removed endpoint gets no new connection" "$after" ;; esac
 gone() { ! nsx node ipvsadm -Ln -t 10.96.100.8:80 | grep -q "10.244.1.4:9376"; }
