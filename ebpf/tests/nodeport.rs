@@ -126,6 +126,11 @@ fn node_ports_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
     ensure!(in_node(Box::new(names))?.len() == 2, "a re-attach replaces, never adds");
     ensure!(seen("192.168.77.1:30080")? == both, "still balanced after the re-attach");
     weft_ebpf::remove(&cfg.pin_dir)?;
-    ensure!(in_node(Box::new(names))?.is_empty(), "removal detaches the tc programs");
+    // The kernel releases a link once its last reference (the unpinned file) is gone, not within remove's call.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !in_node(Box::new(names))?.is_empty() {
+        ensure!(std::time::Instant::now() < deadline, "removal detaches the tc programs");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     Ok(())
 }
