@@ -477,6 +477,24 @@ pub fn run_cni(
 }
 
 impl Lab {
+    /// Everything the containers of pod `pod` (namespace default) wrote, from the CRI log files under node
+    /// `node`'s kubelet root: what `weft logs` would show, read without the kubelet.
+    pub fn pod_logs(&self, node: usize, pod: &str) -> String {
+        let mut out = String::new();
+        let dir = self.node(node).kubelet_root().join("pods");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if !e.file_name().to_string_lossy().starts_with(&format!("default_{pod}_")) {
+                continue;
+            }
+            for c in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                for f in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
+                    out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
     /// Builds the lab step by step, reporting each step; on any failure everything built is removed.
     pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Lab> {
         let id = opts.id.clone().unwrap_or_else(crate::unique_id);

@@ -75,23 +75,6 @@ fn ready_web_ips(lab: &Lab) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Everything the containers of pod `pod` wrote, from the CRI log files under node `node`'s kubelet root.
-fn pod_logs(lab: &Lab, node: usize, pod: &str) -> String {
-    let mut out = String::new();
-    let dir = lab.node(node).kubelet_root().join("pods");
-    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        if !e.file_name().to_string_lossy().starts_with(&format!("default_{pod}_")) {
-            continue;
-        }
-        for c in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
-            for f in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
-                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
-            }
-        }
-    }
-    out
-}
-
 /// The `0::` (cgroup v2) path of process `pid`, as the host's cgroup namespace sees it.
 fn v2_path(pid: i32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -176,7 +159,7 @@ fn run(lab: &mut Lab, root: &Cgroup2Root, bpffs: &Bpffs) -> Result<()> {
         let phase = v.pointer("/status/phase").and_then(Value::as_str).unwrap_or_default().to_string();
         Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
     })?;
-    let logs = pod_logs(lab, 2, "client");
+    let logs = lab.pod_logs(2, "client");
     ensure!(phase == "Succeeded", "the client's fetches failed; its log:\n{logs}");
     ensure!(logs.matches("hello from web-").count() == 2, "both fetches answered by a web pod: {logs}");
 

@@ -129,23 +129,6 @@ fn node_index(name: &str) -> Result<usize> {
     name.strip_prefix("node-").and_then(|n| n.parse().ok()).ok_or_else(|| anyhow!("{name:?} is not a lab node"))
 }
 
-/// Everything the containers of pod `pod` wrote, from the CRI log files under node `node`'s kubelet root.
-fn pod_logs(lab: &Lab, node: usize, pod: &str) -> String {
-    let mut out = String::new();
-    let dir = lab.node(node).kubelet_root().join("pods");
-    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        if !e.file_name().to_string_lossy().starts_with(&format!("default_{pod}_")) {
-            continue;
-        }
-        for c in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
-            for f in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
-                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
-            }
-        }
-    }
-    out
-}
-
 fn pod_phase(lab: &Lab, pod: &str) -> Result<String> {
     let v: Value = serde_json::from_str(&lab.weft(&["get", "pod", pod, "-o", "json"], None)?)?;
     Ok(v.pointer("/status/phase").and_then(Value::as_str).unwrap_or_default().to_string())
@@ -234,7 +217,7 @@ fn service_answers_by_name_from_a_pod_on_another_node(lab: &Lab, pods: &[WebPod]
         let phase = pod_phase(lab, "client")?;
         Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
     })?;
-    let logs = pod_logs(lab, 2, "client");
+    let logs = lab.pod_logs(2, "client");
     assert_eq!(phase, "Succeeded", "the client's fetches failed; its log:\n{logs}");
     assert!(logs.contains(&format!("hello from {} v1", target.name)), "node-1's pod answered node-2's client: {logs}");
     assert!(logs.matches("hello from web-").count() >= 2, "{logs}");
