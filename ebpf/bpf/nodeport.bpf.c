@@ -26,23 +26,7 @@
 /* The node address (network order), set by the loader. */
 volatile const __u32 NODE_IP = 0;
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, LB_MAP_MAX_DEFAULT);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lb_svc_key);
-	__type(value, struct lb_svc_val);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_lb_svc SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, LB_MAP_MAX_DEFAULT);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lb_backend_key);
-	__type(value, struct lb_backend);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_lb_be SEC(".maps");
+#include "lb_maps.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

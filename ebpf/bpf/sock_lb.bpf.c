@@ -10,25 +10,7 @@
 #define ECONNREFUSED 111
 #define NSEC_PER_SEC 1000000000ULL
 
-/* Hash maps without preallocation: a replaced value is freed after an RCU grace period, so a reader
- * racing an update sees the old or the new service entry, never a mix. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, LB_MAP_MAX_DEFAULT);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lb_svc_key);
-	__type(value, struct lb_svc_val);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_lb_svc SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, LB_MAP_MAX_DEFAULT);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lb_backend_key);
-	__type(value, struct lb_backend);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_lb_be SEC(".maps");
+#include "lb_maps.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
