@@ -1,6 +1,9 @@
 //! An informer: list + watch of one kind → a local cache of `Arc` objects that readers use without waiting for
 //! the writer, and a channel of change events. On a compacted or broken watch it relists (with backoff) and emits
 //! the differences, so a consumer that applies events stays equal to etcd. It only reads from the store.
+//!
+//! A transform (client-go's `SetTransform`) turns each object into what the reader keeps, as it arrives: a
+//! reader that needs a summary of 10,000 Services holds 10,000 summaries, never the whole objects.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -25,7 +28,8 @@ impl<K> Clone for InformerEvent<K> {
     }
 }
 
-type Cache<K> = Arc<RwLock<HashMap<ObjectKey, Arc<K>>>>;
+/// Each cached value with the revision of the object it came from (a transformed value may not carry it).
+type Cache<T> = Arc<RwLock<HashMap<ObjectKey, (i64, Arc<T>)>>>;
 
 /// The reading side of an informer: cheap to clone, never blocks on etcd.
 pub struct Informer<K> {
@@ -68,10 +72,32 @@ impl<K: Object> Informer<K> {
         namespace: Option<String>,
         backoff: Backoff,
     ) -> (Informer<K>, mpsc::UnboundedReceiver<InformerEvent<K>>, impl std::future::Future<Output = ()> + Send) {
-        let cache: Cache<K> = Arc::default();
+        Informer::transformed(store, namespace, backoff, Some::<K>)
+    }
+}
+
+impl<T: Send + Sync + 'static> Informer<T> {
+    /// An informer of kind `K` that caches `transform(object)` instead of the object; `None` means "not kept"
+    /// (reported as deleted if it was kept before). `transform` runs once per object received.
+    pub fn transformed<K: Object>(
+        store: Store,
+        namespace: Option<String>,
+        backoff: Backoff,
+        transform: impl Fn(K) -> Option<T> + Send + Sync + 'static,
+    ) -> (Informer<T>, mpsc::UnboundedReceiver<InformerEvent<T>>, impl std::future::Future<Output = ()> + Send) {
+        let cache: Cache<T> = Arc::default();
         let (synced_tx, synced) = watch::channel(false);
         let (tx, rx) = mpsc::unbounded_channel();
-        let runner = Runner { store, namespace, cache: cache.clone(), tx, synced: synced_tx, backoff };
+        let runner = Runner::<K, T, _> {
+            store,
+            namespace,
+            cache: cache.clone(),
+            tx,
+            synced: synced_tx,
+            backoff,
+            transform,
+            kind: std::marker::PhantomData,
+        };
         (Informer { cache, synced }, rx, runner.run())
     }
 
@@ -87,13 +113,14 @@ impl<K: Object> Informer<K> {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    pub fn get(&self, key: &ObjectKey) -> Option<Arc<K>> {
-        self.read().get(key).cloned()
+    pub fn get(&self, key: &ObjectKey) -> Option<Arc<T>> {
+        self.read().get(key).map(|(_, v)| v.clone())
     }
 
-    /// Every cached object, sorted by key.
-    pub fn list(&self) -> Vec<Arc<K>> {
-        let mut items: Vec<(ObjectKey, Arc<K>)> = self.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    /// Every cached value, sorted by key.
+    pub fn list(&self) -> Vec<Arc<T>> {
+        let mut items: Vec<(ObjectKey, Arc<T>)> =
+            self.read().iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         items.into_iter().map(|(_, v)| v).collect()
     }
@@ -106,29 +133,35 @@ impl<K: Object> Informer<K> {
         self.read().is_empty()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ObjectKey, Arc<K>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ObjectKey, (i64, Arc<T>)>> {
         // A panic while holding the lock leaves a consistent map (single inserts/removes): keep reading.
         self.cache.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-struct Runner<K> {
+struct Runner<K, T, F> {
     store: Store,
     namespace: Option<String>,
-    cache: Cache<K>,
-    tx: mpsc::UnboundedSender<InformerEvent<K>>,
+    cache: Cache<T>,
+    tx: mpsc::UnboundedSender<InformerEvent<T>>,
     synced: watch::Sender<bool>,
     backoff: Backoff,
+    transform: F,
+    kind: std::marker::PhantomData<fn(K)>,
 }
 
-impl<K: Object> Runner<K> {
+impl<K: Object, T: Send + Sync + 'static, F: Fn(K) -> Option<T> + Send + Sync + 'static> Runner<K, T, F> {
     async fn run(self) {
         let ns = self.namespace.as_deref();
         let mut delay = self.backoff.min;
         loop {
-            let revision = match self.store.list::<K>(ns).await {
+            let listed = self.store.list_map::<K, _>(ns, |o| {
+                let (key, rev) = (ObjectKey::of(&o), rev_of(&o));
+                (self.transform)(o).map(|v| (key, (rev, Arc::new(v))))
+            });
+            let revision = match listed.await {
                 Ok((items, revision)) => {
-                    self.replace(items);
+                    self.replace(items.into_iter().collect());
                     self.synced.send_replace(true);
                     revision
                 }
@@ -180,11 +213,11 @@ impl<K: Object> Runner<K> {
         }
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ObjectKey, Arc<K>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ObjectKey, (i64, Arc<T>)>> {
         self.cache.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send(&self, key: ObjectKey, old: Option<Arc<K>>, new: Option<Arc<K>>) {
+    fn send(&self, key: ObjectKey, old: Option<Arc<T>>, new: Option<Arc<T>>) {
         // Nobody listening is fine: the cache is still kept.
         let _ = self.tx.send(InformerEvent { key, old, new });
     }
@@ -192,36 +225,41 @@ impl<K: Object> Runner<K> {
     fn apply(&self, ev: WatchEvent<K>) {
         match ev {
             WatchEvent::Added(o) | WatchEvent::Modified(o) => {
-                let key = ObjectKey::of(&o);
-                let new = Arc::new(o);
-                let old = self.write().insert(key.clone(), new.clone());
+                let (key, rev) = (ObjectKey::of(&o), rev_of(&o));
+                let Some(new) = (self.transform)(o).map(Arc::new) else {
+                    // Not kept any more: to the reader it is gone.
+                    let old = self.write().remove(&key);
+                    if let Some((_, old)) = old {
+                        self.send(key, Some(old), None);
+                    }
+                    return;
+                };
+                let old = self.write().insert(key.clone(), (rev, new.clone()));
                 // A resumed watch may replay what a relist already brought in.
-                if old.as_ref().is_some_and(|old| rev_of(old.as_ref()) == rev_of(new.as_ref())) {
+                if old.as_ref().is_some_and(|(old_rev, _)| *old_rev == rev) {
                     return;
                 }
-                self.send(key, old, Some(new));
+                self.send(key, old.map(|(_, v)| v), Some(new));
             }
             WatchEvent::Deleted(o) => {
                 let key = ObjectKey::of(&o);
                 let old = self.write().remove(&key);
-                if old.is_some() {
-                    self.send(key, old, None);
+                if let Some((_, old)) = old {
+                    self.send(key, Some(old), None);
                 }
             }
         }
     }
 
     /// Replaces the cache with a fresh list and emits what differs from before.
-    fn replace(&self, items: Vec<K>) {
-        let mut fresh: HashMap<ObjectKey, Arc<K>> =
-            items.into_iter().map(|o| (ObjectKey::of(&o), Arc::new(o))).collect();
+    fn replace(&self, mut fresh: HashMap<ObjectKey, (i64, Arc<T>)>) {
         let mut events = Vec::new();
         {
             let mut cache = self.write();
-            for (key, old) in cache.iter() {
+            for (key, (old_rev, old)) in cache.iter() {
                 match fresh.get(key) {
                     None => events.push(InformerEvent { key: key.clone(), old: Some(old.clone()), new: None }),
-                    Some(new) if rev_of(new.as_ref()) != rev_of(old.as_ref()) => {
+                    Some((rev, new)) if rev != old_rev => {
                         events.push(InformerEvent { key: key.clone(), old: Some(old.clone()), new: Some(new.clone()) })
                     }
                     Some(_) => {}
@@ -230,9 +268,9 @@ impl<K: Object> Runner<K> {
             for (key, new) in fresh.iter_mut() {
                 match cache.get(key) {
                     // Unchanged: keep the Arc readers already hold.
-                    Some(old) if rev_of(old.as_ref()) == rev_of(new.as_ref()) => *new = old.clone(),
+                    Some(old) if old.0 == new.0 => *new = old.clone(),
                     Some(_) => {}
-                    None => events.push(InformerEvent { key: key.clone(), old: None, new: Some(new.clone()) }),
+                    None => events.push(InformerEvent { key: key.clone(), old: None, new: Some(new.1.clone()) }),
                 }
             }
             *cache = fresh;

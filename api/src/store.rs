@@ -496,6 +496,16 @@ impl Store {
     /// Every object of the kind (in one namespace, or all), sorted by key, and the revision the list is
     /// consistent at (watch from `revision + 1`). Values that do not decode are logged and skipped.
     pub async fn list<K: Object>(&self, namespace: Option<&str>) -> Result<(Vec<K>, i64)> {
+        self.list_map(namespace, Some).await
+    }
+
+    /// `list`, passing each object through `keep` as it is decoded: what `keep` returns (None: drop it) is all
+    /// that stays in memory, so a reader that needs a summary never holds every whole object at once.
+    pub async fn list_map<K: Object, T>(
+        &self,
+        namespace: Option<&str>,
+        mut keep: impl FnMut(K) -> Option<T>,
+    ) -> Result<(Vec<T>, i64)> {
         let pfx = prefix::<K>(namespace);
         let end = prefix_end(pfx.as_bytes());
         let mut start = pfx.as_bytes().to_vec();
@@ -512,7 +522,10 @@ impl Store {
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }
             for kv in resp.kvs() {
-                self.decode_listed::<K>(kv, &mut out);
+                match decode_checked::<K>(kv) {
+                    Ok(o) => out.extend(keep(o)),
+                    Err(e) => rejected::<K>(kv, &e),
+                }
             }
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
@@ -523,13 +536,6 @@ impl Store {
             }
         }
         Ok((out, revision))
-    }
-
-    fn decode_listed<K: Object>(&self, kv: &etcd_client::KeyValue, out: &mut Vec<K>) {
-        match decode_checked::<K>(kv) {
-            Ok(o) => out.push(o),
-            Err(e) => rejected::<K>(kv, &e),
-        }
     }
 
     /// Compare-and-swap: writes `obj` if the stored object's revision is `obj`'s resourceVersion (or, without one,

@@ -217,6 +217,50 @@ async fn informer_follows_changes_and_survives_an_etcd_restart() {
     task.abort();
 }
 
+/// The first port of a Service, kept by a transformed informer; Services on port 1 are "not interesting".
+fn first_port(s: Service) -> Option<i32> {
+    s.spec?.ports?.first().map(|p| p.port).filter(|p| *p != 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transformed_informer_caches_the_transform_and_drops_what_it_rejects() {
+    let etcd = EtcdFixture::start().unwrap();
+    let s = store(&etcd).await;
+    s.create(&svc("a", 80)).await.unwrap();
+    s.create(&svc("ignored", 1)).await.unwrap();
+
+    let (inf, mut events, run) =
+        Informer::<i32>::transformed::<Service>(s.clone(), None, Backoff::default(), first_port);
+    let task = tokio::spawn(run);
+    tokio::time::timeout(Duration::from_secs(10), inf.wait_synced()).await.unwrap();
+    let a = ObjectKey::new(Some("default"), "a");
+    assert_eq!(inf.get(&a).as_deref(), Some(&80));
+    assert_eq!(inf.len(), 1, "the service the transform rejects is not cached");
+    let ev = events.recv().await.unwrap();
+    assert_eq!((ev.key.clone(), ev.old.as_deref(), ev.new.as_deref()), (a.clone(), None, Some(&80)));
+
+    // A change is transformed; a change the transform rejects is a delete to the reader; a rejected object
+    // that becomes interesting is an add.
+    let mut cur = s.get::<Service>(None, "a").await.unwrap();
+    cur.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 90;
+    let cur = s.update(&cur).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+    assert_eq!((ev.old.as_deref(), ev.new.as_deref()), (Some(&80), Some(&90)));
+    let mut cur = cur;
+    cur.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 1;
+    s.update(&cur).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+    assert_eq!((ev.key.clone(), ev.old.as_deref(), ev.new.as_deref()), (a.clone(), Some(&90), None));
+    assert!(inf.get(&a).is_none());
+    let mut ignored = s.get::<Service>(None, "ignored").await.unwrap();
+    ignored.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 53;
+    s.update(&ignored).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+    assert_eq!((ev.key.name.as_str(), ev.old.as_deref(), ev.new.as_deref()), ("ignored", None, Some(&53)));
+    assert_eq!(inf.list().iter().map(|p| **p).collect::<Vec<_>>(), [53]);
+    task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn informer_relists_after_compaction_and_emits_the_differences() {
     let mut etcd = EtcdFixture::start().unwrap();
