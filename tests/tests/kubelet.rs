@@ -1,9 +1,11 @@
 //! `weft kubelet` end to end: a real containerd + runc + CNI (bridge, host-local) in a namespace of its own, a real
 //! etcd and the kubelet beside it, pods written through `weft apply`. One containerd and one kubelet serve every
-//! test of this file (they run in parallel, each with its own pods); shortened back-off and sync periods.
+//! test of this file (they run in parallel, each with its own pods); shortened back-off and sync periods. The
+//! test that kills the kubelet runs alone: a kubelet killed in the middle of another test's StartContainer leaves
+//! that container exited with StartError ("context canceled"), as it would in a real cluster.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -23,6 +25,22 @@ struct Env {
 
 static ENV: OnceLock<Mutex<Option<Arc<Env>>>> = OnceLock::new();
 
+/// Tests share the kubelet (read); the one that kills it holds it alone (write).
+static KUBELET_USE: RwLock<()> = RwLock::new(());
+
+/// The shared environment, held for the length of a test.
+struct Held<G> {
+    env: Arc<Env>,
+    _use: G,
+}
+
+impl<G> std::ops::Deref for Held<G> {
+    type Target = Env;
+    fn deref(&self) -> &Env {
+        &self.env
+    }
+}
+
 extern "C" fn teardown() {
     if let Some(m) = ENV.get() {
         let env = m.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -36,7 +54,19 @@ extern "C" fn teardown() {
     }
 }
 
-fn env() -> Arc<Env> {
+/// The environment, shared with the other tests running now.
+fn env() -> Held<RwLockReadGuard<'static, ()>> {
+    let _use = KUBELET_USE.read().unwrap_or_else(|p| p.into_inner());
+    Held { env: shared_env(), _use }
+}
+
+/// The environment with no other test running (for a test that stops the kubelet).
+fn env_alone() -> Held<RwLockWriteGuard<'static, ()>> {
+    let _use = KUBELET_USE.write().unwrap_or_else(|p| p.into_inner());
+    Held { env: shared_env(), _use }
+}
+
+fn shared_env() -> Arc<Env> {
     let m = ENV.get_or_init(|| Mutex::new(None));
     let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = g.as_ref() {
@@ -210,10 +240,13 @@ impl Env {
             std::thread::sleep(Duration::from_millis(100));
         }
         let log = std::fs::read_to_string(self.kubelet_log()).unwrap_or_default();
+        let about = format!("pod=default/{name} ");
+        let mine: Vec<&str> = log.lines().filter(|l| l.contains(&about)).take(40).collect();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         panic!(
-            "pod {name}: timed out waiting for {what}; last seen:\n{}\nkubelet log (newest first):\n{}",
+            "pod {name}: timed out waiting for {what}; last seen:\n{}\nkubelet log about it:\n{}\nkubelet log (newest first):\n{}",
             serde_json::to_string_pretty(&last.unwrap_or(Value::Null)).unwrap_or_default(),
+            mine.join("\n"),
             tail.join("\n")
         );
     }
@@ -392,13 +425,13 @@ fn each_restart_policy_gives_the_pod_phase_and_restarts_kubernetes_gives() {
             assert!(cstatus(&p, "good")["state"]["running"].is_object());
         }
         if *name == "fail-never" {
-            assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "Error");
+            assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "Error", "{}", cstatus(&p, "c"));
         }
         if *name == "oom-never" {
             assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "OOMKilled", "{p}");
         }
         if *want == "Succeeded" {
-            assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "Completed");
+            assert_eq!(cstatus(&p, "c")["state"]["terminated"]["reason"], "Completed", "{}", cstatus(&p, "c"));
         }
     }
 }
@@ -603,7 +636,7 @@ fn missing_image_and_bad_command_get_kubernetes_reasons() {
 
 #[test]
 fn a_restarted_kubelet_adopts_running_containers() {
-    let env = env();
+    let env = env_alone();
     let y = format!(
         "{}    readinessProbe:\n      exec:\n        command: [\"true\"]\n      periodSeconds: 1\n",
         pod_yaml("steady", "Always", &container("c", "sleep 1000"))
