@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// Bump when the base image's contents change, so cached images are rebuilt.
-const BASE_VERSION: u32 = 1;
+const BASE_VERSION: u32 = 2;
 
 /// Host programs copied into the guest (each with its `ldd` closure): found on `PATH` (or where the variable
 /// names), put at the guest path its scenario scripts call them by.
@@ -26,6 +26,7 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("etcd", crate::bins::ETCD_BIN_VAR, "/usr/bin/etcd"),
     ("curl", "WEFT_CURL_BIN", "/usr/bin/curl"),
     ("socat", "WEFT_SOCAT_BIN", "/usr/bin/socat"),
+    ("conntrack", "WEFT_CONNTRACK_BIN", "/usr/sbin/conntrack"),
 ];
 
 /// Names the multi-call iptables binary answers to in the guest (the nf_tables backend).

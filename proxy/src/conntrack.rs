@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 
 use crate::model::{Protocol, ServiceTable};
+use crate::restore::{Error, Runner};
 
 /// One `conntrack -D` to run after a sync.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -70,6 +71,35 @@ pub fn stale_udp(old: &ServiceTable, new: &ServiceTable) -> Vec<ConntrackDelete>
     out
 }
 
+/// The UDP service ports of the last synced table, to clear what the next one makes stale. Used by the
+/// modes whose NAT goes through conntrack (iptables and ipvs with `net/ipv4/vs/conntrack=1`).
+#[derive(Debug, Default)]
+pub struct StaleUdpFlows {
+    last: Option<ServiceTable>,
+}
+
+impl StaleUdpFlows {
+    /// Runs the `conntrack -D` calls the change to `table` calls for (none on the first sync: nothing
+    /// to compare with). Failures are logged, not fatal: the rules are right, only old flows linger
+    /// until they time out.
+    pub fn clear(&mut self, runner: &mut dyn Runner, table: &ServiceTable) {
+        let udp: ServiceTable =
+            table.iter().filter(|(k, _)| k.protocol == Protocol::Udp).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let Some(old) = self.last.replace(udp) else { return };
+        let Some(new) = self.last.as_ref() else { return };
+        for del in stale_udp(&old, new) {
+            let args = del.args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match runner.run("conntrack", &args, None) {
+                Ok(_) => {}
+                // conntrack exits 1 when nothing matched.
+                Err(Error::Failed { stderr, .. }) if stderr.contains("0 flow entries") => {}
+                Err(e) => tracing::warn!(error = %e, ?del, "clearing stale UDP flows failed"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +138,34 @@ mod tests {
             ConntrackDelete::ToEndpoint { dst: [10, 96, 0, 10].into(), endpoint: gone }.args().join(" "),
             "-D -p udp --orig-dst 10.96.0.10 --dst-nat 10.244.2.2"
         );
+    }
+
+    /// Records the calls; fails like `conntrack` does when nothing matched.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl Runner for Recorder {
+        fn run(&mut self, program: &str, args: &[&str], _stdin: Option<&[u8]>) -> crate::restore::Result<Vec<u8>> {
+            self.0.push(format!("{program} {}", args.join(" ")));
+            Err(Error::Failed {
+                program: program.into(),
+                status: "exit status: 1".into(),
+                stderr: "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn stale_udp_flows_are_cleared_from_the_second_sync_on() {
+        let dns = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
+        let two: ServiceTable = [(dns.clone(), entry(None, &[[10, 244, 1, 2], [10, 244, 2, 2]]))].into();
+        let one: ServiceTable = [(dns, entry(None, &[[10, 244, 1, 2]]))].into();
+        let (mut flows, mut r) = (StaleUdpFlows::default(), Recorder::default());
+        flows.clear(&mut r, &two);
+        assert!(r.0.is_empty(), "the first sync has nothing to compare with");
+        flows.clear(&mut r, &two);
+        assert!(r.0.is_empty(), "no change, no deletion");
+        flows.clear(&mut r, &one);
+        assert_eq!(r.0, ["conntrack -D -p udp --orig-dst 10.96.0.10 --dst-nat 10.244.2.2"]);
     }
 }

@@ -28,6 +28,7 @@ const CHECKS: &[&str] = &[
     "a removed endpoint gets no new connection",
     "a draining real server is deleted at its deadline",
     "a removed UDP real server is deleted at once",
+    "UDP flows to a removed real server are cleared from conntrack",
     "proxy restart: established connections survive",
     "ipvs -> iptables leaves nothing of ipvs mode",
     "iptables -> ipvs leaves nothing of iptables mode",

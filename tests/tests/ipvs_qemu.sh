@@ -206,12 +206,19 @@ gone() { ! nsx node ipvsadm -Ln -t 10.96.100.8:80 | grep -q "10.244.1.4:9376"; }
 if until_ok 15 gone; then pass "a draining real server is deleted at its deadline" ""
 else fail "a draining real server is deleted at its deadline" "$(nsx node ipvsadm -Ln -t 10.96.100.8:80)"; fi
 
-# A removed UDP real server is deleted at once.
+# A removed UDP real server is deleted at once, and the conntrack flows NATed to it with it (as kube-proxy
+# clears them: a client reusing its source port would otherwise keep talking to the removed endpoint).
 udp client 10.96.100.7:53 > /dev/null; udp client 10.96.100.7:53 > /dev/null
+flows_to_s2() { nsx node conntrack -L -p udp --orig-dst 10.96.100.7 --dst-nat $S2 2>/dev/null | grep -c "dport=53"; }
+flows_before=$(flows_to_s2)
 eps dns 9377 UDP $S3 > /tmp/dns.yaml; apply /tmp/dns.yaml
 udp_gone() { ! nsx node ipvsadm -Ln -u 10.96.100.7:53 | grep -q "10.244.1.4:9377"; }
 if until_ok 5 udp_gone; then pass "a removed UDP real server is deleted at once" ""
 else fail "a removed UDP real server is deleted at once" "$(nsx node ipvsadm -Ln -u 10.96.100.7:53)"; fi
+no_flows() { [ "$(flows_to_s2)" = 0 ]; }
+if [ "${flows_before:-0}" -gt 0 ] && until_ok 5 no_flows; then
+    pass "UDP flows to a removed real server are cleared from conntrack" "$flows_before before"
+else fail "UDP flows to a removed real server are cleared from conntrack" "before: ${flows_before:-none}; now: $(nsx node conntrack -L -p udp --orig-dst 10.96.100.7 2>&1 | tr '\n' ' ')"; fi
 
 # Restart: an established connection through the VIP survives the proxy's restart.
 mkfifo /tmp/echo-in

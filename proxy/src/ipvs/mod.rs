@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 
+use crate::conntrack::StaleUdpFlows;
 use crate::dataplane::{self, Dataplane, SyncStats};
 use crate::iptables::{CommandRunner, Runner};
 use crate::model::{ServicePortName, ServiceTable};
@@ -125,6 +126,8 @@ pub struct IpvsDataplane<R: Runner = CommandRunner> {
     /// The addresses NodePorts listen on, as of the last full sync.
     node_addrs: Vec<Ipv4Addr>,
     configured: bool,
+    /// UDP flows NATed through conntrack (`net/ipv4/vs/conntrack=1`) outlive a removed real server.
+    stale_udp: StaleUdpFlows,
 }
 
 impl<R: Runner> IpvsDataplane<R> {
@@ -141,6 +144,7 @@ impl<R: Runner> IpvsDataplane<R> {
             index: None,
             node_addrs: vec![],
             configured: false,
+            stale_udp: StaleUdpFlows::default(),
         }
     }
 
@@ -456,6 +460,9 @@ impl<R: Runner> Dataplane for IpvsDataplane<R> {
         changed: Option<&BTreeSet<ServicePortName>>,
     ) -> dataplane::Result<SyncStats> {
         let r = self.sync_inner(table, changed);
+        if r.is_ok() {
+            self.stale_udp.clear(&mut self.runner, table);
+        }
         if r.is_err() {
             // Observe everything again next time (the proxier also asks for a full sync after a failure).
             self.observed = None;
