@@ -778,144 +778,50 @@ mod tests {
     /// The seeds' table: every row, with the action and the phase.
     #[test]
     fn restart_policy_table() {
-        struct Row {
-            what: &'static str,
-            policy: &'static str,
-            containers: Vec<&'static str>,
-            obs: Vec<ContainerObs>,
-            restart: Vec<usize>,
-            phase: &'static str,
-        }
-        let rows = vec![
-            Row {
-                what: "1 exits 0",
-                policy: "Always",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 0, "Completed", 1)],
-                restart: vec![0],
-                phase: "Running",
-            },
-            Row {
-                what: "1 exits 0",
-                policy: "OnFailure",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 0, "Completed", 1)],
-                restart: vec![],
-                phase: "Succeeded",
-            },
-            Row {
-                what: "1 exits 0",
-                policy: "Never",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 0, "Completed", 1)],
-                restart: vec![],
-                phase: "Succeeded",
-            },
-            Row {
-                what: "1 fails",
-                policy: "Always",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 1, "Error", 1)],
-                restart: vec![0],
-                phase: "Running",
-            },
-            Row {
-                what: "1 fails",
-                policy: "OnFailure",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 1, "Error", 1)],
-                restart: vec![0],
-                phase: "Running",
-            },
-            Row {
-                what: "1 fails",
-                policy: "Never",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 1, "Error", 1)],
-                restart: vec![],
-                phase: "Failed",
-            },
-            Row {
-                what: "2: one fails, other runs",
-                policy: "Always",
-                containers: vec!["a", "b"],
-                obs: vec![exited("a", 0, 1, "Error", 1), running("b", 0)],
-                restart: vec![0],
-                phase: "Running",
-            },
-            Row {
-                what: "2: one fails, other runs",
-                policy: "OnFailure",
-                containers: vec!["a", "b"],
-                obs: vec![exited("a", 0, 1, "Error", 1), running("b", 0)],
-                restart: vec![0],
-                phase: "Running",
-            },
-            Row {
-                what: "2: one fails, other runs",
-                policy: "Never",
-                containers: vec!["a", "b"],
-                obs: vec![exited("a", 0, 1, "Error", 1), running("b", 0)],
-                restart: vec![],
-                phase: "Running",
-            },
-            Row {
-                what: "2: one down, other fails",
-                policy: "Always",
-                containers: vec!["a", "b"],
-                obs: vec![exited("a", 0, 1, "Error", 30), exited("b", 0, 1, "Error", 1)],
-                restart: vec![0, 1],
-                phase: "Running",
-            },
-            Row {
-                what: "2: one down, other fails",
-                policy: "OnFailure",
-                containers: vec!["a", "b"],
-                obs: vec![exited("a", 0, 1, "Error", 30), exited("b", 0, 1, "Error", 1)],
-                restart: vec![0, 1],
-                phase: "Running",
-            },
-            Row {
-                what: "2: one down, other fails",
-                policy: "Never",
-                containers: vec!["a", "b"],
-                obs: vec![exited("a", 0, 1, "Error", 30), exited("b", 0, 1, "Error", 1)],
-                restart: vec![],
-                phase: "Failed",
-            },
-            Row {
-                what: "1 OOM",
-                policy: "Always",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 137, "OOMKilled", 1)],
-                restart: vec![0],
-                phase: "Running",
-            },
-            Row {
-                what: "1 OOM",
-                policy: "OnFailure",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 137, "OOMKilled", 1)],
-                restart: vec![0],
-                phase: "Running",
-            },
-            Row {
-                what: "1 OOM",
-                policy: "Never",
-                containers: vec!["a"],
-                obs: vec![exited("a", 0, 137, "OOMKilled", 1)],
-                restart: vec![],
-                phase: "Failed",
-            },
+        /// Per policy (Always, OnFailure, Never): the containers restarted and the phase.
+        type Outcomes = [(&'static [usize], &'static str); 3];
+        let rows: Vec<(&str, Vec<&str>, Vec<ContainerObs>, Outcomes)> = vec![
+            (
+                "1 exits 0",
+                vec!["a"],
+                vec![exited("a", 0, 0, "Completed", 1)],
+                [(&[0], "Running"), (&[], "Succeeded"), (&[], "Succeeded")],
+            ),
+            (
+                "1 fails",
+                vec!["a"],
+                vec![exited("a", 0, 1, "Error", 1)],
+                [(&[0], "Running"), (&[0], "Running"), (&[], "Failed")],
+            ),
+            (
+                "2: one fails, other runs",
+                vec!["a", "b"],
+                vec![exited("a", 0, 1, "Error", 1), running("b", 0)],
+                [(&[0], "Running"), (&[0], "Running"), (&[], "Running")],
+            ),
+            (
+                "2: one down, other fails",
+                vec!["a", "b"],
+                vec![exited("a", 0, 1, "Error", 30), exited("b", 0, 1, "Error", 1)],
+                [(&[0, 1], "Running"), (&[0, 1], "Running"), (&[], "Failed")],
+            ),
+            (
+                "1 OOM",
+                vec!["a"],
+                vec![exited("a", 0, 137, "OOMKilled", 1)],
+                [(&[0], "Running"), (&[0], "Running"), (&[], "Failed")],
+            ),
         ];
-        for r in rows {
-            let p = pod(r.policy, &r.containers, &[]);
-            let (a, s) = decide(&p, &obs(r.obs.clone()));
-            assert_eq!(a.start, r.restart, "{} / {}: restarts", r.what, r.policy);
-            assert_eq!(s.phase.as_deref(), Some(r.phase), "{} / {}: phase", r.what, r.policy);
-            // Nothing left to run: the sandbox goes too.
-            let done = r.restart.is_empty() && !r.obs.iter().any(|o| o.state == RunState::Running);
-            assert_eq!(a.kill_pod.is_some(), done, "{} / {}: kill pod", r.what, r.policy);
+        for (what, containers, observed, outcomes) in rows {
+            for (policy, (restart, phase)) in ["Always", "OnFailure", "Never"].into_iter().zip(outcomes) {
+                let p = pod(policy, &containers, &[]);
+                let (a, s) = decide(&p, &obs(observed.clone()));
+                assert_eq!(a.start, restart, "{what} / {policy}: restarts");
+                assert_eq!(s.phase.as_deref(), Some(phase), "{what} / {policy}: phase");
+                // Nothing left to run: the sandbox goes too.
+                let done = restart.is_empty() && !observed.iter().any(|o| o.state == RunState::Running);
+                assert_eq!(a.kill_pod.is_some(), done, "{what} / {policy}: kill pod");
+            }
         }
     }
 
