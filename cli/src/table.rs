@@ -638,20 +638,32 @@ impl Tabular for ReplicaSet {
         &self.metadata
     }
     fn cells(&self, now: Timestamp) -> Vec<String> {
-        let r = self;
-        let st = r.status.clone().unwrap_or_default();
-        let (containers, images) = container_cells(r.spec.template.as_ref());
-        vec![
-            name(&r.metadata),
-            r.spec.replicas.unwrap_or(1).to_string(),
-            st.replicas.to_string(),
-            st.ready_replicas.unwrap_or(0).to_string(),
-            age(r.metadata.creation_timestamp.as_ref(), now),
-            containers,
-            images,
-            selector_cell(&r.spec.selector),
-        ]
+        let st = self.status.clone().unwrap_or_default();
+        let counts = [self.spec.replicas.unwrap_or(1), st.replicas, st.ready_replicas.unwrap_or(0)];
+        replica_cells(&self.metadata, counts, self.spec.template.as_ref(), selector_cell(&self.spec.selector), now)
     }
+}
+
+/// NAME DESIRED CURRENT READY AGE, then the wide CONTAINERS IMAGES SELECTOR: ReplicaSets and
+/// ReplicationControllers print alike.
+fn replica_cells(
+    meta: &ObjectMeta,
+    [desired, current, ready]: [i32; 3],
+    template: Option<&PodTemplateSpec>,
+    selector: String,
+    now: Timestamp,
+) -> Vec<String> {
+    let (containers, images) = container_cells(template);
+    vec![
+        name(meta),
+        desired.to_string(),
+        current.to_string(),
+        ready.to_string(),
+        age(meta.creation_timestamp.as_ref(), now),
+        containers,
+        images,
+        selector,
+    ]
 }
 
 impl Tabular for ReplicationController {
@@ -661,20 +673,10 @@ impl Tabular for ReplicationController {
         &self.metadata
     }
     fn cells(&self, now: Timestamp) -> Vec<String> {
-        let r = self;
-        let spec = r.spec.clone().unwrap_or_default();
-        let st = r.status.clone().unwrap_or_default();
-        let (containers, images) = container_cells(spec.template.as_ref());
-        vec![
-            name(&r.metadata),
-            spec.replicas.unwrap_or(1).to_string(),
-            st.replicas.to_string(),
-            st.ready_replicas.unwrap_or(0).to_string(),
-            age(r.metadata.creation_timestamp.as_ref(), now),
-            containers,
-            images,
-            format_labels(spec.selector.as_ref()),
-        ]
+        let spec = self.spec.clone().unwrap_or_default();
+        let st = self.status.clone().unwrap_or_default();
+        let counts = [spec.replicas.unwrap_or(1), st.replicas, st.ready_replicas.unwrap_or(0)];
+        replica_cells(&self.metadata, counts, spec.template.as_ref(), format_labels(spec.selector.as_ref()), now)
     }
 }
 
