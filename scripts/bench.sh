@@ -16,7 +16,8 @@
 # 6. Controllers: tests/examples/control_bench.rs — `weft apply` of a 1,000-replica Deployment to 1,000 pods bound,
 #    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
 # 7. Kubelet: tests/examples/kubelet_bench.rs — pod start latency bind → Running (p50/p99 over BENCH_PODS, 50, pods
-#    written at once) and kubelet RSS at BENCH_SCALE (100) pods, real containerd + runc + CNI. BENCH_KUBELET=0 skips it.
+#    written at once, then over BENCH_PACED, 50, pods written at BENCH_RATE, 2, pods/s) and kubelet RSS at
+#    BENCH_SCALE (100) pods, real containerd + runc + CNI. BENCH_KUBELET=0 skips it.
 # 8. ipvs mode vs iptables mode inside one QEMU guest (the host kernel has no IPVS): proxy/examples/ipvs_bench.rs —
 #    new connections through a VIP at 10 and BENCH_IPVS_SERVICES (10,000) services, full and one-endpoint syncs.
 #    Emulated CPU, so ratios only. BENCH_IPVS=0 skips it.
