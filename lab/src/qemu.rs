@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// Bump when the base image's contents change, so cached images are rebuilt.
-const BASE_VERSION: u32 = 2;
+const BASE_VERSION: u32 = 3;
 
 /// Host programs copied into the guest (each with its `ldd` closure): found on `PATH` (or where the variable
 /// names), put at the guest path its scenario scripts call them by.
@@ -24,6 +24,7 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("ipset", "WEFT_IPSET_BIN", "/usr/sbin/ipset"),
     ("xtables-nft-multi", "WEFT_XTABLES_BIN", "/usr/sbin/xtables-nft-multi"),
     ("etcd", crate::bins::ETCD_BIN_VAR, "/usr/bin/etcd"),
+    ("etcdctl", "WEFT_ETCDCTL_BIN", "/usr/bin/etcdctl"),
     ("curl", "WEFT_CURL_BIN", "/usr/bin/curl"),
     ("socat", "WEFT_SOCAT_BIN", "/usr/bin/socat"),
     ("conntrack", "WEFT_CONNTRACK_BIN", "/usr/sbin/conntrack"),

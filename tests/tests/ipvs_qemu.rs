@@ -24,6 +24,7 @@ const CHECKS: &[&str] = &[
     "--ipvs-*-timeout flags",
     "weft services shows virtual and real servers with weights and connections",
     "metrics and healthz",
+    "bad input is skipped and every valid service still served",
     "a removed TCP real server goes to weight 0",
     "a removed endpoint gets no new connection",
     "a draining real server is deleted at its deadline",
