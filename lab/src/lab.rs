@@ -276,8 +276,88 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// See `Lab::write_bad_service_input`.
+pub const BAD_SERVICE_KEY: &str = "/registry/services/default/garbage";
+pub const BAD_ENDPOINTS_KEY: &str = "/registry/endpoints/default/halfbad";
+pub const BAD_ADDRESS: &str = "999.1.1.1";
+
+/// Polls `f` every 200 ms until it succeeds, or returns its last error with `what` once `secs` have passed.
+pub fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within {secs}s"))),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// `until` for a check that can also say "not yet" (`Ok(None)`) without an error.
+pub fn until_some<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    until(what, secs, || f()?.ok_or_else(|| anyhow!("not yet")))
+}
+
+/// Connects to `addr` from inside `ns` and reads what the server says (the lab's test servers say their
+/// name) until it closes.
+pub fn fetch(ns: &Netns, addr: std::net::SocketAddr) -> Result<String> {
+    ns.block_on(move || async move {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, anyhow::Error>(out.trim().to_string())
+    })?
+}
+
+/// A Service manifest: `extra_spec` is indented spec lines (e.g. `"  clusterIP: 10.96.100.1\n"`).
+pub fn service_yaml(name: &str, extra_spec: &str, port_name: &str, port: u16, target: u16, proto: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{extra_spec}  ports: [{{name: {port_name}, port: {port}, targetPort: {target}, protocol: {proto}}}]\n---\n"
+    )
+}
+
+/// An Endpoints manifest naming `pods` (each with its node) on one port.
+pub fn endpoints_yaml(name: &str, pods: &[&Pod], port_name: &str, port: u16, proto: &str) -> String {
+    let addrs: Vec<String> =
+        pods.iter().map(|p| format!("{{ip: \"{}\", nodeName: node-{}}}", p.ip(), p.node())).collect();
+    let subsets = if pods.is_empty() {
+        "[]".to_string()
+    } else {
+        format!(
+            "[{{addresses: [{}], ports: [{{name: {port_name}, port: {port}, protocol: {proto}}}]}}]",
+            addrs.join(", ")
+        )
+    };
+    format!("apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}}}\nsubsets: {subsets}\n---\n")
+}
+
+/// `weft args…` in `ns` against the lab's etcd, `stdin` piped in; stdout, or an error with stderr.
+fn run_weft(ns: &Netns, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut cmd = ns.command(weft_binary());
+    cmd.args(args).args(["--etcd-endpoints", ETCD_ENDPOINT]);
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running weft")?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        pipe.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("weft {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    tail_text(&std::fs::read_to_string(path).unwrap_or_default(), lines)
+}
+
+fn tail_text(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -875,21 +955,12 @@ impl Lab {
 
     /// Runs `weft args…` (this lab's binary) in the fabric against the lab's etcd, `stdin` piped in.
     pub fn weft(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let mut cmd = self.fabric.command(weft_binary());
-        cmd.args(args).args(["--etcd-endpoints", ETCD_ENDPOINT]);
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("running weft in the fabric")?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            use std::io::Write;
-            pipe.write_all(text.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("weft {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_weft(&self.fabric, args, stdin)
+    }
+
+    /// `weft args…` on node `i` (for the commands that ask the node's own daemons, e.g. `weft services`).
+    pub fn weft_on(&self, i: usize, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        run_weft(self.node(i).ns(), args, stdin)
     }
 
     /// Stops the lab's etcd (SIGKILL, as a crash or partition would), keeping its data.
@@ -1040,6 +1111,37 @@ impl Lab {
             Some(rt) => rt.block_on(fut)?,
             None => self.fabric.runtime()?.block_on(fut)?,
         }
+    }
+
+    /// The service table's bad-input row: garbage where a Service should be (`BAD_SERVICE_KEY`), and an Endpoints
+    /// object (`BAD_ENDPOINTS_KEY`) with `BAD_ADDRESS` beside the good address `good`, written straight into etcd
+    /// as no API server would store them. Readers skip both whole (issue 10), with a warning naming each.
+    pub fn write_bad_service_input(&self, good: Ipv4Addr) -> Result<()> {
+        let endpoints = format!(
+            r#"{{"apiVersion":"v1","kind":"Endpoints","metadata":{{"name":"halfbad","namespace":"default"}},"subsets":[{{"addresses":[{{"ip":"{BAD_ADDRESS}"}},{{"ip":"{good}","nodeName":"node-1"}}],"ports":[{{"name":"http","port":9376,"protocol":"TCP"}}]}}]}}"#
+        );
+        self.etcd(move |mut c| async move {
+            c.put(BAD_SERVICE_KEY, "{not json", None).await?;
+            c.put(BAD_ENDPOINTS_KEY, endpoints, None).await?;
+            Ok(())
+        })
+    }
+
+    pub fn delete_bad_service_input(&self) -> Result<()> {
+        self.etcd(|mut c| async move {
+            c.delete(BAD_SERVICE_KEY, None).await?;
+            c.delete(BAD_ENDPOINTS_KEY, None).await?;
+            Ok(())
+        })
+    }
+
+    /// Ok once node `i`'s proxy log names the bad Service's key and the bad address.
+    pub fn proxy_warned_of_bad_input(&self, i: usize) -> Result<()> {
+        let log = std::fs::read_to_string(self.node(i).proxy_log_path())?;
+        if log.contains(BAD_ADDRESS) && log.contains(BAD_SERVICE_KEY) {
+            return Ok(());
+        }
+        bail!("node-{i}'s proxy log does not name both {BAD_SERVICE_KEY} and {BAD_ADDRESS}:\n{}", tail_text(&log, 15))
     }
 
     /// Starts `weft agent` on node `i` against the lab's etcd, writing the node's subnet.env.

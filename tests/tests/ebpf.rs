@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use weft_lab::bpf::{Bpffs, Cgroup};
+use weft_lab::lab::{endpoints_yaml, service_yaml as service, until};
 use weft_lab::lab::{Lab, LabOptions, Pod};
-use weft_lab::Netns;
 
 struct Env {
     lab: Lab,
@@ -21,6 +21,16 @@ struct Env {
     /// Node i's pods' cgroup at index i-1.
     cgroups: Vec<Cgroup>,
     bpffs: Bpffs,
+}
+
+fn apply(env: &Env, yaml: &str) -> Result<()> {
+    env.lab.weft(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
+}
+
+/// An Endpoints object naming some of the servers (port `http` 9376/TCP, `dns` 9377/UDP, `echo` 7000).
+fn endpoints(env: &Env, name: &str, servers: &[&str], port_name: &str, port: u16, proto: &str) -> String {
+    let pods: Vec<&Pod> = servers.iter().map(|s| &env.servers[*s]).collect();
+    endpoints_yaml(name, &pods, port_name, port, proto)
 }
 
 impl Env {
@@ -73,61 +83,6 @@ impl Env {
             *seen.entry(l.trim().to_string()).or_insert(0) += 1;
         }
         Ok(seen)
-    }
-}
-
-fn weft(ns: &Netns, lab: &Lab, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let mut cmd = ns.command(weft_lab::weft_bin());
-    cmd.args(args).args(["--etcd-endpoints", lab.etcd_endpoint()]);
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn()?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "weft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn apply(env: &Env, yaml: &str) -> Result<()> {
-    weft(env.lab.node(1).ns(), &env.lab, &["apply", "-f", "-"], Some(yaml)).map(|_| ())
-}
-
-fn endpoints(env: &Env, name: &str, servers: &[&str], port_name: &str, port: u16, proto: &str) -> String {
-    let addrs: Vec<String> = servers
-        .iter()
-        .map(|s| {
-            let p = &env.servers[*s];
-            format!("{{ip: \"{}\", nodeName: node-{}}}", p.ip(), p.node())
-        })
-        .collect();
-    let subsets = if servers.is_empty() {
-        "[]".to_string()
-    } else {
-        format!(
-            "[{{addresses: [{}], ports: [{{name: {port_name}, port: {port}, protocol: {proto}}}]}}]",
-            addrs.join(", ")
-        )
-    };
-    format!("apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}}}\nsubsets: {subsets}\n---\n")
-}
-
-fn service(name: &str, extra_spec: &str, port_name: &str, port: u16, target: u16, proto: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{extra_spec}  ports: [{{name: {port_name}, port: {port}, targetPort: {target}, protocol: {proto}}}]\n---\n"
-    )
-}
-
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within {secs}s"))),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
     }
 }
 
@@ -297,6 +252,13 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("a service without selector uses hand-written Endpoints", |env| {
         ensure!(env.fetch(&env.client, "10.96.100.10:80")? == "s3");
         Ok(())
+    }),
+    ("bad input is skipped and every valid service still served", |env| {
+        env.lab.write_bad_service_input(env.servers["s1"].ip())?;
+        until("a warning naming the bad key and address", 10, || env.lab.proxy_warned_of_bad_input(1))?;
+        ensure!(env.fetch(&env.client, "10.96.100.2:80")? == "s1", "other services unaffected");
+        ensure!(env.fetch(&env.client, "10.96.100.10:80")? == "s3", "other services unaffected");
+        env.lab.delete_bad_service_input()
     }),
     ("weft services shows the map entries; a headless service gets none", |env| {
         let out = env.lab.node(1).ns().command(weft_lab::weft_bin()).args(["services", "-o", "json"]).output()?;

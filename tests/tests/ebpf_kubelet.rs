@@ -4,11 +4,10 @@
 //! by ClusterIP and by DNS name (the DNS Service is balanced by the same programs), `weft services` shows the map
 //! entries, and with no `--nodeport-interface` the tc programs land on the interface holding the node address.
 
-use std::time::{Duration, Instant};
-
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
 use weft_lab::bpf::{Bpffs, Cgroup2Root};
+use weft_lab::lab::until_some as until;
 use weft_lab::{cluster, Lab, LabOptions};
 
 const WEB: &str = r#"apiVersion: apps/v1
@@ -37,24 +36,6 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 80, nodePort: 30090}]
 "#;
-
-/// Polls `f` every 300 ms until it returns `Some` or `secs` pass; the error names what it waited for and the
-/// last error seen.
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(t)) => return Ok(t),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {secs}s waiting for {what} {last}");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
 
 fn json(lab: &Lab, args: &[&str]) -> Result<Value> {
     serde_json::from_str(&lab.weft(args, None)?).with_context(|| format!("weft {args:?}"))

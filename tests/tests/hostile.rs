@@ -4,37 +4,13 @@
 //! serving, a valid Service written afterwards works end to end (through both proxies and the overlay, and by
 //! name), and the daemons that read the row's kind name its key in exactly one warning.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use weft_lab::lab::{fetch, until};
 use weft_lab::lab::{Lab, LabOptions, Pod};
-use weft_lab::Netns;
-
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within {secs}s"))),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
-/// Connects from inside `ns` and reads what the server says until it closes.
-fn fetch(ns: &Netns, addr: SocketAddr) -> Result<String> {
-    ns.block_on(move || async move {
-        let mut s =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok::<_, anyhow::Error>(out.trim().to_string())
-    })?
-}
 
 /// Writes raw bytes at `key`, as any etcd client can (NULs and all).
 fn put(lab: &Lab, key: &str, value: Vec<u8>) -> Result<()> {

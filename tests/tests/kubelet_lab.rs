@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
+use weft_lab::lab::until_some as until;
 use weft_lab::{cluster, Lab, LabOptions};
 
 const REPLICAS: usize = 4;
@@ -87,24 +87,6 @@ fn web_pods(lab: &Lab) -> Result<Vec<WebPod>> {
             }
         })
         .collect())
-}
-
-/// Polls `f` every 500 ms until it returns `Some` or `secs` pass; the error names what it waited for and the last
-/// state seen.
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(t)) => return Ok(t),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {secs}s waiting for {what} {last}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// `n` live pods of `version`, all Running and Ready, and no other pod of the Deployment left.

@@ -8,7 +8,8 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
+use weft_lab::lab::{endpoints_yaml, fetch, service_yaml as service, until};
 use weft_lab::lab::{Lab, LabOptions, Pod};
 use weft_lab::Netns;
 
@@ -20,61 +21,14 @@ struct Env {
     servers: BTreeMap<String, Pod>,
 }
 
-fn weft(ns: &Netns, lab: &Lab, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let mut cmd = ns.command(weft_lab::weft_bin());
-    cmd.args(args).args(["--etcd-endpoints", lab.etcd_endpoint()]);
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn()?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "weft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn apply(env: &Env, yaml: &str) -> Result<()> {
-    weft(env.lab.node(1).ns(), &env.lab, &["apply", "-f", "-"], Some(yaml)).map(|_| ())
+    env.lab.weft(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
 }
 
 /// An Endpoints object naming some of the servers (port `http` 9376/TCP, `dns` 9377/UDP, `echo` 7000).
 fn endpoints(env: &Env, name: &str, servers: &[&str], port_name: &str, port: u16, proto: &str) -> String {
-    let addrs: Vec<String> = servers
-        .iter()
-        .map(|s| {
-            let p = &env.servers[*s];
-            format!("{{ip: \"{}\", nodeName: node-{}}}", p.ip(), p.node())
-        })
-        .collect();
-    let subsets = if servers.is_empty() {
-        "[]".to_string()
-    } else {
-        format!(
-            "[{{addresses: [{}], ports: [{{name: {port_name}, port: {port}, protocol: {proto}}}]}}]",
-            addrs.join(", ")
-        )
-    };
-    format!("apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}}}\nsubsets: {subsets}\n---\n")
-}
-
-fn service(name: &str, extra_spec: &str, port_name: &str, port: u16, target: u16, proto: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{extra_spec}  ports: [{{name: {port_name}, port: {port}, targetPort: {target}, protocol: {proto}}}]\n---\n"
-    )
-}
-
-/// Connects, reads what the server says (its name) until it closes.
-fn fetch(ns: &Netns, addr: SocketAddr) -> Result<String> {
-    ns.block_on(move || async move {
-        let mut s =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok::<_, anyhow::Error>(out.trim().to_string())
-    })?
+    let pods: Vec<&Pod> = servers.iter().map(|s| &env.servers[*s]).collect();
+    endpoints_yaml(name, &pods, port_name, port, proto)
 }
 
 /// `n` connections from inside `ns`; how many each server answered.
@@ -90,17 +44,6 @@ fn spread(ns: &Netns, addr: SocketAddr, n: usize) -> Result<BTreeMap<String, usi
         }
         Ok::<_, anyhow::Error>(seen)
     })?
-}
-
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within {secs}s"))),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -275,29 +218,11 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         Ok(())
     }),
     ("bad input is skipped and every valid service still served", |env| {
-        let etcdctl = |args: &[&str]| {
-            let mut all = vec!["--endpoints", "http://127.0.0.1:2379"];
-            all.extend_from_slice(args);
-            env.lab.fabric().exec("etcdctl", &all)
-        };
-        // Garbage where a Service should be, and an Endpoints object with a bad address beside a good one: no API
-        // server would store it, so readers skip the whole object (issue 10), with a warning naming it.
-        etcdctl(&["put", "/registry/services/default/garbage", "{not json"])?;
-        let good = env.servers["s1"].ip();
-        let bad_ep = format!(
-            r#"{{"apiVersion":"v1","kind":"Endpoints","metadata":{{"name":"halfbad","namespace":"default"}},"subsets":[{{"addresses":[{{"ip":"999.1.1.1"}},{{"ip":"{good}","nodeName":"node-1"}}],"ports":[{{"name":"http","port":9376,"protocol":"TCP"}}]}}]}}"#
-        );
-        etcdctl(&["put", "/registry/endpoints/default/halfbad", &bad_ep])?;
-        until("a warning naming the bad address", 10, || {
-            let log = std::fs::read_to_string(env.lab.node(1).proxy_log_path())?;
-            ensure!(log.contains("999.1.1.1") && log.contains("/registry/services/default/garbage"), "{log}");
-            Ok(())
-        })?;
+        env.lab.write_bad_service_input(env.servers["s1"].ip())?;
+        until("a warning naming the bad key and address", 10, || env.lab.proxy_warned_of_bad_input(1))?;
         ensure!(fetch(env.client.ns(), sa("10.96.100.2:80"))? == "s1", "other services unaffected");
         ensure!(fetch(env.client.ns(), sa("10.96.100.10:80"))? == "s3", "other services unaffected");
-        etcdctl(&["del", "/registry/services/default/garbage"])?;
-        etcdctl(&["del", "/registry/endpoints/default/halfbad"])?;
-        Ok(())
+        env.lab.delete_bad_service_input()
     }),
     ("metrics and healthz", |env| {
         let ns = env.lab.node(1).ns();
