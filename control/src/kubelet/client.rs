@@ -319,3 +319,25 @@ async fn exec_stream(a: ExecArgs) -> Result<i32> {
     drop(raw);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_paths_carry_the_command_then_the_stream_flags() {
+        let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases: &[(&[&str], &[(&str, bool)], &str)] = &[
+            (&["ls"], &[], "/exec/ns/p/c?command=ls"),
+            (&["sh", "-c", "echo a b"], &[], "/exec/ns/p/c?command=sh&command=-c&command=echo%20a%20b"),
+            (
+                &["cat"],
+                &[("stdin", true), ("stdout", true), ("stderr", false), ("tty", true)],
+                "/exec/ns/p/c?command=cat&stdin=true&stdout=true&stderr=false&tty=true",
+            ),
+        ];
+        for (command, flags, want) in cases {
+            assert_eq!(exec_path("ns", "p", "c", &cmd(command), flags), *want);
+        }
+    }
+}
