@@ -327,7 +327,8 @@ mod tests {
     #[test]
     fn exec_paths_carry_the_command_then_the_stream_flags() {
         let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let cases: &[(&[&str], &[(&str, bool)], &str)] = &[
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, bool)], &'a str);
+        let cases: &[Case] = &[
             (&["ls"], &[], "/exec/ns/p/c?command=ls"),
             (&["sh", "-c", "echo a b"], &[], "/exec/ns/p/c?command=sh&command=-c&command=echo%20a%20b"),
             (
