@@ -842,6 +842,23 @@ fn exec_with_stdin_and_a_tty_streams_through_the_kubelet_and_passes_the_exit_cod
     assert!(text.contains("size=45 123"), "{text}");
     assert!(text.contains("got-typed-line"), "{text}");
     assert!(text.contains("terminal-restored"), "{text}");
+    // A resize while it runs (the terminal's size set from another process of the session, which signals weft
+    // SIGWINCH) reaches the container: only once the command has seen the first size, so that the new one can
+    // only have come through the resize.
+    let remote = format!(
+        "{size}; echo size=$s; i=0; while [ $i -lt 100 ]; do s=$(stty size); [ \"$s\" = \"22 77\" ] && break; \
+         i=$((i+1)); sleep 0.1; done; echo now=$s"
+    );
+    let line = format!(
+        "stty cols 123 rows 45; out=$(mktemp); \
+         (i=0; while [ $i -lt 300 ] && ! grep -q 'size=45 123' $out; do i=$((i+1)); sleep 0.1; done; \
+          stty cols 77 rows 22 </dev/tty) & \
+         {weft} exec -it shell -- sh -c {} | tee $out; wait; rm -f $out",
+        sh_quote(&remote)
+    );
+    let out = output_within(script(line), b"", limit);
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(text.contains("size=45 123") && text.contains("now=22 77"), "{text}\n{out:?}");
     // The streaming endpoint checks client certificates like the rest of the port: one from another CA runs
     // nothing.
     let mut rogue = env.weft_cmd(&["exec", "-i", "shell", "--", "touch", "/tmp/rogue-ran"]);
