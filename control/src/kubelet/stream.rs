@@ -227,6 +227,74 @@ mod tests {
         }
     }
 
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    /// Two ends of an in-memory WebSocket: (client side, server side).
+    async fn ws_pair() -> (WebSocketStream<tokio::io::DuplexStream>, WebSocketStream<tokio::io::DuplexStream>) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let server = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        (client, server)
+    }
+
+    /// Everything `ws` receives until it closes, as (channel, data).
+    async fn drain(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> Vec<(u8, Vec<u8>)> {
+        let mut got = Vec::new();
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Binary(b) => got.extend(split(&b).map(|(c, d)| (c, d.to_vec()))),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn the_relay_passes_each_direction_only_its_channels_and_reports_a_runtime_that_vanished() {
+        // (what the runtime sends before closing, what the client must see)
+        let cases: Vec<(Vec<Vec<u8>>, Vec<(u8, Vec<u8>)>)> = vec![
+            (
+                vec![
+                    frame(STDOUT, b""),
+                    frame(STDOUT, b"out"),
+                    frame(STDIN, b"bogus"),
+                    frame(STDERR, b"err"),
+                    frame(STATUS, b"{}"),
+                ],
+                vec![(STDOUT, vec![]), (STDOUT, b"out".to_vec()), (STDERR, b"err".to_vec()), (STATUS, b"{}".to_vec())],
+            ),
+            (vec![frame(STDOUT, b"partial")], {
+                let (c, d) = split(&failure("the container runtime closed the exec stream"))
+                    .map(|(c, d)| (c, d.to_vec()))
+                    .unwrap();
+                vec![(STDOUT, b"partial".to_vec()), (c, d)]
+            }),
+        ];
+        for (from_runtime, want) in cases {
+            let (mut client, kubelet_client_side) = ws_pair().await;
+            let (kubelet_runtime_side, mut runtime) = ws_pair().await;
+            let relay = tokio::spawn(relay(kubelet_client_side, kubelet_runtime_side));
+            for m in [frame(STDIN, b"typed"), frame(STDOUT, b"forged"), resize(80, 24), frame(200, b"x")] {
+                client.send(Message::Binary(m.into())).await.unwrap();
+            }
+            // The runtime sees stdin and the resize, nothing else, in order.
+            let mut seen = Vec::new();
+            while seen.len() < 2 {
+                if let Some(Ok(Message::Binary(b))) = runtime.next().await {
+                    seen.extend(split(&b).map(|(c, d)| (c, d.to_vec())));
+                }
+            }
+            assert_eq!(seen, vec![(STDIN, b"typed".to_vec()), (RESIZE, resize(80, 24)[1..].to_vec())]);
+            for m in from_runtime {
+                runtime.send(Message::Binary(m.into())).await.unwrap();
+            }
+            runtime.close(None).await.unwrap();
+            assert_eq!(drain(&mut client).await, want);
+            tokio::time::timeout(std::time::Duration::from_secs(10), relay).await.unwrap().unwrap();
+        }
+    }
+
     #[test]
     fn upgrade_and_protocol_headers_are_recognised() {
         let cases = [
