@@ -253,7 +253,8 @@ mod tests {
     #[tokio::test]
     async fn the_relay_passes_each_direction_only_its_channels_and_reports_a_runtime_that_vanished() {
         // (what the runtime sends before closing, what the client must see)
-        let cases: Vec<(Vec<Vec<u8>>, Vec<(u8, Vec<u8>)>)> = vec![
+        type Received = Vec<(u8, Vec<u8>)>;
+        let cases: Vec<(Vec<Vec<u8>>, Received)> = vec![
             (
                 vec![
                     frame(STDOUT, b""),
