@@ -52,7 +52,7 @@ enum Command {
     Kubelet(Box<weft_control::kubelet::cli::KubeletArgs>),
     /// Print a container's logs, through its node's kubelet (kubectl logs)
     Logs(weft_control::kubelet::client::LogsArgs),
-    /// Run a command in a container, through its node's kubelet (kubectl exec; non-interactive)
+    /// Run a command in a container, through its node's kubelet (kubectl exec; -i stdin, -t a terminal)
     Exec(weft_control::kubelet::client::ExecArgs),
     /// Container images in containerd (what the kubelet runs)
     #[command(subcommand)]

@@ -131,9 +131,14 @@ impl Env {
 
     /// `weft` with what `weft logs` / `weft exec` need to reach kubelets.
     fn weft_cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.fx.net_command(weft_lab::weft_bin());
-        c.args(args)
-            .env("WEFT_ETCD_ENDPOINTS", ETCD)
+        let mut c = self.client_env(self.fx.net_command(weft_lab::weft_bin()));
+        c.args(args);
+        c
+    }
+
+    /// `program` in the namespace with the environment `weft_cmd` gives (for `script`, which runs weft itself).
+    fn client_env(&self, mut c: Command) -> Command {
+        c.env("WEFT_ETCD_ENDPOINTS", ETCD)
             .env("WEFT_KUBELET_CA", self.pki("ca.crt"))
             .env("WEFT_KUBELET_CLIENT_CERT", self.pki("admin.crt"))
             .env("WEFT_KUBELET_CLIENT_KEY", self.pki("admin.key"));
@@ -772,4 +777,127 @@ fn a_host_network_pod_runs_on_the_node_network() {
     // The node's interfaces (its CNI bridge among them) are the container's.
     let dev = env.exec(&id, &["cat", "/proc/net/dev"]).unwrap();
     assert!(dev.contains("cni0"), "{dev}");
+}
+
+/// Runs `cmd` (stdin from `input`, then closed), killing it if it has not ended within `limit`.
+fn output_within(mut cmd: Command, input: &[u8], limit: Duration) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as i32;
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: signalling the child this test spawned, by its pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{cmd:?} did not end within {limit:?}");
+        }
+    }
+}
+
+/// A shell line quoted for `sh -c` (single quotes).
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[test]
+fn exec_with_stdin_and_a_tty_streams_through_the_kubelet_and_passes_the_exit_code() {
+    let env = env();
+    env.apply(&pod_yaml("shell", "Always", &container("c", "exec sleep 3600")));
+    env.wait_pod("shell", T, "Running", |p| phase(p) == "Running");
+    let limit = Duration::from_secs(60);
+    // -i: piped stdin reaches the command, stdout and stderr stay apart, the exit code is the command's.
+    let out = output_within(
+        env.weft_cmd(&["exec", "-i", "shell", "--", "sh", "-c", "read x; echo got $x; echo on-stderr >&2; exit 7"]),
+        b"hello\n",
+        limit,
+    );
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got hello\n", "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "on-stderr\n", "{out:?}");
+    // Success is exit code 0; a command that cannot start is an error, not a hang.
+    let out = output_within(env.weft_cmd(&["exec", "-i", "shell", "--", "true"]), b"", limit);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = output_within(env.weft_cmd(&["exec", "-i", "shell", "--", "/no/such/program"]), b"", limit);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/program"), "{out:?}");
+    // -it with stdin from a pipe: as kubectl, a warning and no terminal (a terminal would echo the input back).
+    let out = output_within(
+        env.weft_cmd(&["exec", "-it", "shell", "--", "sh", "-c", "read x; tty; echo got $x"]),
+        b"piped\n",
+        limit,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unable to use a TTY"), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "not a tty\ngot piped\n", "{out:?}");
+    // -t alone: the command has a terminal (under `script`, which gives weft one too).
+    let weft = weft_lab::weft_bin();
+    let weft = sh_quote(&weft.to_string_lossy());
+    // `script` gives weft a terminal of its own (a pty) and runs `line` through sh in the namespace.
+    let script = |line: String| {
+        let mut c = env.client_env(env.fx.net_command("script"));
+        c.args(["-qec", &line, "/dev/null"]);
+        c
+    };
+    let out = output_within(
+        script(format!("{weft} exec -t shell -- sh -c 'tty; [ -t 0 ] && [ -t 1 ] && echo both-terminals; exit 4'")),
+        b"",
+        limit,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(text.lines().any(|l| l.starts_with("/dev/pts/")), "{text}\n{out:?}");
+    assert!(text.contains("both-terminals"), "{text}");
+    // -it: typed input reaches the command through its terminal, the window size is passed at start, and the
+    // local terminal is the same after as before (raw mode undone).
+    // The size follows the start by a moment (containerd starts the command as the kubelet connects, then
+    // applies resizes), as with kubectl: poll for it inside the container.
+    let size = concat!(
+        "i=0; while [ $i -lt 50 ]; do s=$(stty size 2>/dev/null); ",
+        "case \"$s\" in \"\"|\"0 0\") ;; *) break;; esac; i=$((i+1)); sleep 0.1; done"
+    );
+    let remote = format!("{size}; echo size=$s; read x; echo got-$x; exit 3");
+    let line = format!(
+        "stty cols 123 rows 45; before=$(stty -g); {weft} exec -it shell -- sh -c {}; rc=$?; \
+         [ \"$(stty -g)\" = \"$before\" ] && echo terminal-restored; exit $rc",
+        sh_quote(&remote)
+    );
+    let out = output_within(script(line), b"typed-line\r", limit);
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert_eq!(out.status.code(), Some(3), "{out:?}\n{text}");
+    assert!(text.contains("size=45 123"), "{text}");
+    assert!(text.contains("got-typed-line"), "{text}");
+    assert!(text.contains("terminal-restored"), "{text}");
+    // A resize while it runs (the terminal's size set from another process of the session, which signals weft
+    // SIGWINCH) reaches the container: only once the command has seen the first size, so that the new one can
+    // only have come through the resize.
+    let remote = format!(
+        "{size}; echo size=$s; i=0; while [ $i -lt 100 ]; do s=$(stty size); [ \"$s\" = \"22 77\" ] && break; \
+         i=$((i+1)); sleep 0.1; done; echo now=$s"
+    );
+    let line = format!(
+        "stty cols 123 rows 45; out=$(mktemp); \
+         (i=0; while [ $i -lt 300 ] && ! grep -q 'size=45 123' $out; do i=$((i+1)); sleep 0.1; done; \
+          stty cols 77 rows 22 </dev/tty) & \
+         {weft} exec -it shell -- sh -c {} | tee $out; wait; rm -f $out",
+        sh_quote(&remote)
+    );
+    let out = output_within(script(line), b"", limit);
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(text.contains("size=45 123") && text.contains("now=22 77"), "{text}\n{out:?}");
+    // The streaming endpoint checks client certificates like the rest of the port: one from another CA runs
+    // nothing.
+    let mut rogue = env.weft_cmd(&["exec", "-i", "shell", "--", "touch", "/tmp/rogue-ran"]);
+    rogue.env("WEFT_KUBELET_CLIENT_CERT", env.pki("rogue.crt")).env("WEFT_KUBELET_CLIENT_KEY", env.pki("rogue.key"));
+    let out = output_within(rogue, b"", limit);
+    assert!(!out.status.success(), "served a client of another CA: {out:?}");
+    let out = env.weft_cmd(&["exec", "shell", "--", "test", "-e", "/tmp/rogue-ran"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "the rogue client's command ran: {out:?}");
 }

@@ -231,6 +231,11 @@ fn logs_and_exec_reach_another_nodes_kubelet(lab: &Lab, pods: &[WebPod]) -> Resu
     assert!(ok && out.contains(&format!("hello from {} v1", target.name)), "weft exec: {out}");
     let (ok, out) = lab_exec(&["weft", "exec", &target.name, "--", "sh", "-c", "exit 3"])?;
     assert!(!ok, "weft exec passes the command's failure on: {out}");
+    // -i: stdin streamed to the command across nodes (the kubelet relays to its containerd's streaming server).
+    let script =
+        format!("printf 'hello\\n' | weft exec -i {} -- sh -c 'read x; echo got $x; exit 7'; echo rc=$?", target.name);
+    let (_, out) = lab_exec(&["sh", "-c", &script])?;
+    assert!(out.contains("got hello") && out.contains("rc=7"), "weft exec -i: {out}");
     let (ok, out) = lab_exec(&["weft", "logs", "client"])?;
     assert!(ok && out.contains("hello from web-"), "weft logs client: {out}");
     let (ok, _) = lab_exec(&["curl", "-sk", "-m", "3", "https://192.168.56.12:10250/healthz"])?;

@@ -1,5 +1,6 @@
 //! `weft logs` and `weft exec`: find the pod's node in the store, then ask that node's kubelet over HTTPS with a
-//! client certificate (the kubelet refuses clients without one signed by the cluster CA).
+//! client certificate (the kubelet refuses clients without one signed by the cluster CA). `weft exec -i/-t`
+//! upgrades that connection to a WebSocket (`stream`) and puts the local terminal in raw mode (`term`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use hyper::body::Bytes;
 use k8s_openapi::api::core::v1::{Node, Pod};
 
 use super::server::{client_config, encode};
+use super::{stream, term};
 
 /// How to reach kubelets: the cluster CA and a client certificate it signed.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,18 +52,25 @@ pub struct LogsArgs {
     pub etcd: weft_api::EtcdArgs,
 }
 
-/// `weft exec POD [-c C] -- CMD...` (non-interactive: the command's output and exit code)
+/// `weft exec POD [-c C] [-i] [-t] -- CMD...`
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Without -i/-t the command runs to completion and its output is printed (CRI ExecSync). \
+With -i and/or -t it is streamed over a WebSocket on the kubelet's port (CRI Exec): -i passes stdin to the \
+command; -t gives it a terminal, with the local terminal in raw mode while it runs (restored on exit) and the \
+window size passed at start and on every resize. As with kubectl, -t together with -i needs stdin to be a \
+terminal (otherwise it runs without one, with a warning). The end of piped stdin is not passed on: the \
+channel protocol this containerd speaks has no way to close stdin alone, so a command must end by itself \
+(e.g. `read` a line and exit). Exit code: the command's.")]
 pub struct ExecArgs {
     pub pod: String,
     #[arg(short = 'c', long = "container")]
     pub container: Option<String>,
     #[arg(short = 'n', long = "namespace", default_value = "default")]
     pub namespace: String,
-    /// pass stdin to the container (not supported by this kubelet: exec is non-interactive)
+    /// pass stdin to the container
     #[arg(short = 'i', long = "stdin")]
     pub stdin: bool,
-    /// allocate a TTY (not supported: exec is non-interactive)
+    /// allocate a TTY for the command (the local terminal goes raw while it runs)
     #[arg(short = 't', long = "tty")]
     pub tty: bool,
     /// the command and its arguments (after --)
@@ -112,13 +121,20 @@ async fn locate(
     Ok((name, addr))
 }
 
-async fn get(k: &KubeletClientArgs, addr: SocketAddr, path: &str, out: &mut dyn Write) -> Result<()> {
+async fn tls_connect(
+    k: &KubeletClientArgs,
+    addr: SocketAddr,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let cfg = client_config(&k.kubelet_certificate_authority, &k.kubelet_client_certificate, &k.kubelet_client_key)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp =
         tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to the kubelet at {addr}"))?;
     let server_name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = connector.connect(server_name, tcp).await.with_context(|| format!("TLS with the kubelet at {addr}"))?;
+    connector.connect(server_name, tcp).await.with_context(|| format!("TLS with the kubelet at {addr}"))
+}
+
+async fn get(k: &KubeletClientArgs, addr: SocketAddr, path: &str, out: &mut dyn Write) -> Result<()> {
+    let tls = tls_connect(k, addr).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
     let driver = tokio::spawn(async move {
         let _ = conn.await;
@@ -161,17 +177,168 @@ pub async fn logs(a: LogsArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// The exec path with its query: the command, then `extra` flags.
+fn exec_path(ns: &str, pod: &str, container: &str, command: &[String], extra: &[(&str, bool)]) -> String {
+    let mut q: Vec<String> = command.iter().map(|c| format!("command={}", encode(c))).collect();
+    q.extend(extra.iter().map(|(k, v)| format!("{k}={v}")));
+    format!("/exec/{ns}/{pod}/{container}?{}", q.join("&"))
+}
+
 pub async fn exec(a: ExecArgs) -> Result<i32> {
     if a.stdin || a.tty {
-        eprintln!("weft exec: -i/-t are not supported (this kubelet runs commands non-interactively); running without");
+        return exec_stream(a).await;
     }
     let (container, addr) = locate(&a.etcd, &a.namespace, &a.pod, a.container.as_deref()).await?;
-    let cmd: Vec<String> = a.command.iter().map(|c| format!("command={}", encode(c))).collect();
-    let path = format!("/exec/{}/{}/{container}?{}", a.namespace, a.pod, cmd.join("&"));
+    let path = exec_path(&a.namespace, &a.pod, &container, &a.command, &[]);
     let mut body = Vec::new();
     get(&a.kubelet, addr, &path, &mut body).await?;
     let v: serde_json::Value = serde_json::from_slice(&body).context("the kubelet's exec answer")?;
     print!("{}", v["stdout"].as_str().unwrap_or(""));
     eprint!("{}", v["stderr"].as_str().unwrap_or(""));
     Ok(v["exitCode"].as_i64().unwrap_or(1) as i32)
+}
+
+/// `-i`/`-t`: a WebSocket on the kubelet's port (same TLS and client certificate), stdin sent as it comes,
+/// output written as it arrives, the exit code from the status channel.
+async fn exec_stream(a: ExecArgs) -> Result<i32> {
+    use futures::{SinkExt, StreamExt};
+    use std::io::IsTerminal;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error as WsError, Message};
+
+    let mut tty = a.tty;
+    if a.stdin && a.tty && !std::io::stdin().is_terminal() {
+        // kubectl's rule: a terminal fed from a pipe would echo and mangle the input.
+        eprintln!("Unable to use a TTY - input is not a terminal or the right kind of file");
+        tty = false;
+    }
+    let (container, addr) = locate(&a.etcd, &a.namespace, &a.pod, a.container.as_deref()).await?;
+    let path = exec_path(
+        &a.namespace,
+        &a.pod,
+        &container,
+        &a.command,
+        &[("stdin", a.stdin), ("stdout", true), ("stderr", !tty), ("tty", tty)],
+    );
+    let mut request = format!("wss://{addr}{path}").into_client_request()?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", stream::PROTOCOL.parse()?);
+    let tls = tls_connect(&a.kubelet, addr).await?;
+    let mut ws = match tokio_tungstenite::client_async(request, tls).await {
+        Ok((ws, _)) => ws,
+        Err(WsError::Http(resp)) => {
+            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let body = body.trim();
+            bail!("{}", if body.is_empty() { resp.status().to_string() } else { body.to_string() });
+        }
+        Err(e) => return Err(e).with_context(|| format!("exec through the kubelet at {addr}")),
+    };
+
+    // Stdin from a thread of its own: a blocking read that never returns must not hold up the runtime's exit.
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    if a.stdin {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut input = std::io::stdin().lock();
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 || stdin_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+    } else {
+        drop(stdin_tx);
+    }
+    let raw =
+        if tty && a.stdin { Some(term::RawMode::enter().context("putting the terminal in raw mode")?) } else { None };
+    let result = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut winch = signal(SignalKind::window_change())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut last_size = None;
+        if tty {
+            last_size = term::window_size();
+            if let Some((w, h)) = last_size {
+                ws.send(Message::Binary(stream::resize(w, h).into())).await?;
+            }
+        }
+        let mut stdin_open = a.stdin;
+        loop {
+            tokio::select! {
+                m = ws.next() => {
+                    let data = match m {
+                        Some(Ok(Message::Binary(b))) => b,
+                        Some(Ok(Message::Close(_))) | None => {
+                            bail!("the kubelet closed the exec stream without the command's exit status")
+                        }
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(e).context("the exec stream"),
+                    };
+                    let Some((channel, payload)) = stream::split(&data) else { continue };
+                    match channel {
+                        stream::STDOUT => {
+                            let mut out = std::io::stdout().lock();
+                            out.write_all(payload)?;
+                            out.flush()?;
+                        }
+                        stream::STDERR => {
+                            let mut err = std::io::stderr().lock();
+                            err.write_all(payload)?;
+                            err.flush()?;
+                        }
+                        stream::STATUS => {
+                            let _ = ws.close(None).await;
+                            return match stream::outcome(payload) {
+                                stream::Outcome::Exited(code) => Ok(code),
+                                stream::Outcome::Failed(msg) => Err(anyhow::anyhow!(msg)),
+                            };
+                        }
+                        _ => {}
+                    }
+                }
+                d = stdin_rx.recv(), if stdin_open => match d {
+                    Some(d) => ws.send(Message::Binary(stream::frame(stream::STDIN, &d).into())).await?,
+                    None => stdin_open = false,
+                },
+                _ = winch.recv(), if tty => {
+                    let size = term::window_size();
+                    if size != last_size {
+                        last_size = size;
+                        if let Some((w, h)) = size {
+                            ws.send(Message::Binary(stream::resize(w, h).into())).await?;
+                        }
+                    }
+                }
+                _ = term.recv() => bail!("terminated"),
+                _ = hup.recv() => bail!("hung up"),
+            }
+        }
+    }
+    .await;
+    // The terminal back as it was before anything is printed about how it went.
+    drop(raw);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_paths_carry_the_command_then_the_stream_flags() {
+        let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, bool)], &'a str);
+        let cases: &[Case] = &[
+            (&["ls"], &[], "/exec/ns/p/c?command=ls"),
+            (&["sh", "-c", "echo a b"], &[], "/exec/ns/p/c?command=sh&command=-c&command=echo%20a%20b"),
+            (
+                &["cat"],
+                &[("stdin", true), ("stdout", true), ("stderr", false), ("tty", true)],
+                "/exec/ns/p/c?command=cat&stdin=true&stdout=true&stderr=false&tty=true",
+            ),
+        ];
+        for (command, flags, want) in cases {
+            assert_eq!(exec_path("ns", "p", "c", &cmd(command), flags), *want);
+        }
+    }
 }

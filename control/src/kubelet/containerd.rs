@@ -108,6 +108,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # Never ask for a lower oom_score_adj than containerd's own (-998 for sandboxes is refused without
   # CAP_SYS_RESOURCE, e.g. inside a VM's container or a lab).
   restrict_oom_score_adj = true
+  # CRI Exec's streaming server, which the kubelet relays `weft exec -i/-t` to: the loopback address of the
+  # namespace containerd and the kubelet share (never reachable from outside it), any free port, plain HTTP.
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_tls_streaming = false
 
 [{cri}.containerd]
   snapshotter = "overlayfs"
@@ -172,6 +177,7 @@ mod tests {
             "SystemdCgroup = false",
             "bin_dir = \"/opt/cni\"",
             "conf_dir = \"/etc/cni\"",
+            "stream_server_address = \"127.0.0.1\"",
         ] {
             assert!(s.contains(want), "{want} missing from\n{s}");
         }

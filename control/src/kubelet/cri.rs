@@ -49,6 +49,15 @@ pub struct ExecResult {
     pub stderr: Vec<u8>,
 }
 
+/// Which streams a streaming exec carries (CRI refuses `tty` together with `stderr`: a terminal has one output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecStreams {
+    pub tty: bool,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
 /// The CRI calls the kubelet makes; everything else about containers is decided from their results.
 pub trait Runtime: Clone + Send + Sync + 'static {
     /// (runtime name, runtime version), e.g. ("containerd", "1.6.20~ds1").
@@ -79,6 +88,9 @@ pub trait Runtime: Clone + Send + Sync + 'static {
         cmd: Vec<String>,
         timeout: Duration,
     ) -> impl Future<Output = Result<ExecResult>> + Send;
+    /// Prepares a streaming exec (CRI `Exec`): the URL on the runtime's streaming server that runs `cmd` once a
+    /// client connects to it.
+    fn exec(&self, id: &str, cmd: Vec<String>, streams: ExecStreams) -> impl Future<Output = Result<String>> + Send;
     /// Pulls `image`; returns the image reference the runtime resolved it to.
     fn pull_image(&self, image: &str, sandbox_config: PodSandboxConfig) -> impl Future<Output = Result<String>> + Send;
     /// The image's id if the runtime has it.
@@ -227,6 +239,18 @@ impl Runtime for CriRuntime {
         req.set_timeout(timeout + Duration::from_secs(5));
         let r = self.runtime.clone().exec_sync(req).await.map_err(rpc("ExecSync"))?.into_inner();
         Ok(ExecResult { exit_code: r.exit_code, stdout: r.stdout, stderr: r.stderr })
+    }
+
+    async fn exec(&self, id: &str, cmd: Vec<String>, streams: ExecStreams) -> Result<String> {
+        let req = cri::ExecRequest {
+            container_id: id.to_string(),
+            cmd,
+            tty: streams.tty,
+            stdin: streams.stdin,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        Ok(self.runtime.clone().exec(req).await.map_err(rpc("Exec"))?.into_inner().url)
     }
 
     async fn pull_image(&self, image: &str, sandbox_config: PodSandboxConfig) -> Result<String> {

@@ -12,3 +12,5 @@ pub mod node;
 pub mod probe;
 pub mod run;
 pub mod server;
+pub mod stream;
+pub mod term;

@@ -1,7 +1,9 @@
 //! The kubelet's own server on the node address (port 10250): HTTPS that accepts only clients whose certificate
-//! the cluster CA signed, serving container logs (`/containerLogs/<ns>/<pod>/<container>`) and non-interactive
-//! exec (`/exec/<ns>/<pod>/<container>?command=…`, through CRI ExecSync). Reads the pods informer, CRI and the
-//! containers' log files; changes nothing but what an exec'd command does.
+//! the cluster CA signed, serving container logs (`/containerLogs/<ns>/<pod>/<container>`) and exec
+//! (`/exec/<ns>/<pod>/<container>?command=…`): a plain GET runs the command through CRI ExecSync and answers its
+//! output and exit code; a WebSocket upgrade (`v4.channel.k8s.io`, `stdin`/`tty` flags) streams it through CRI
+//! Exec and the runtime's streaming server. Reads the pods informer, CRI and the containers' log files; changes
+//! nothing but what an exec'd command does.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,15 +13,21 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::Pod;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 use weft_api::Informer;
 
 use super::config;
-use super::cri::Runtime;
+use super::cri::{ExecStreams, Runtime};
+use super::stream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -239,6 +247,23 @@ impl<R: Runtime> Server<R> {
                 if cmd.is_empty() {
                     return text(StatusCode::BAD_REQUEST, "no command");
                 }
+                let header = |h: hyper::header::HeaderName| req.headers().get(h).and_then(|v| v.to_str().ok());
+                if stream::is_websocket_upgrade(header(hyper::header::UPGRADE), header(hyper::header::CONNECTION)) {
+                    let flag = |k: &str, default: bool| get(k).map_or(default, |v| v == "true" || v == "1");
+                    let tty = flag("tty", false);
+                    // A terminal has one output stream (CRI refuses tty with stderr). With a terminal, containerd's
+                    // WebSocket path reads stdin even when it was not asked for, finds it at its end at once, and
+                    // closes the terminal's output with it: so a terminal always gets stdin (the client then sends
+                    // nothing on it, and the command sees a terminal nobody types on).
+                    let streams = ExecStreams {
+                        tty,
+                        stdin: flag("stdin", false) || tty,
+                        stdout: flag("stdout", true),
+                        stderr: flag("stderr", !tty) && !tty,
+                    };
+                    let (ns, pod, name) = (ns.to_string(), pod.to_string(), name.to_string());
+                    return self.exec_stream(req, &ns, &pod, &name, cmd, streams).await;
+                }
                 let st = match self.container(ns, pod, name, false).await {
                     Ok(st) => st,
                     Err((code, msg)) => return text(code, msg),
@@ -257,6 +282,64 @@ impl<R: Runtime> Server<R> {
             }
             _ => text(StatusCode::NOT_FOUND, "not found"),
         }
+    }
+
+    /// Interactive exec: CRI `Exec` gives a URL on the runtime's streaming server; once connected there, the
+    /// client's request is upgraded to a WebSocket and the two are relayed. Everything that can fail before the
+    /// upgrade is an ordinary HTTP error, so the client shows the reason.
+    async fn exec_stream(
+        &self,
+        req: Request<Incoming>,
+        ns: &str,
+        pod: &str,
+        name: &str,
+        cmd: Vec<String>,
+        streams: ExecStreams,
+    ) -> Response<Body> {
+        let headers = req.headers();
+        let Some(key) = headers.get(hyper::header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+            return text(StatusCode::BAD_REQUEST, "WebSocket upgrade without Sec-WebSocket-Key");
+        };
+        let offered = headers.get(hyper::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
+        if !offered.is_some_and(stream::offers_protocol) {
+            return text(StatusCode::BAD_REQUEST, format!("exec needs the WebSocket subprotocol {}", stream::PROTOCOL));
+        }
+        if !streams.stdin && !streams.stdout && !streams.stderr {
+            return text(StatusCode::BAD_REQUEST, "exec needs at least one of stdin, stdout and stderr");
+        }
+        let st = match self.container(ns, pod, name, false).await {
+            Ok(st) => st,
+            Err((code, msg)) => return text(code, msg),
+        };
+        let url = match self.rt.exec(&st.id, cmd, streams).await {
+            Ok(u) => u,
+            Err(e) => return text(StatusCode::BAD_GATEWAY, e.message()),
+        };
+        let runtime = match connect_runtime(&url).await {
+            Ok(ws) => ws,
+            Err(e) => return text(StatusCode::BAD_GATEWAY, format!("the runtime's streaming server ({url}): {e}")),
+        };
+        let upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let io = hyper_util::rt::TokioIo::new(upgraded);
+                    let client = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                    stream::relay(client, runtime).await;
+                }
+                Err(e) => tracing::info!(error = %e, "kubelet server: exec upgrade failed"),
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(hyper::header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(hyper::header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(stream::PROTOCOL));
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        r
     }
 
     async fn logs(&self, st: cri::ContainerStatus, follow: bool, tail_lines: Option<usize>) -> Response<Body> {
@@ -305,6 +388,27 @@ impl<R: Runtime> Server<R> {
     }
 }
 
+/// Connects to the URL CRI `Exec` returned (containerd serves plain HTTP on a loopback address of the node's
+/// namespace) and opens the WebSocket there.
+async fn connect_runtime(url: &str) -> std::result::Result<WebSocketStream<tokio::net::TcpStream>, String> {
+    let ws_url = match url.split_once("://") {
+        Some(("http", rest)) => format!("ws://{rest}"),
+        Some(("ws", _)) => url.to_string(),
+        _ => {
+            return Err("only plain http streaming URLs are supported (containerd's enable_tls_streaming is off)".into())
+        }
+    };
+    let mut request = ws_url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let authority = request.uri().authority().map(|a| a.to_string()).ok_or("the URL has no host")?;
+    request.headers_mut().insert(hyper::header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(stream::PROTOCOL));
+    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&authority))
+        .await
+        .map_err(|_| "connecting timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp).await.map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
 /// Binds `addr` and returns the serving future (the caller spawns it).
 pub async fn bind<R: Runtime>(
     addr: SocketAddr,
@@ -335,6 +439,7 @@ pub async fn bind<R: Runtime>(
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .with_upgrades()
                     .await;
             }
         })
