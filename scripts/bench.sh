@@ -4,6 +4,11 @@
 # 1. Overlay throughput: a 2-node lab per backend (vxlan, then host-gw), iperf3 pod-on-node-1 → pod-on-node-2
 #    (the overlay) and node-1 → node-2 (the underlay, the same veths and bridge without weft), alternating,
 #    BENCH_ROUNDS rounds (3) of BENCH_SECS seconds (5) each. Everything runs inside the lab's namespaces.
+#
+# Every step rejects a round in which its load generator saw errors (wrk socket errors or non-2xx, dnsperf
+# lost queries beyond 0.5 %, an iperf3 error) or a side's rate collapsed below a third of its median, and
+# names the rejected rounds: weft_lab::rounds (lab/src/rounds.rs; step 1 through the judge_rounds example).
+# Sides swap who runs first every round.
 # 2. Convergence, single-add latency and agent memory: tests/examples/overlay_bench.rs (BENCH_REPS, 3).
 # 3. Service proxy (iptables mode, weft's dispatch vs kube-proxy's layout): proxy/examples/proxy_bench.rs —
 #    new connections with wrk through client/node/server namespaces at 10 and BENCH_SERVICES (10,000)
@@ -72,6 +77,7 @@ stats() { # "a b c" → "mean min max median"
 }
 
 THROUGHPUT_ROWS=()
+THROUGHPUT_NOTES=()
 # throughput <backend> [csum-off]: csum-off runs the agents with --vxlan-tx-checksum-offload=off, the
 # workaround for NATed hosts on old kernels, to show what it costs.
 throughput() {
@@ -101,21 +107,44 @@ throughput() {
     sleep 0.5
   done
   [ $ok = 1 ] || { fail "$backend: pod a cannot reach pod b ($pod_b)"; return; }
-  local over=() under=() ratios=() r o u
+  local over=() under=() ratios=() r o u judged=() rounds_in=""
   for r in $(seq 1 "$ROUNDS"); do
-    "$WEFT" lab exec --name "$lab" node-1-a -- iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
-    "$WEFT" lab exec --name "$lab" node-1 -- iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
-    o=$(gbps "$OUT/$lab.o$r.json") || { fail "$backend round $r: overlay iperf3 failed"; head -5 "$OUT/$lab.o$r.json" >&2; return; }
-    u=$(gbps "$OUT/$lab.u$r.json") || { fail "$backend round $r: underlay iperf3 failed"; head -5 "$OUT/$lab.u$r.json" >&2; return; }
-    over+=("$o"); under+=("$u")
-    ratios+=("$(python3 -c "print('%.3f' % ($o / $u))")")
-    echo "   round $r: overlay $o Gbit/s (cpu client/server $(cpu "$OUT/$lab.o$r.json")%), underlay $u Gbit/s (cpu $(cpu "$OUT/$lab.u$r.json")%), ratio ${ratios[-1]}" >&2
+    # Overlay and underlay swap who runs first every round.
+    if [ $((r % 2)) = 1 ]; then
+      "$WEFT" lab exec --name "$lab" node-1-a -- iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
+      "$WEFT" lab exec --name "$lab" node-1 -- iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
+    else
+      "$WEFT" lab exec --name "$lab" node-1 -- iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
+      "$WEFT" lab exec --name "$lab" node-1-a -- iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
+    fi
+    # An iperf3 that failed is a rejected round (rate nan, 1 error), not the end of the step.
+    local oe=0 ue=0
+    o=$(gbps "$OUT/$lab.o$r.json") || { o=nan; oe=1; echo "   round $r: overlay iperf3 failed: $(head -c 300 "$OUT/$lab.o$r.json")" >&2; }
+    u=$(gbps "$OUT/$lab.u$r.json") || { u=nan; ue=1; echo "   round $r: underlay iperf3 failed: $(head -c 300 "$OUT/$lab.u$r.json")" >&2; }
+    rounds_in+="$o $oe $u $ue"$'\n'
+    echo "   round $r: overlay $o Gbit/s (cpu client/server $(cpu "$OUT/$lab.o$r.json")%), underlay $u Gbit/s (cpu $(cpu "$OUT/$lab.u$r.json")%)" >&2
   done
+  # Which rounds count: weft_lab::rounds (no iperf3 error, no rate under a third of its side's median).
+  mapfile -t judged < <(printf '%s' "$rounds_in" | cargo run -q --release -p weft-tests --example judge_rounds -- overlay underlay)
+  [ "${#judged[@]}" = "$ROUNDS" ] || { fail "$backend: judging the rounds failed"; return; }
+  local rejected=()
+  for r in $(seq 1 "$ROUNDS"); do
+    read -r o _ u _ <<<"$(sed -n "${r}p" <<<"$rounds_in")"
+    if [ "${judged[r-1]}" = ok ]; then
+      over+=("$o"); under+=("$u")
+      ratios+=("$(python3 -c "print('%.3f' % ($o / $u))")")
+    else
+      rejected+=("round $r ${judged[r-1]}")
+      echo "   round $r ${judged[r-1]}" >&2
+    fi
+  done
+  [ "${#ratios[@]}" -gt 0 ] || { fail "$backend: no valid round (${rejected[*]})"; return; }
   local so_mean so_min so_max su_mean su_min su_max sr_min sr_max sr_med
   read -r so_mean so_min so_max _ <<<"$(stats "${over[@]}")"
   read -r su_mean su_min su_max _ <<<"$(stats "${under[@]}")"
   read -r _ sr_min sr_max sr_med <<<"$(stats "${ratios[@]}")"
-  THROUGHPUT_ROWS+=("| $label | $so_mean ($so_min–$so_max) | $su_mean ($su_min–$su_max) | $sr_med ($sr_min–$sr_max) | ≥ 0.8 | $(python3 -c "print('%.2f' % ($sr_med / 0.8))") |")
+  THROUGHPUT_ROWS+=("| $label | $so_mean ($so_min–$so_max) | $su_mean ($su_min–$su_max) | $sr_med ($sr_min–$sr_max; ${#ratios[@]} of $ROUNDS rounds valid) | ≥ 0.8 | $(python3 -c "print('%.2f' % ($sr_med / 0.8))") |")
+  for x in "${rejected[@]}"; do THROUGHPUT_NOTES+=("$label: $x"); done
   "$WEFT" lab down --name "$lab" >/dev/null 2>&1 || fail "$backend: lab down"
 }
 
@@ -147,6 +176,7 @@ echo
 echo "| backend | pod→pod across nodes, Gbit/s (mean; min–max) | node→node underlay, Gbit/s | overlay / underlay (median of rounds; min–max) | target | ratio / target |"
 echo "|---|---|---|---|---|---|"
 for row in "${THROUGHPUT_ROWS[@]}"; do echo "$row"; done
+for note in "${THROUGHPUT_NOTES[@]}"; do echo; echo "- $note"; done
 echo
 cat "$OUT/converge.md"
 [ -s "$OUT/proxy.md" ] && { echo; cat "$OUT/proxy.md"; }

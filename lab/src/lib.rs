@@ -12,6 +12,7 @@ pub mod lab;
 pub mod netns;
 pub mod pki;
 pub mod qemu;
+pub mod rounds;
 
 pub use etcd::EtcdFixture;
 pub use lab::{Lab, LabOptions, Node, Pod};

@@ -17,8 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{env_or, median, parse_ms, spread, tw_sysctls, HttpServer, Wrk, HTTP_PORT};
+use common::{env_or, median, parse_wrk, spread, tw_sysctls, HttpServer, Wrk, HTTP_PORT};
 use weft_lab::bpf::{Bpffs, Cgroup};
+use weft_lab::rounds::{self, Sample};
 use weft_lab::Netns;
 use weft_proxy::ebpf::{Config, EbpfDataplane};
 use weft_proxy::iptables::{CommandRunner, IptablesDataplane};
@@ -59,21 +60,8 @@ fn wrk(client: &Netns, cgroup: &Cgroup, url: &str, secs: u64, conns: u32) -> Res
     cgroup.enter(&mut cmd)?;
     let out = cmd.output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut w = Wrk::default();
-    for line in text.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["Requests/sec:", v, ..] => w.rps = v.parse()?,
-            ["99%", v] => w.lat_p99_ms = parse_ms(v).unwrap_or(f64::NAN),
-            ["Socket", "errors:", rest @ ..] => {
-                w.errors = rest.iter().filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok()).sum()
-            }
-            _ => {}
-        }
-    }
-    if w.rps <= 0.0 {
-        bail!("wrk {url} gave no rate:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(w)
+    parse_wrk(&text)
+        .ok_or_else(|| anyhow::anyhow!("wrk {url} gave no rate:\n{text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -144,23 +132,35 @@ fn main() -> Result<()> {
         let started = Instant::now();
         dp.sync(&t, None)?;
         let took = started.elapsed();
-        let (mut direct, mut vip, mut ratio, mut errors) = (vec![], vec![], vec![], 0);
-        for _ in 0..rounds {
-            let d = wrk(&client, &cgroup, &format!("http://{SERVER}:{HTTP_PORT}/"), secs, conns)?;
-            let v = wrk(&client, &cgroup, &format!("http://{MEASURED_VIP}:80/"), secs, conns)?;
-            direct.push(d.rps);
-            vip.push(v.rps);
-            ratio.push(v.rps / d.rps);
-            errors += d.errors + v.errors;
+        let urls = [format!("http://{SERVER}:{HTTP_PORT}/"), format!("http://{MEASURED_VIP}:80/")];
+        let mut samples: [Vec<Sample>; 2] = [vec![], vec![]];
+        for round in 0..rounds {
+            // direct and VIP swap who runs first every round.
+            for k in rounds::order(round, 2) {
+                let w = wrk(&client, &cgroup, &urls[k], secs, conns).unwrap_or_else(|e| {
+                    eprintln!("round {}: {}: {e:#}", round + 1, urls[k]);
+                    Wrk { rps: f64::NAN, errors: 1, ..Wrk::default() }
+                });
+                samples[k].push(w.sample());
+            }
         }
+        let errors: u64 = samples.iter().flatten().map(|s| s.errors).sum();
+        let valid = rounds::valid_rounds(&[("direct", &samples[0]), ("VIP", &samples[1])]);
+        let direct = rounds::valid_rates(&samples[0], &valid);
+        let vip = rounds::valid_rates(&samples[1], &valid);
+        if direct.is_empty() {
+            bail!("{n} services: no valid round ({})", rounds::summary(&valid));
+        }
+        let ratio: Vec<f64> = vip.iter().zip(&direct).map(|(v, d)| v / d).collect();
         println!(
-            "| {n} × 10 | {:.0} ({}) | {:.0} ({}) | **{:.3}** ({}) | {errors} |",
+            "| {n} × 10 | {:.0} ({}) | {:.0} ({}) | **{:.3}** ({}; {}) | {errors} |",
             median(direct.clone()),
             spread(&direct),
             median(vip.clone()),
             spread(&vip),
             median(ratio.clone()),
-            spread(&ratio)
+            spread(&ratio),
+            rounds::summary(&valid)
         );
         if n == big {
             full_empty = took;

@@ -2,7 +2,8 @@
 //! in a pod on node-2, a NodePort service for it; `iperf3 -c <node-1>:<nodePort>` from the fabric (an
 //! outside host) goes through node-1 to the remote backend — the tc programs (DNAT + SNAT + redirect into
 //! flannel.1) in eBPF mode, kube-proxy-style rules in iptables mode. The proxy on node-1 switches mode
-//! between rounds (BENCH_ROUNDS, 3, of BENCH_SECS, 5). Prints markdown.
+//! between rounds (BENCH_ROUNDS, 3, of BENCH_SECS, 5; the modes swap who runs first every round; a round in
+//! which iperf3 failed or a rate collapsed is rejected, `weft_lab::rounds`). Prints markdown.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -14,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use common::{env_or, median, spread};
 use weft_lab::bpf::{Bpffs, Cgroup};
 use weft_lab::lab::{Lab, LabOptions};
+use weft_lab::rounds::{self, Sample};
 
 fn gbps(json: &str) -> Result<f64> {
     let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J output")?;
@@ -102,25 +104,28 @@ fn main() -> Result<()> {
     };
     lab.start_proxy(2, "iptables", &[])?;
     lab.start_proxy(1, "iptables", &ipt_args)?;
-    let (mut ebpf, mut ipt, mut ratio, mut failures) = (vec![], vec![], vec![], vec![]);
+    // samples[0] = ebpf, samples[1] = iptables; an iperf3 that failed is a rejected round (`weft_lab::rounds`).
+    let mut samples: [Vec<Sample>; 2] = [vec![], vec![]];
+    let mut failures = vec![];
     for r in 0..rounds {
-        // A failed measurement is reported, not fatal: the other mode's figure still stands.
-        let e = run(&mut lab, "ebpf", &ebpf_args).map_err(|e| failures.push(format!("round {r} ebpf: {e:#}"))).ok();
-        let i = run(&mut lab, "iptables", &ipt_args)
-            .map_err(|e| {
-                failures.push(format!("round {r} iptables: {}", format!("{e:#}").lines().next().unwrap_or("")))
-            })
-            .ok();
-        eprintln!("round {r}: ebpf {e:?} Gbit/s, iptables {i:?} Gbit/s");
-        ebpf.extend(e);
-        ipt.extend(i);
-        if let (Some(e), Some(i)) = (e, i) {
-            ratio.push(e / i);
+        // The two modes swap who runs first every round.
+        for k in rounds::order(r, 2) {
+            let (mode, args) = if k == 0 { ("ebpf", &ebpf_args) } else { ("iptables", &ipt_args) };
+            let got = run(&mut lab, mode, args)
+                .map_err(|e| {
+                    failures.push(format!("round {} {mode}: {}", r + 1, format!("{e:#}").lines().next().unwrap_or("")))
+                })
+                .ok();
+            eprintln!("round {}: {mode} {got:?} Gbit/s", r + 1);
+            samples[k].push(got.map_or_else(Sample::failed, |g| Sample::new(g, 0)));
         }
     }
+    let valid = rounds::valid_rounds(&[("ebpf", &samples[0]), ("iptables", &samples[1])]);
+    let (ebpf, ipt) = (rounds::valid_rates(&samples[0], &valid), rounds::valid_rates(&samples[1], &valid));
+    let ratio: Vec<f64> = ebpf.iter().zip(&ipt).map(|(e, i)| e / i).collect();
     let show = |v: &Vec<f64>| {
         if v.is_empty() {
-            "no successful round".to_string()
+            "no valid round".to_string()
         } else {
             format!("{:.3} ({}; {} of {rounds} rounds)", median(v.clone()), spread(v), v.len())
         }
@@ -130,7 +135,7 @@ fn main() -> Result<()> {
     println!("|---|---|");
     println!("| ebpf (tc: DNAT + SNAT + redirect into flannel.1) | {} |", show(&ebpf));
     println!("| iptables | {} |", show(&ipt));
-    println!("\nebpf / iptables (median of rounds with both): {}", show(&ratio));
+    println!("\nebpf / iptables (median of valid rounds): {}; {}", show(&ratio), rounds::summary(&valid));
     for f in &failures {
         println!("\n- failed: {f}");
     }

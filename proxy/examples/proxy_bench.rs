@@ -37,7 +37,8 @@ use weft_proxy::iptables::{
     IptablesDataplane,
 };
 mod common;
-use common::{env_or, median, spread, tw_sysctls, wrk, HttpServer, Wrk, HTTP_PORT};
+use common::{conntrack_sysctls, env_or, median, spread, tw_sysctls, wrk, HttpServer, Wrk, HTTP_PORT};
+use weft_lab::rounds::{self, Sample};
 use weft_proxy::{Dataplane, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
 
 /// Endpoint addresses (`big_table`: 10.244.0.0 + i * eps + j) all answer in the server namespace.
@@ -205,7 +206,7 @@ fn build_path(k: usize, label: &'static str, server: &Netns) -> Result<Path> {
 
 /// After rules exist in the node namespace (conntrack is per namespace and loaded by then).
 fn node_conntrack_sysctl(node: &Netns) {
-    if let Err(e) = node.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1") {
+    if let Err(e) = conntrack_sysctls(node) {
         eprintln!("  note: {}: {e:#}", node.name());
     }
 }
@@ -577,12 +578,14 @@ fn main() -> Result<()> {
     // results[(variant, target)] = one Wrk per round
     let mut results: BTreeMap<(usize, &'static str), Vec<Wrk>> = BTreeMap::new();
     for round in 0..rounds {
-        let order: Vec<usize> =
-            if round % 2 == 0 { (0..paths.len()).collect() } else { (0..paths.len()).rev().collect() };
-        for k in order {
+        for k in rounds::order(round, paths.len()) {
             for (what, url) in targets(k) {
                 check_interrupted()?;
-                let w = wrk(&paths[k].client, &url, secs, conns)?;
+                // A wrk that fails outright is a rejected round, not the end of the benchmark.
+                let w = wrk(&paths[k].client, &url, secs, conns).unwrap_or_else(|e| {
+                    eprintln!("   round {}: {} {what}: {e:#}", round + 1, paths[k].label);
+                    Wrk { rps: f64::NAN, lat_avg_ms: f64::NAN, lat_p99_ms: f64::NAN, errors: 1 }
+                });
                 eprintln!(
                     "   round {}: {:<22} {:<6} {:>8.0} conn/s, latency avg {:.2} ms p99 {:.2} ms{}",
                     round + 1,
@@ -678,18 +681,30 @@ fn main() -> Result<()> {
     }
 
     // ---- summary
-    let rps = |k: usize, t: &str| -> Vec<f64> { results[&(k, t)].iter().map(|w| w.rps).collect() };
+    let samples = |k: usize, t: &str| -> Vec<Sample> { results[&(k, t)].iter().map(Wrk::sample).collect() };
+    // Ratios between the two sides' samples of the same round, over the rounds where neither saw wrk errors
+    // or a collapsed rate (`weft_lab::rounds`); the rejected ones are listed after the table.
+    let rejected_notes = std::cell::RefCell::new(Vec::new());
     let per_round = |a: (usize, &str), b: (usize, &str)| -> Vec<f64> {
-        rps(a.0, a.1).iter().zip(rps(b.0, b.1)).map(|(x, y)| x / y).collect()
+        let (sa, sb) = (samples(a.0, a.1), samples(b.0, b.1));
+        let (la, lb) = (format!("{} {}", labels[a.0], a.1), format!("{} {}", labels[b.0], b.1));
+        let (r, rejected) = rounds::ratios((&la, &sa), (&lb, &sb));
+        for (round, why) in rejected {
+            rejected_notes.borrow_mut().push(format!("{la} / {lb}: round {} rejected ({why})", round + 1));
+        }
+        r
     };
     println!("## Service proxy: new connections through the node (wrk, `Connection: close`, {rounds} alternating rounds x {secs}s, -t1 -c{conns})");
     println!();
-    println!("| node namespace holds | target | conn/s (median; min–max) | latency avg / p99, ms (median) | errors |");
+    println!("| node namespace holds | target | conn/s (median of valid rounds; min–max) | latency avg / p99, ms (median) | wrk errors (all rounds) |");
     println!("|---|---|---|---|---|");
     for (k, label) in labels.iter().enumerate() {
         let label = label.replace("N ×", &format!("{n} ×"));
         for (what, _) in targets(k) {
             let ws = &results[&(k, what)];
+            // This target's valid rounds only (no wrk errors, no collapsed rate).
+            let verdicts = rounds::judge(&samples(k, what));
+            let ws: Vec<&Wrk> = ws.iter().zip(&verdicts).filter(|(_, v)| v.is_valid()).map(|(w, _)| w).collect();
             let r: Vec<f64> = ws.iter().map(|w| w.rps).collect();
             println!(
                 "| {label} | {what} | {:.0} ({:.0}–{:.0}) | {:.2} / {:.2} | {} |",
@@ -698,7 +713,7 @@ fn main() -> Result<()> {
                 r.iter().copied().fold(0.0, f64::max),
                 median(ws.iter().map(|w| w.lat_avg_ms).collect()),
                 median(ws.iter().map(|w| w.lat_p99_ms).collect()),
-                ws.iter().map(|w| w.errors).sum::<u64>()
+                results[&(k, what)].iter().map(|w| w.errors).sum::<u64>()
             );
         }
     }
@@ -729,6 +744,15 @@ fn main() -> Result<()> {
         None,
     );
     row("10 services, weft: pass-through / no rules", per_round((1, "pass"), (0, "pass")), None);
+    println!();
+    let notes = rejected_notes.into_inner();
+    if notes.is_empty() {
+        println!("All {rounds} rounds of every ratio valid (no wrk errors, no collapsed rate).");
+    } else {
+        for n in notes {
+            println!("- {n}");
+        }
+    }
     println!();
 
     println!("## Service proxy: control plane at {n} services × 10 endpoints");

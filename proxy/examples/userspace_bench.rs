@@ -9,7 +9,10 @@
 //!   listening on the node's address, port 8081.
 //!
 //! Plus "direct": the client to one endpoint, routed through the node (no proxy). wrk with `Connection:
-//! close` (new connection, one small request/response, close), rounds alternating the order.
+//! close` (new connection, one small request/response, close), rounds alternating the order (weft and HAProxy
+//! swap who runs first every round). The node namespace tracks TIME_WAIT for 1 s (its own conntrack table only):
+//! with the default 120 s the table filled in the third round and HAProxy fell to ~10 conn/s. A round in which
+//! wrk saw errors or a rate collapsed is rejected (`weft_lab::rounds`) and named in the output.
 //!
 //! `cargo run --release -p weft-proxy --example userspace_bench`
 //! Env: BENCH_ROUNDS (3), BENCH_SECS (5), BENCH_WRK_CONNS (16), BENCH_WORKERS (CPUs). Markdown on stdout, progress on stderr.
@@ -22,7 +25,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{env_or, median, spread, tw_sysctls, wrk, HttpServer, Wrk, HTTP_PORT};
+use common::{conntrack_count, conntrack_sysctls, env_or, median, spread, tw_sysctls, wrk, HttpServer, Wrk, HTTP_PORT};
+use weft_lab::rounds::{self, Sample};
 use weft_lab::Netns;
 use weft_proxy::iptables::CommandRunner;
 use weft_proxy::userspace::{Config, UserspaceDataplane};
@@ -151,6 +155,8 @@ fn main() -> Result<()> {
         },
     );
     dp.sync(&table, None).context("userspace sync")?;
+    // The portal's NAT rules exist now, and with them the node's conntrack table.
+    conntrack_sysctls(&node).context("shortening the node namespace's conntrack TIME_WAIT")?;
 
     // HAProxy beside it.
     let dir = tempfile::Builder::new().prefix("weft-usbench-").tempdir()?;
@@ -187,17 +193,22 @@ fn main() -> Result<()> {
     );
     let mut results: BTreeMap<usize, Vec<Wrk>> = BTreeMap::new();
     for round in 0..rounds {
-        let order: Vec<usize> = if round % 2 == 0 { vec![0, 1, 2] } else { vec![2, 1, 0] };
-        for k in order {
+        // Reversed every other round: weft and HAProxy swap who runs first.
+        for k in rounds::order(round, targets.len()) {
             let (what, url) = &targets[k];
-            let w = wrk(&client, url, secs, conns)?;
+            // A wrk that fails outright is a rejected round, not the end of the benchmark.
+            let w = wrk(&client, url, secs, conns).unwrap_or_else(|e| {
+                eprintln!("   round {}: {what}: {e:#}", round + 1);
+                Wrk { rps: f64::NAN, lat_avg_ms: f64::NAN, lat_p99_ms: f64::NAN, errors: 1 }
+            });
             eprintln!(
-                "   round {}: {what:<18} {:>8.0} conn/s, latency avg {:.2} ms p99 {:.2} ms{}",
+                "   round {}: {what:<18} {:>8.0} conn/s, latency avg {:.2} ms p99 {:.2} ms{}; node conntrack entries {}",
                 round + 1,
                 w.rps,
                 w.lat_avg_ms,
                 w.lat_p99_ms,
-                if w.errors > 0 { format!(", {} errors", w.errors) } else { String::new() }
+                if w.errors > 0 { format!(", {} errors", w.errors) } else { String::new() },
+                conntrack_count(&node).map_or("?".into(), |n| n.to_string())
             );
             results.entry(k).or_default().push(w);
         }
@@ -208,21 +219,34 @@ fn main() -> Result<()> {
     drop(rt);
     http.stop();
 
-    let rate = |k: usize| median(results[&k].iter().map(|w| w.rps).collect());
-    let p99 = |k: usize| median(results[&k].iter().map(|w| w.lat_p99_ms).collect());
-    let avg = |k: usize| median(results[&k].iter().map(|w| w.lat_avg_ms).collect());
+    let samples = |k: usize| -> Vec<Sample> { results[&k].iter().map(Wrk::sample).collect() };
+    let all: Vec<Vec<Sample>> = (0..targets.len()).map(samples).collect();
+    let sides: Vec<(&str, &[Sample])> = targets.iter().zip(&all).map(|((what, _), s)| (*what, s.as_slice())).collect();
+    let valid = rounds::valid_rounds(&sides);
+    let kept = |k: usize, f: fn(&Wrk) -> f64| -> Vec<f64> {
+        results[&k].iter().zip(&valid).filter(|(_, v)| v.is_ok()).map(|(w, _)| f(w)).collect()
+    };
+    let rate = |k: usize| median(kept(k, |w| w.rps));
+    let p99 = |k: usize| median(kept(k, |w| w.lat_p99_ms));
+    let avg = |k: usize| median(kept(k, |w| w.lat_avg_ms));
     let errors = |k: usize| results[&k].iter().map(|w| w.errors).sum::<u64>();
-    // Per round: weft / HAProxy, so a noisy round shows as spread, not as a shifted median.
-    let ratios: Vec<f64> = (0..rounds).map(|r| results[&1][r].rps / results[&2][r].rps).collect();
-    println!("| path | new connections/s (median of {rounds}) | latency avg, ms | p99, ms | errors |");
+    let report = rounds::summary(&valid);
+    eprintln!("   {report}");
+    if valid.iter().all(|v| v.is_err()) {
+        bail!("no valid round: {report}");
+    }
+    let n_valid = valid.iter().filter(|v| v.is_ok()).count();
+    // Per valid round: weft / HAProxy, so a noisy round shows as spread, not as a shifted median.
+    let ratios: Vec<f64> = kept(1, |w| w.rps).iter().zip(kept(2, |w| w.rps)).map(|(a, b)| a / b).collect();
+    println!("| path | new connections/s (median of {n_valid} valid rounds) | latency avg, ms | p99, ms | wrk errors (all rounds) |");
     println!("|---|---|---|---|---|");
     for (k, (what, _)) in targets.iter().enumerate() {
         println!("| {what} | {:.0} | {:.2} | {:.2} | {} |", rate(k), avg(k), p99(k), errors(k));
     }
     println!();
     println!(
-        "weft userspace / HAProxy, connection rate: **{:.2}** (per round {}; target ≥ 1.0); p99 latency ratio {:.2}; \
-         HAProxy / direct {:.2}, weft / direct {:.2}; weft on {workers} runtime workers. Took {:.0} s.",
+        "weft userspace / HAProxy, connection rate: **{:.2}** (per valid round {}; target ≥ 1.0); p99 latency ratio {:.2}; \
+         HAProxy / direct {:.2}, weft / direct {:.2}; weft on {workers} runtime workers; {report}. Took {:.0} s.",
         median(ratios.clone()),
         spread(&ratios),
         p99(1) / p99(2),

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use etcd_client::{Txn, TxnOp};
 use rand::{Rng, SeedableRng};
+use weft_lab::rounds::{self, median, Sample};
 use weft_lab::EtcdFixture;
 
 const SERVICES: usize = 10_000;
@@ -196,6 +197,16 @@ struct Perf {
     qps: f64,
     avg_ms: f64,
     lost: String,
+    sent: u64,
+}
+
+impl Perf {
+    /// The round's sample for `weft_lab::rounds`: QPS, and dnsperf's lost queries beyond the tolerance as
+    /// errors (no count printed: all lost).
+    fn sample(&self) -> Sample {
+        let lost = self.lost.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(self.sent);
+        Sample::from_loss(self.qps, lost, self.sent)
+    }
 }
 
 fn dnsperf(port: u16, queries: &Path, secs: u64) -> Result<Perf> {
@@ -211,7 +222,9 @@ fn dnsperf(port: u16, queries: &Path, secs: u64) -> Result<Perf> {
     };
     let lost = text.lines().find_map(|l| l.trim().strip_prefix("Queries lost:")).unwrap_or("?").trim().to_string();
     match (num("Queries per second:"), num("Average Latency (s):")) {
-        (Some(qps), Some(avg)) => Ok(Perf { qps, avg_ms: avg * 1000.0, lost }),
+        (Some(qps), Some(avg)) => {
+            Ok(Perf { qps, avg_ms: avg * 1000.0, lost, sent: num("Queries sent:").map_or(0, |n| n as u64) })
+        }
         _ => bail!("dnsperf printed no result:\n{text}{}", String::from_utf8_lossy(&out.stderr)),
     }
 }
@@ -240,17 +253,6 @@ fn latency(port: u16, queries: &Path, qps: u32, secs: u64) -> Result<[f64; 5]> {
     lat.sort_by(|a, b| a.total_cmp(b));
     let p = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
     Ok([p(0.5), p(0.9), p(0.99), p(0.999), p(1.0)])
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n.is_multiple_of(2) {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    } else {
-        v[n / 2]
-    }
 }
 
 fn main() -> Result<()> {
@@ -337,11 +339,19 @@ fn main() -> Result<()> {
 
     let queries = dir.path().join("queries.txt");
     std::fs::write(&queries, query_file(&svcs))?;
-    let (mut wq, mut kq) = (Vec::new(), Vec::new());
+    let (mut ws, mut ks) = (Vec::new(), Vec::new());
     let mut rows = Vec::new();
     for r in 1..=rounds {
-        let w = dnsperf(wport, &queries, secs)?;
-        let k = dnsperf(kport, &queries, secs)?;
+        // weft and Knot swap who runs first every round; a dnsperf that fails outright is a rejected round.
+        let (mut w, mut k) = (None, None);
+        for side in rounds::order(r - 1, 2) {
+            let (port, slot) = if side == 0 { (wport, &mut w) } else { (kport, &mut k) };
+            *slot = Some(dnsperf(port, &queries, secs).unwrap_or_else(|e| {
+                eprintln!("dns bench: round {r}: {e:#}");
+                Perf { qps: f64::NAN, avg_ms: f64::NAN, lost: "?".into(), sent: 0 }
+            }));
+        }
+        let (Some(w), Some(k)) = (w, k) else { bail!("round {r} measured neither side") };
         eprintln!(
             "dns bench: round {r}: weft dns {:.0} QPS (avg {:.3} ms, lost {}), knot {:.0} QPS (avg {:.3} ms, lost {}), ratio {:.2}",
             w.qps, w.avg_ms, w.lost, k.qps, k.avg_ms, k.lost, w.qps / k.qps
@@ -356,9 +366,15 @@ fn main() -> Result<()> {
             k.lost,
             w.qps / k.qps
         ));
-        wq.push(w.qps);
-        kq.push(k.qps);
+        ws.push(w.sample());
+        ks.push(k.sample());
     }
+    // Rounds with lost queries or a collapsed rate on either side do not count.
+    let valid = rounds::valid_rounds(&[("weft dns", &ws), ("Knot", &ks)]);
+    let report = rounds::summary(&valid);
+    eprintln!("dns bench: {report}");
+    ensure!(valid.iter().any(|v| v.is_ok()), "no valid round: {report}");
+    let (wq, kq) = (rounds::valid_rates(&ws, &valid), rounds::valid_rates(&ks, &valid));
     let rss_loaded = rss_kb(wpid);
     let wl = latency(wport, &queries, 10_000, 3)?;
     let kl = latency(kport, &queries, 10_000, 3)?;
@@ -374,10 +390,15 @@ fn main() -> Result<()> {
         println!("{r}");
     }
     println!();
+    println!(
+        "{report} (a round in which either side lost more than {:.1} % of its queries or its rate collapsed is rejected).",
+        rounds::LOSS_TOLERANCE * 100.0
+    );
+    println!();
     println!("| measurement | weft dns | Knot | target | result |");
     println!("|---|---|---|---|---|");
     println!(
-        "| QPS, median of rounds | {:.0} | {:.0} | ≥ {TARGET_RATIO}× Knot | {ratio:.2}× ({}) |",
+        "| QPS, median of valid rounds | {:.0} | {:.0} | ≥ {TARGET_RATIO}× Knot | {ratio:.2}× ({}) |",
         median(&wq),
         median(&kq),
         if ratio >= TARGET_RATIO { "met" } else { "missed" }

@@ -172,6 +172,9 @@ struct Rep {
     seq_put_ms: Vec<f64>,
     rss_kb: u64,
     hwm_kb: u64,
+    /// VmRSS split: private memory, and pages of mapped files (the binary, libraries).
+    anon_kb: u64,
+    file_kb: u64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -309,22 +312,19 @@ fn one_rep(rep: usize) -> Result<Rep> {
     let pid: i32 = std::fs::read_to_string(node.dir().join("agent.pid"))?.trim().parse()?;
     r.rss_kb = proc_status_kb(pid, "VmRSS:")?;
     r.hwm_kb = proc_status_kb(pid, "VmHWM:")?;
-    eprintln!("rep {rep}: agent VmRSS {} kB (peak {} kB)", r.rss_kb, r.hwm_kb);
+    r.anon_kb = proc_status_kb(pid, "RssAnon:")?;
+    r.file_kb = proc_status_kb(pid, "RssFile:")?;
+    eprintln!(
+        "rep {rep}: agent VmRSS {} kB (peak {} kB; RssAnon {} kB, RssFile {} kB)",
+        r.rss_kb, r.hwm_kb, r.anon_kb, r.file_kb
+    );
     drop(mon);
     drop(lab);
     Ok(r)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+fn median(v: Vec<f64>) -> f64 {
+    weft_lab::rounds::median(&v)
 }
 
 fn main() -> Result<()> {
@@ -379,6 +379,7 @@ fn main() -> Result<()> {
         list(&|r| format!("{:.1}/{:.1}", pct(&r.seq_put_ms, 50.0), pct(&r.seq_put_ms, 99.0)))
     );
     println!("per run: VmRSS {} kB", list(&|r| r.rss_kb.to_string()));
+    println!("per run: RssAnon / RssFile {} kB", list(&|r| format!("{} / {}", r.anon_kb, r.file_kb)));
     println!("per run: counted routes/neighs/fdbs {}", list(&|r| format!("{}/{}/{}", r.routes, r.neighs, r.fdbs)));
 
     if let Ok(path) = std::env::var("BENCH_JSON") {

@@ -1,5 +1,5 @@
 //! Pieces the proxy benchmarks share: the tiny HTTP server, wrk and its output, per-namespace sysctls for
-//! new-connection benchmarks, and summary statistics.
+//! new-connection benchmarks, and summary statistics. Which rounds count is `weft_lab::rounds`.
 
 #![allow(dead_code)] // each example uses its own subset
 
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use weft_lab::Netns;
 
 pub const HTTP_PORT: u16 = 8080;
@@ -82,12 +82,32 @@ pub fn tw_sysctls(ns: &Netns) -> Result<()> {
     ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }
 
+/// In a namespace whose iptables rules use conntrack (a node with NAT rules: call it after the first sync, when
+/// the namespace's conntrack exists), track TIME_WAIT for 1 s instead of 120 s: tens of thousands of new
+/// connections per second otherwise fill the table (`nf_conntrack: table full, dropping packet`) within a
+/// few rounds and the next round measures the drops. Only this namespace's table changes.
+pub fn conntrack_sysctls(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1")
+}
+
+/// Conntrack entries in `ns` now (None when the namespace has no conntrack).
+pub fn conntrack_count(ns: &Netns) -> Option<u64> {
+    ns.exec("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"]).ok()?.trim().parse().ok()
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Wrk {
     pub rps: f64,
     pub lat_avg_ms: f64,
     pub lat_p99_ms: f64,
     pub errors: u64,
+}
+
+impl Wrk {
+    /// The round's sample for `weft_lab::rounds`: its rate and wrk's socket errors + non-2xx answers.
+    pub fn sample(&self) -> weft_lab::rounds::Sample {
+        weft_lab::rounds::Sample::new(self.rps, self.errors)
+    }
 }
 
 pub fn parse_ms(s: &str) -> Option<f64> {
@@ -107,36 +127,30 @@ pub fn wrk(client: &Netns, url: &str, secs: u64, conns: u32) -> Result<Wrk> {
         "wrk",
         &["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "-H", "Connection: close", url],
     )?;
+    parse_wrk(&out).ok_or_else(|| anyhow!("wrk {url} gave no rate:\n{out}"))
+}
+
+/// wrk's report: rate, latency, and its socket errors plus non-2xx/3xx answers as `errors` (None without a rate).
+pub fn parse_wrk(out: &str) -> Option<Wrk> {
     let mut w = Wrk::default();
     for line in out.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["Requests/sec:", v, ..] => w.rps = v.parse()?,
+            ["Requests/sec:", v, ..] => w.rps = v.parse().ok()?,
             ["Latency", avg, ..] if parse_ms(avg).is_some() => w.lat_avg_ms = parse_ms(avg).unwrap_or(f64::NAN),
             ["99%", v] => w.lat_p99_ms = parse_ms(v).unwrap_or(f64::NAN),
             ["Socket", "errors:", rest @ ..] => {
-                w.errors = rest.iter().filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok()).sum()
+                w.errors += rest.iter().filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>()
             }
             ["Non-2xx", "or", "3xx", "responses:", n] => w.errors += n.parse::<u64>().unwrap_or(0),
             _ => {}
         }
     }
-    if w.rps <= 0.0 {
-        bail!("wrk {url} gave no rate:\n{out}");
-    }
-    Ok(w)
+    (w.rps > 0.0).then_some(w)
 }
 
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+pub fn median(v: Vec<f64>) -> f64 {
+    weft_lab::rounds::median(&v)
 }
 
 pub fn spread(v: &[f64]) -> String {
