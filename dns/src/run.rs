@@ -118,8 +118,8 @@ enum Event {
 /// Applies one event to the state; with a zone (after the first build), returns what it changed in the records.
 fn apply(state: &mut State, zone: Option<&str>, ev: Event) -> Delta {
     match ev {
-        Event::Svc(e) => state.service(zone, e.old.as_deref(), e.new),
-        Event::Ep(e) => state.endpoints(zone, e.old.as_deref(), e.new),
+        Event::Svc(e) => state.service(zone, e.key.namespace.as_deref().unwrap_or("default"), &e.key.name, e.new),
+        Event::Ep(e) => state.endpoints(zone, e.key.namespace.as_deref().unwrap_or("default"), &e.key.name, e.new),
         Event::Pod(e) => state.pod(zone, e.old.as_deref(), e.new),
     }
 }
