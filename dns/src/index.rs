@@ -1048,13 +1048,13 @@ mod tests {
             }
             let full = fresh.build(&cfg, 1);
             assert_eq!(idx.snapshot(), full.snapshot(), "{case}: after step {i}");
+            type Counted = Vec<(Rdata, u32)>;
             let counts = |x: &Index| {
-                let mut c: Vec<(String, Vec<(Rdata, u32)>, u32)> =
+                let mut c: Vec<(String, Counted, u32)> =
                     x.names.iter().map(|(k, n)| (k.to_string(), n.recs.as_slice().to_vec(), n.children)).collect();
                 c.iter_mut().for_each(|e| e.1.sort());
                 c.sort();
-                let mut p: Vec<(IpAddr, Vec<(Rdata, u32)>)> =
-                    x.ptrs.iter().map(|(k, r)| (*k, r.as_slice().to_vec())).collect();
+                let mut p: Vec<(IpAddr, Counted)> = x.ptrs.iter().map(|(k, r)| (*k, r.as_slice().to_vec())).collect();
                 p.iter_mut().for_each(|e| e.1.sort());
                 p.sort();
                 (c, p, x.services, x.records)
