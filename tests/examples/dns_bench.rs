@@ -308,7 +308,7 @@ fn first_a(m: &[u8], id: u16) -> Option<std::net::Ipv4Addr> {
     None
 }
 
-/// Changes the cluster IP of `svc-0` … `svc-<n-1>` one at a time and returns, for each, the milliseconds from
+/// Changes the cluster IP of `n` services (`svc-8999` down) one at a time and returns, for each, the milliseconds from
 /// etcd's acknowledgement until `weft dns` on `port` answers the new address.
 fn update_latencies(rt: &tokio::runtime::Runtime, endpoint: &str, port: u16, n: usize) -> Result<Vec<f64>> {
     let mut c = rt.block_on(etcd_client::Client::connect([endpoint], None))?;
@@ -319,7 +319,8 @@ fn update_latencies(rt: &tokio::runtime::Runtime, endpoint: &str, port: u16, n: 
     let mut buf = [0u8; 1500];
     for i in 0..n {
         let ip = std::net::Ipv4Addr::from(0x0A65_0000u32 + i as u32 + 1); // 10.101.0.0/16: not used before
-        let name = format!("svc-{i}");
+        // From the last ClusterIP service down: `svc-0` is the probe both servers must answer alike.
+        let name = format!("svc-{}", SERVICES - HEADLESS - 1 - i);
         let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "bench"},
             "spec": {"clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
@@ -399,7 +400,7 @@ fn main() -> Result<()> {
     let gauge = |k: &str| m.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("?").trim().to_string();
     let (names, records, rebuild) =
         (gauge("weft_dns_index_names "), gauge("weft_dns_index_records "), gauge("weft_dns_index_rebuild_seconds "));
-    eprintln!("dns bench: weft dns synced in {sync_took:?} ({names} names, {records} records, index built in {rebuild} s), RSS {} kB", rss_synced.0);
+    eprintln!("dns bench: weft dns synced in {sync_took:?} ({names} names, {records} records, index built in {rebuild} s), VmRSS {} kB, RssAnon {} kB", rss_synced.0, rss_synced.2);
     let mut upd = update_latencies(&rt, etcd.endpoint(), wport, updates)?;
     upd.sort_by(|a, b| a.total_cmp(b));
     let pct = |q: f64| upd[((upd.len() as f64 * q).ceil() as usize).clamp(1, upd.len()) - 1];
