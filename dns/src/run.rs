@@ -176,18 +176,16 @@ impl Receivers {
 }
 
 /// Builds the whole index from `state` on a blocking thread, swaps it in and logs it.
-async fn full_build(server: &Server, gauges: &Mutex<Gauges>, state: State, first: bool) -> State {
+async fn full_build(server: &Server, gauges: &Mutex<Gauges>, state: Arc<State>, first: bool) {
     let cfg = server.cfg.clone();
     let started = Instant::now();
-    let built = tokio::task::spawn_blocking(move || {
-        let idx = state.build(&cfg, serial_now());
-        (state, idx)
-    })
-    .await;
-    let (state, idx) = match built {
-        Ok(b) => b,
-        // The build panicked: a bug, and the state went with it. Serving the previous index is all that is left.
-        Err(e) => panic!("index build failed: {e}"),
+    let idx = match tokio::task::spawn_blocking(move || state.build(&cfg, serial_now())).await {
+        Ok(idx) => idx,
+        Err(e) => {
+            // A bug: keep serving the index there is (and keep updating it).
+            tracing::error!(error = %e, "index build failed");
+            return;
+        }
     };
     let took = started.elapsed();
     {
@@ -205,7 +203,6 @@ async fn full_build(server: &Server, gauges: &Mutex<Gauges>, state: State, first
     drop(old);
     // SAFETY: malloc_trim only returns free memory to the kernel.
     unsafe { libc::malloc_trim(0) };
-    state
 }
 
 async fn index_loop(server: Arc<Server>, gauges: Arc<Mutex<Gauges>>, informers: Informers, mut rx: Receivers) {
@@ -216,21 +213,24 @@ async fn index_loop(server: Arc<Server>, gauges: Arc<Mutex<Gauges>>, informers: 
         apply(&mut state, None, ev);
     }
     let mut lists = informers.lists();
-    state = full_build(&server, &gauges, state, true).await;
+    // Shared with the build's thread; the build has ended before the next change, so `make_mut` never copies.
+    let mut state = Arc::new(state);
+    full_build(&server, &gauges, state.clone(), true).await;
     let zone = server.cfg.zone.clone();
     loop {
         let Some(ev) = rx.recv().await else { return };
         let started = Instant::now();
         // Everything that arrived so far goes into this update.
-        let mut deltas = vec![apply(&mut state, Some(&zone), ev)];
+        let st = Arc::make_mut(&mut state);
+        let mut deltas = vec![apply(st, Some(&zone), ev)];
         while let Some(ev) = rx.try_recv() {
-            deltas.push(apply(&mut state, Some(&zone), ev));
+            deltas.push(apply(st, Some(&zone), ev));
         }
         if informers.lists() != lists {
             // A relist: its differences are in the state now; rebuild from it, so that the index is exactly
             // what the objects give even if an update went wrong, and say so in the log.
             lists = informers.lists();
-            state = full_build(&server, &gauges, state, false).await;
+            full_build(&server, &gauges, state.clone(), false).await;
             continue;
         }
         let (services, names, records) = {

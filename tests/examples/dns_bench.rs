@@ -319,7 +319,7 @@ fn update_latencies(rt: &tokio::runtime::Runtime, endpoint: &str, port: u16, n: 
     let mut buf = [0u8; 1500];
     for i in 0..n {
         let ip = std::net::Ipv4Addr::from(0x0A65_0000u32 + i as u32 + 1); // 10.101.0.0/16: not used before
-        // From the last ClusterIP service down: `svc-0` is the probe both servers must answer alike.
+                                                                          // From the last ClusterIP service down: `svc-0` is the probe both servers must answer alike.
         let name = format!("svc-{}", SERVICES - HEADLESS - 1 - i);
         let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "bench"},
