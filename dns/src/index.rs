@@ -1,7 +1,8 @@
-//! The record index: every name `weft dns` is authoritative for, built by a pure function from the Services,
-//! Endpoints and Pods in the informer caches (the Kubernetes DNS-Based Service Discovery specification, 1.1.0).
-//! Names are lowercase, without the trailing dot; records are compact (no wire encoding) so that 10,000
-//! services fit in a few megabytes. A built index is never changed: the server swaps in a new one.
+//! The record index: every name `weft dns` is authoritative for, from the summaries of the Services, Endpoints
+//! and Pods the informers hold (the Kubernetes DNS-Based Service Discovery specification, 1.1.0). Names are
+//! lowercase, without the trailing dot; records are compact (no wire encoding) so that 10,000 services fit in a
+//! few megabytes. The records of one service name are a pure function of its group (`Group::records`); `State`
+//! turns each change into the difference of that group's records (`Delta`), which `Index::apply` makes in place.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

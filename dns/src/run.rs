@@ -217,12 +217,20 @@ async fn index_loop(server: Arc<Server>, gauges: Arc<Mutex<Gauges>>, informers: 
     let mut state = Arc::new(state);
     full_build(&server, &gauges, state.clone(), true).await;
     let zone = server.cfg.zone.clone();
+    // A relist that changed nothing sends no event: the tick notices it, so that every full sync is logged.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let Some(ev) = rx.recv().await else { return };
+        let first = tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => Some(ev),
+                None => return,
+            },
+            _ = tick.tick() => None,
+        };
         let started = Instant::now();
         // Everything that arrived so far goes into this update.
         let st = Arc::make_mut(&mut state);
-        let mut deltas = vec![apply(st, Some(&zone), ev)];
+        let mut deltas: Vec<Delta> = first.into_iter().map(|ev| apply(st, Some(&zone), ev)).collect();
         while let Some(ev) = rx.try_recv() {
             deltas.push(apply(st, Some(&zone), ev));
         }
@@ -231,6 +239,9 @@ async fn index_loop(server: Arc<Server>, gauges: Arc<Mutex<Gauges>>, informers: 
             // what the objects give even if an update went wrong, and say so in the log.
             lists = informers.lists();
             full_build(&server, &gauges, state.clone(), false).await;
+            continue;
+        }
+        if deltas.is_empty() {
             continue;
         }
         let (services, names, records) = {
