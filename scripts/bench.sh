@@ -17,7 +17,8 @@
 #    BENCH_USERSPACE=0 skips it.
 # 5. Cluster DNS: tests/examples/dns_bench.rs — dnsperf against `weft dns` and Knot DNS serving the same 10,000
 #    services (1,000 headless x 10 endpoints), alternating rounds (BENCH_DNS_ROUNDS, 2, of BENCH_DNS_SECS, 10),
-#    latency percentiles at 10,000 QPS, and the RSS of `weft dns`. BENCH_DNS=0 skips it.
+#    latency percentiles at 10,000 QPS, the RSS of `weft dns`, and how long one Service change takes to be
+#    answered (BENCH_DNS_UPDATES, 200, changes). BENCH_DNS=0 skips it.
 # 6. Controllers: tests/examples/control_bench.rs — `weft apply` of a 1,000-replica Deployment to 1,000 pods bound,
 #    a rolling update of it, controller RSS at 10,000 pods (real etcd on loopback). BENCH_CONTROL=0 skips it.
 # 7. Kubelet: tests/examples/kubelet_bench.rs — pod start latency bind → Running (p50/p99 over BENCH_PODS, 50, pods

@@ -6,6 +6,7 @@
 //! reader that needs a summary of 10,000 Services holds 10,000 summaries, never the whole objects.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -35,11 +36,12 @@ type Cache<T> = Arc<RwLock<HashMap<ObjectKey, (i64, Arc<T>)>>>;
 pub struct Informer<K> {
     cache: Cache<K>,
     synced: watch::Receiver<bool>,
+    lists: Arc<AtomicU64>,
 }
 
 impl<K> Clone for Informer<K> {
     fn clone(&self) -> Self {
-        Informer { cache: self.cache.clone(), synced: self.synced.clone() }
+        Informer { cache: self.cache.clone(), synced: self.synced.clone(), lists: self.lists.clone() }
     }
 }
 
@@ -88,17 +90,26 @@ impl<T: Send + Sync + 'static> Informer<T> {
         let cache: Cache<T> = Arc::default();
         let (synced_tx, synced) = watch::channel(false);
         let (tx, rx) = mpsc::unbounded_channel();
+        let lists = Arc::new(AtomicU64::new(0));
         let runner = Runner::<K, T, _> {
             store,
             namespace,
             cache: cache.clone(),
             tx,
             synced: synced_tx,
+            lists: lists.clone(),
             backoff,
             transform,
             kind: std::marker::PhantomData,
         };
-        (Informer { cache, synced }, rx, runner.run())
+        (Informer { cache, synced, lists }, rx, runner.run())
+    }
+
+    /// How many lists have completed: 1 after the first sync, one more for each relist (after a compaction or
+    /// a watch that could not be resumed). A list's events are sent before it is counted, so a reader that sees
+    /// the count change knows a full sync happened (e.g. to log it or rebuild what it derives from the events).
+    pub fn lists(&self) -> u64 {
+        self.lists.load(Ordering::Acquire)
     }
 
     /// True once the first list is in the cache.
@@ -145,6 +156,7 @@ struct Runner<K, T, F> {
     cache: Cache<T>,
     tx: mpsc::UnboundedSender<InformerEvent<T>>,
     synced: watch::Sender<bool>,
+    lists: Arc<AtomicU64>,
     backoff: Backoff,
     transform: F,
     kind: std::marker::PhantomData<fn(K)>,
@@ -162,6 +174,7 @@ impl<K: Object, T: Send + Sync + 'static, F: Fn(K) -> Option<T> + Send + Sync + 
             let revision = match listed.await {
                 Ok((items, revision)) => {
                     self.replace(items.into_iter().collect());
+                    self.lists.fetch_add(1, Ordering::Release);
                     self.synced.send_replace(true);
                     revision
                 }

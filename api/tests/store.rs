@@ -272,6 +272,7 @@ async fn informer_relists_after_compaction_and_emits_the_differences() {
     let (inf, mut events, run) = Informer::<Service>::with_backoff(s.clone(), Some("default".into()), slow);
     let task = tokio::spawn(run);
     inf.wait_synced().await;
+    assert_eq!(inf.lists(), 1, "the first list is counted once it is in the cache");
     let _ = (events.recv().await, events.recv().await);
     // An event proves the watch is established before etcd goes away.
     s.create(&svc("sentinel", 80)).await.unwrap();
@@ -293,6 +294,7 @@ async fn informer_relists_after_compaction_and_emits_the_differences() {
         seen.push((ev.key.name.clone(), ev.old.is_some(), ev.new.is_some()));
     }
     assert_eq!(seen, [("drop".to_string(), true, false), ("new".to_string(), false, true)]);
+    assert!(inf.lists() >= 2, "a relist is counted, so readers can tell a full sync from events");
     task.abort();
 }
 

@@ -68,6 +68,8 @@ pub struct Gauges {
     pub records: usize,
     pub rebuilds: u64,
     pub last_rebuild: Duration,
+    pub updates: u64,
+    pub last_update: Duration,
     pub cache_entries: usize,
 }
 
@@ -121,11 +123,21 @@ pub fn render(shards: &[Shard], g: &Gauges) -> String {
     r.register("weft_dns_index_services", "Services in the index", ConstGauge::new(g.services));
     r.register("weft_dns_index_names", "Names in the index", ConstGauge::new(g.names));
     r.register("weft_dns_index_records", "Records in the index", ConstGauge::new(g.records));
-    r.register("weft_dns_index_rebuilds", "Index rebuilds", ConstCounter::new(g.rebuilds));
+    r.register(
+        "weft_dns_index_rebuilds",
+        "Whole-index builds (the first sync and each relist)",
+        ConstCounter::new(g.rebuilds),
+    );
     r.register(
         "weft_dns_index_rebuild_seconds",
-        "Duration of the last index rebuild",
+        "Duration of the last whole-index build",
         ConstGauge::new(g.last_rebuild.as_secs_f64()),
+    );
+    r.register("weft_dns_index_updates", "Changes applied to the index in place", ConstCounter::new(g.updates));
+    r.register(
+        "weft_dns_index_update_seconds",
+        "Duration of the last in-place update (one batch of changes)",
+        ConstGauge::new(g.last_update.as_secs_f64()),
     );
     encode(&r)
 }

@@ -1,6 +1,8 @@
 //! `weft dns`: binds its sockets first (names outside the cluster zone are forwarded from the start; cluster
-//! names get SERVFAIL until the first sync), then follows Services, Endpoints and Pods (a summary of each,
-//! see `watch`) and swaps in a freshly built index after every batch of changes. `/metrics` and `/healthz` report on it.
+//! names get SERVFAIL until the first sync), then follows Services, Endpoints and Pods with informers that keep
+//! a summary of each (`SvcInfo`, `EpInfo`, `PodInfo`). The first sync, and each relist, build the whole index;
+//! every other change updates in place only the records of the service name it touches (`index::State`).
+//! `/metrics` and `/healthz` report on it.
 //! It reads etcd and writes nothing anywhere.
 
 use std::net::SocketAddr;
@@ -8,18 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
-use std::collections::HashMap;
-
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{info, warn};
 use weft_api::http::{self, Response};
-use weft_api::{ObjectKey, Store};
+use weft_api::informer::{Backoff, Informer, InformerEvent};
+use weft_api::Store;
 
 use crate::forward::Forwarder;
-use crate::index::{self, Config, EpInfo, PodInfo, SvcInfo};
+use crate::index::{Config, Delta, EpInfo, PodInfo, State, SvcInfo};
 use crate::metrics::{self, Gauges};
 use crate::server::{self, Server};
-use crate::watch::{self, Change};
 
 /// Everything `weft dns` is told on its command line, resolved.
 #[derive(Debug, Clone)]
@@ -71,13 +71,16 @@ pub async fn run(opts: DnsOptions) -> Result<(), Error> {
     serve_endpoints(&opts, server.clone(), gauges.clone()).await?;
 
     let store = connect(&opts.etcd).await;
-    let (svc_tx, svc_rx) = unbounded_channel();
-    let (ep_tx, ep_rx) = unbounded_channel();
-    let (pod_tx, pod_rx) = unbounded_channel();
-    tokio::spawn(watch::follow::<Service>(store.clone(), SvcInfo::of, svc_tx));
-    tokio::spawn(watch::follow::<Endpoints>(store.clone(), EpInfo::of, ep_tx));
-    tokio::spawn(watch::follow::<Pod>(store, PodInfo::of, pod_tx));
-    let indexer = index_loop(server, gauges, svc_rx, ep_rx, pod_rx);
+    // Each informer keeps only the summary the index needs of an object, made as it is decoded.
+    let b = Backoff::default();
+    let (svc, svc_rx, run) = Informer::transformed(store.clone(), None, b, |s: Service| SvcInfo::of(&s));
+    tokio::spawn(run);
+    let (ep, ep_rx, run) = Informer::transformed(store.clone(), None, b, |e: Endpoints| EpInfo::of(&e));
+    tokio::spawn(run);
+    let (pod, pod_rx, run) = Informer::transformed(store, None, b, |p: Pod| PodInfo::of(&p));
+    tokio::spawn(run);
+    let informers = Informers { svc, ep, pod };
+    let indexer = index_loop(server, gauges, informers, Receivers { svc: svc_rx, ep: ep_rx, pod: pod_rx });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Listen { addr, source })?;
@@ -105,111 +108,157 @@ async fn connect(args: &weft_api::EtcdArgs) -> Store {
     }
 }
 
-/// The summaries of every object, by key; `None` until the kind's first list.
-#[derive(Default, Clone)]
-struct State {
-    services: Option<HashMap<ObjectKey, SvcInfo>>,
-    endpoints: Option<HashMap<ObjectKey, EpInfo>>,
-    pods: Option<HashMap<ObjectKey, PodInfo>>,
+/// One informer event, of any of the three kinds.
+enum Event {
+    Svc(InformerEvent<SvcInfo>),
+    Ep(InformerEvent<EpInfo>),
+    Pod(InformerEvent<PodInfo>),
 }
 
-/// Applies one change; true when it replaced the whole kind (a list or relist: the next build is a full sync).
-fn apply<T>(map: &mut Option<HashMap<ObjectKey, T>>, change: Change<T>) -> bool {
-    match change {
-        Change::Replace(m) => {
-            *map = Some(m);
-            return true;
-        }
-        Change::Upsert(k, v) => {
-            map.get_or_insert_with(HashMap::new).insert(k, v);
-        }
-        Change::Remove(k) => {
-            if let Some(m) = map.as_mut() {
-                m.remove(&k);
-            }
-        }
+/// Applies one event to the state; with a zone (after the first build), returns what it changed in the records.
+fn apply(state: &mut State, zone: Option<&str>, ev: Event) -> Delta {
+    match ev {
+        Event::Svc(e) => state.service(zone, e.key.namespace.as_deref().unwrap_or("default"), &e.key.name, e.new),
+        Event::Ep(e) => state.endpoints(zone, e.key.namespace.as_deref().unwrap_or("default"), &e.key.name, e.new),
+        Event::Pod(e) => state.pod(zone, e.old.as_deref(), e.new),
     }
-    false
 }
 
 /// The info line a build deserves: the first one (the zone is now answered), and every full sync (a kind was
 /// listed again, after a compaction or a broken watch), so the log shows that the server is serving and current.
-/// Builds for ordinary watch events log at debug only.
-pub fn sync_message(first: bool, relisted: bool) -> Option<&'static str> {
-    match (first, relisted) {
-        (true, _) => Some("first sync: answering for the cluster zone"),
-        (false, true) => Some("full sync: index rebuilt from a fresh list"),
-        (false, false) => None,
+/// Changes from ordinary watch events are applied in place and logged at debug only.
+pub fn sync_message(first: bool) -> &'static str {
+    if first {
+        "first sync: answering for the cluster zone"
+    } else {
+        "full sync: index rebuilt after a relist"
     }
 }
 
-async fn index_loop(
-    server: Arc<Server>,
-    gauges: Arc<Mutex<Gauges>>,
-    mut svc_rx: UnboundedReceiver<Change<SvcInfo>>,
-    mut ep_rx: UnboundedReceiver<Change<EpInfo>>,
-    mut pod_rx: UnboundedReceiver<Change<PodInfo>>,
-) {
-    // Shared with the build on a blocking thread; the build has ended before the next change lands,
-    // so `make_mut` never copies.
-    let mut state = Arc::new(State::default());
-    let mut first = true;
-    // A relist seen since the last build (kept across batches that wait for the other kinds' first list).
-    let mut relisted = false;
-    loop {
-        relisted |= tokio::select! {
-            Some(c) = svc_rx.recv() => apply(&mut Arc::make_mut(&mut state).services, c),
-            Some(c) = ep_rx.recv() => apply(&mut Arc::make_mut(&mut state).endpoints, c),
-            Some(c) = pod_rx.recv() => apply(&mut Arc::make_mut(&mut state).pods, c),
-            else => return,
-        };
-        // Everything that arrived so far goes into this build; what arrives during it, into the next.
-        {
-            let st = Arc::make_mut(&mut state);
-            while let Ok(c) = svc_rx.try_recv() {
-                relisted |= apply(&mut st.services, c);
-            }
-            while let Ok(c) = ep_rx.try_recv() {
-                relisted |= apply(&mut st.endpoints, c);
-            }
-            while let Ok(c) = pod_rx.try_recv() {
-                relisted |= apply(&mut st.pods, c);
-            }
+struct Informers {
+    svc: Informer<SvcInfo>,
+    ep: Informer<EpInfo>,
+    pod: Informer<PodInfo>,
+}
+
+impl Informers {
+    /// Lists completed by all three: a change means a relist happened.
+    fn lists(&self) -> u64 {
+        self.svc.lists() + self.ep.lists() + self.pod.lists()
+    }
+}
+
+struct Receivers {
+    svc: UnboundedReceiver<InformerEvent<SvcInfo>>,
+    ep: UnboundedReceiver<InformerEvent<EpInfo>>,
+    pod: UnboundedReceiver<InformerEvent<PodInfo>>,
+}
+
+impl Receivers {
+    async fn recv(&mut self) -> Option<Event> {
+        tokio::select! {
+            Some(e) = self.svc.recv() => Some(Event::Svc(e)),
+            Some(e) = self.ep.recv() => Some(Event::Ep(e)),
+            Some(e) = self.pod.recv() => Some(Event::Pod(e)),
+            else => None,
         }
-        if state.services.is_none() || state.endpoints.is_none() || state.pods.is_none() {
+    }
+
+    fn try_recv(&mut self) -> Option<Event> {
+        if let Ok(e) = self.svc.try_recv() {
+            return Some(Event::Svc(e));
+        }
+        if let Ok(e) = self.ep.try_recv() {
+            return Some(Event::Ep(e));
+        }
+        self.pod.try_recv().ok().map(Event::Pod)
+    }
+}
+
+/// Builds the whole index from `state` on a blocking thread, swaps it in and logs it.
+async fn full_build(server: &Server, gauges: &Mutex<Gauges>, state: Arc<State>, first: bool) {
+    let cfg = server.cfg.clone();
+    let started = Instant::now();
+    let idx = match tokio::task::spawn_blocking(move || state.build(&cfg, serial_now())).await {
+        Ok(idx) => idx,
+        Err(e) => {
+            // A bug: keep serving the index there is (and keep updating it).
+            tracing::error!(error = %e, "index build failed");
+            return;
+        }
+    };
+    let took = started.elapsed();
+    {
+        let mut g = gauges.lock().unwrap_or_else(|p| p.into_inner());
+        g.synced = true;
+        g.services = idx.services;
+        g.names = idx.names();
+        g.records = idx.records;
+        g.rebuilds += 1;
+        g.last_rebuild = took;
+    }
+    info!(services = idx.services, names = idx.names(), records = idx.records, ?took, "{}", sync_message(first));
+    let old = server.index.write().unwrap_or_else(|p| p.into_inner()).replace(idx);
+    // Freed outside the lock; then give its pages back rather than keep the peak.
+    drop(old);
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe { libc::malloc_trim(0) };
+}
+
+async fn index_loop(server: Arc<Server>, gauges: Arc<Mutex<Gauges>>, informers: Informers, mut rx: Receivers) {
+    // The first sync: every kind listed (its events are queued by then), the state built from them at once.
+    tokio::join!(informers.svc.wait_synced(), informers.ep.wait_synced(), informers.pod.wait_synced());
+    let mut state = State::default();
+    while let Some(ev) = rx.try_recv() {
+        apply(&mut state, None, ev);
+    }
+    let mut lists = informers.lists();
+    // Shared with the build's thread; the build has ended before the next change, so `make_mut` never copies.
+    let mut state = Arc::new(state);
+    full_build(&server, &gauges, state.clone(), true).await;
+    let zone = server.cfg.zone.clone();
+    // A relist that changed nothing sends no event: the tick notices it, so that every full sync is logged.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let first = tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => Some(ev),
+                None => return,
+            },
+            _ = tick.tick() => None,
+        };
+        let started = Instant::now();
+        // Everything that arrived so far goes into this update.
+        let st = Arc::make_mut(&mut state);
+        let mut deltas: Vec<Delta> = first.into_iter().map(|ev| apply(st, Some(&zone), ev)).collect();
+        while let Some(ev) = rx.try_recv() {
+            deltas.push(apply(st, Some(&zone), ev));
+        }
+        if informers.lists() != lists {
+            // A relist: its differences are in the state now; rebuild from it, so that the index is exactly
+            // what the objects give even if an update went wrong, and say so in the log.
+            lists = informers.lists();
+            full_build(&server, &gauges, state.clone(), false).await;
             continue;
         }
-        let (st, cfg) = (state.clone(), server.cfg.clone());
-        let started = Instant::now();
-        let built = tokio::task::spawn_blocking(move || {
-            let (s, e, p) = (
-                st.services.iter().flat_map(|m| m.values()),
-                st.endpoints.iter().flat_map(|m| m.values()),
-                st.pods.iter().flat_map(|m| m.values()),
-            );
-            index::build_from(&cfg, s, e, p, serial_now())
-        })
-        .await;
-        let Ok(idx) = built else { continue };
+        if deltas.is_empty() {
+            continue;
+        }
+        let (services, names, records) = {
+            let mut guard = server.index.write().unwrap_or_else(|p| p.into_inner());
+            let Some(idx) = guard.as_mut() else { continue };
+            for d in deltas.iter().filter(|d| !d.is_empty()) {
+                idx.apply(d);
+            }
+            idx.serial = serial_now();
+            (idx.services, idx.names(), idx.records)
+        };
         let took = started.elapsed();
-        {
-            let mut g = gauges.lock().unwrap_or_else(|p| p.into_inner());
-            g.synced = true;
-            g.services = idx.services;
-            g.names = idx.names();
-            g.records = idx.records;
-            g.rebuilds += 1;
-            g.last_rebuild = took;
-        }
-        match sync_message(first, relisted) {
-            Some(msg) => info!(services = idx.services, names = idx.names(), records = idx.records, ?took, "{msg}"),
-            None => tracing::debug!(services = idx.services, names = idx.names(), ?took, "index rebuilt"),
-        }
-        (first, relisted) = (false, false);
-        server.index.store(Some(Arc::new(idx)));
-        // The previous index is freed once no query holds it; give its pages back rather than keep the peak.
-        // SAFETY: malloc_trim only returns free memory to the kernel.
-        unsafe { libc::malloc_trim(0) };
+        let mut g = gauges.lock().unwrap_or_else(|p| p.into_inner());
+        (g.services, g.names, g.records) = (services, names, records);
+        g.updates += deltas.len() as u64;
+        g.last_update = took;
+        tracing::debug!(changes = deltas.len(), services, names, ?took, "index updated");
     }
 }
 
@@ -251,15 +300,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_build_and_every_full_sync_log_one_info_line() {
-        // (first build, a kind was relisted, logs at info)
-        let cases = [(true, true, true), (true, false, true), (false, true, true), (false, false, false)];
-        for (first, relisted, info) in cases {
-            assert_eq!(sync_message(first, relisted).is_some(), info, "first={first} relisted={relisted}");
-        }
-        let mut m = None;
-        assert!(apply(&mut m, Change::<u8>::Replace(HashMap::new())), "a list replaces the kind");
-        assert!(!apply(&mut m, Change::Upsert(ObjectKey::new(Some("default"), "a"), 1)), "an event does not");
-        assert!(!apply(&mut m, Change::<u8>::Remove(ObjectKey::new(Some("default"), "a"))));
+    fn the_first_build_and_every_full_sync_log_distinct_info_lines() {
+        assert!(sync_message(true).starts_with("first sync"));
+        assert!(sync_message(false).starts_with("full sync"));
     }
 }

@@ -1,13 +1,13 @@
 //! The sockets: several `SO_REUSEPORT` UDP sockets, each read by its own thread (the kernel spreads queries
 //! over them, so every core answers), and a TCP listener on the runtime. Authoritative answers are computed
-//! on the receiving thread from the index it loads (an atomic pointer read, no lock); forwarded queries
+//! on the receiving thread under the index's read lock (held for one answer; the indexer takes the write lock
+//! for the few records one change touches); forwarded queries
 //! become tasks on the runtime, at most `MAX_FORWARDS` at once (beyond that: SERVFAIL at once).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::Name;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -30,7 +30,8 @@ pub const TCP_IDLE: Duration = Duration::from_secs(10);
 /// What every serving thread and task shares.
 pub struct Server {
     pub cfg: Config,
-    pub index: ArcSwapOption<Index>,
+    /// `None` until the first sync.
+    pub index: RwLock<Option<Index>>,
     pub forwarder: Forwarder,
     /// One per UDP socket, plus one for TCP.
     pub shards: Box<[Shard]>,
@@ -58,7 +59,7 @@ impl Server {
     pub fn new(cfg: Config, forwarder: Forwarder, udp_sockets: usize) -> Server {
         Server {
             cfg,
-            index: ArcSwapOption::empty(),
+            index: RwLock::new(None),
             forwarder,
             shards: (0..=udp_sockets).map(|_| Shard::default()).collect(),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
@@ -76,8 +77,12 @@ impl Server {
                 }
             }
         };
-        let index = self.index.load();
-        match answer::answer(&self.cfg, index.as_deref(), &req) {
+        let decision = {
+            // Held for this answer only. Poisoned = the indexer panicked mid-change: answer from what is there.
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            answer::answer(&self.cfg, index.as_ref(), &req)
+        };
+        match decision {
             Decision::Reply(resp) => {
                 if let Some(target) = answer::external_target(&self.cfg, &resp) {
                     return Handled::Chase(req, Box::new(resp), target);

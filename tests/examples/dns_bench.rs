@@ -11,6 +11,9 @@
 //!    `BENCH_DNS_SECS` (10) seconds at saturation; then each once at a fixed 10,000 QPS with `-v` for
 //!    per-query latency percentiles.
 //! 4. `weft dns`'s VmRSS (and VmHWM) from /proc, after the sync and after the load.
+//! 5. Update latency: `BENCH_DNS_UPDATES` (200) times, one Service's cluster IP is changed in etcd, and the time
+//!    from etcd's acknowledgement of the write until `weft dns` answers the new address (polled with a UDP
+//!    query every 0.2 ms) is taken; p50 / p99 / max.
 //!
 //! `WEFT_BIN=target/release/weft cargo run --release -p weft-tests --example dns_bench`
 //! Prints a markdown summary on stdout, progress on stderr; exits non-zero only when a measurement could
@@ -35,6 +38,7 @@ const QUERIES: usize = 100_000;
 const TXN_MAX: usize = 128;
 const TARGET_RATIO: f64 = 0.5;
 const TARGET_RSS_KB: u64 = 32 * 1024;
+const TARGET_UPDATE_P99_MS: f64 = 10.0;
 
 fn free_port() -> u16 {
     loop {
@@ -255,9 +259,105 @@ fn latency(port: u16, queries: &Path, qps: u32, secs: u64) -> Result<[f64; 5]> {
     Ok([p(0.5), p(0.9), p(0.99), p(0.999), p(1.0)])
 }
 
+/// A DNS query for `name` A, id `id`, recursion desired.
+fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Skips a (possibly compressed) name at `at`; the offset after it.
+fn skip_name(m: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *m.get(at)?;
+        if len & 0xc0 == 0xc0 {
+            return Some(at + 2);
+        }
+        if len == 0 {
+            return Some(at + 1);
+        }
+        at += 1 + usize::from(len);
+    }
+}
+
+/// The first A record of a response to query `id`.
+fn first_a(m: &[u8], id: u16) -> Option<std::net::Ipv4Addr> {
+    if m.len() < 12 || u16::from_be_bytes([m[0], m[1]]) != id {
+        return None;
+    }
+    let (qd, an) = (u16::from_be_bytes([m[4], m[5]]), u16::from_be_bytes([m[6], m[7]]));
+    let mut at = 12;
+    for _ in 0..qd {
+        at = skip_name(m, at)? + 4;
+    }
+    for _ in 0..an {
+        at = skip_name(m, at)?;
+        let rtype = u16::from_be_bytes([*m.get(at)?, *m.get(at + 1)?]);
+        let rdlen = usize::from(u16::from_be_bytes([*m.get(at + 8)?, *m.get(at + 9)?]));
+        at += 10;
+        if rtype == 1 && rdlen == 4 {
+            let r = m.get(at..at + 4)?;
+            return Some(std::net::Ipv4Addr::new(r[0], r[1], r[2], r[3]));
+        }
+        at += rdlen;
+    }
+    None
+}
+
+/// Changes the cluster IP of `n` services (`svc-8999` down) one at a time and returns, for each, the milliseconds from
+/// etcd's acknowledgement until `weft dns` on `port` answers the new address.
+fn update_latencies(rt: &tokio::runtime::Runtime, endpoint: &str, port: u16, n: usize) -> Result<Vec<f64>> {
+    let mut c = rt.block_on(etcd_client::Client::connect([endpoint], None))?;
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut out = Vec::with_capacity(n);
+    let mut buf = [0u8; 1500];
+    for i in 0..n {
+        // 10.101.0.0/16: not used before. From the last ClusterIP service down: `svc-0` is the probe both servers
+        // must answer alike.
+        let ip = std::net::Ipv4Addr::from(0x0A65_0000u32 + i as u32 + 1);
+        let name = format!("svc-{}", SERVICES - HEADLESS - 1 - i);
+        let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}});
+        rt.block_on(c.put(format!("/registry/services/bench/{name}"), svc.to_string(), None))?;
+        let written = Instant::now();
+        let qname = format!("{name}.bench.svc.cluster.local");
+        let mut id = 0u16;
+        loop {
+            id = id.wrapping_add(1);
+            sock.send(&a_query(id, &qname))?;
+            // Replies to earlier, timed-out queries carry other ids and are skipped.
+            let seen = loop {
+                match sock.recv(&mut buf) {
+                    Ok(_) if u16::from_be_bytes([buf[0], buf[1]]) != id => continue,
+                    Ok(len) => break first_a(&buf[..len], id),
+                    Err(_) => break None,
+                }
+            };
+            if seen == Some(ip) {
+                out.push(written.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            ensure!(written.elapsed() < Duration::from_secs(30), "{qname} never answered {ip}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(out)
+}
+
 fn main() -> Result<()> {
     let rounds: usize = std::env::var("BENCH_DNS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let secs: u64 = std::env::var("BENCH_DNS_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let updates: usize = std::env::var("BENCH_DNS_UPDATES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let weft = weft_lab::weft_bin();
     let dir = tempfile::Builder::new().prefix("weft-dnsbench-").tempdir()?;
     let svcs = services();
@@ -303,7 +403,12 @@ fn main() -> Result<()> {
     let gauge = |k: &str| m.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("?").trim().to_string();
     let (names, records, rebuild) =
         (gauge("weft_dns_index_names "), gauge("weft_dns_index_records "), gauge("weft_dns_index_rebuild_seconds "));
-    eprintln!("dns bench: weft dns synced in {sync_took:?} ({names} names, {records} records, index built in {rebuild} s), RSS {} kB", rss_synced.0);
+    eprintln!("dns bench: weft dns synced in {sync_took:?} ({names} names, {records} records, index built in {rebuild} s), VmRSS {} kB, RssAnon {} kB", rss_synced.0, rss_synced.2);
+    let mut upd = update_latencies(&rt, etcd.endpoint(), wport, updates)?;
+    upd.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| upd[((upd.len() as f64 * q).ceil() as usize).clamp(1, upd.len()) - 1];
+    let (u50, u99, umax) = (pct(0.5), pct(0.99), pct(1.0));
+    eprintln!("dns bench: {updates} service changes visible after p50 {u50:.2} ms, p99 {u99:.2} ms, max {umax:.2} ms");
 
     let zone = dir.path().join("cluster.local.zone");
     std::fs::write(&zone, zone_file(&svcs))?;
@@ -417,6 +522,10 @@ fn main() -> Result<()> {
         "| `weft dns` RssAnon (private memory, without the binary's pages) after sync / after load | {:.1} MB / {:.1} MB | | | |",
         rss_synced.2 as f64 / 1024.0,
         rss_loaded.2 as f64 / 1024.0
+    );
+    println!(
+        "| one Service change → answered ({updates} changes, from etcd's ack), ms: p50 / p99 / max | {u50:.2} / {u99:.2} / {umax:.2} | | ≤ {TARGET_UPDATE_P99_MS} ms p99 | {} |",
+        if u99 <= TARGET_UPDATE_P99_MS { "met" } else { "missed" }
     );
     println!("| first sync of {SERVICES} services (start → index served) | {:.2} s ({names} names, {records} records; index build {rebuild} s) | | | |", sync_took.as_secs_f64());
     Ok(())
