@@ -205,8 +205,9 @@ fn sync_once(
     }
 }
 
-/// A full sync builds the whole ruleset as text (tens of megabytes at 10,000 services) and frees it; glibc
-/// keeps freed memory in its arenas, so without this the process's RSS stays at that peak until the next one.
+/// glibc keeps freed memory in its arenas: the objects decoded by the first list (freed as soon as they were
+/// summarized) and a full sync's short-lived buffers would otherwise stay in the RSS. A full sync follows the
+/// first list, so trimming after each one returns both.
 fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live allocation.
