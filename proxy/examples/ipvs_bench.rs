@@ -44,7 +44,7 @@ fn table(n: u32, eps: u32) -> ServiceTable {
                     let node = format!("node-{}", k % 100);
                     Endpoint {
                         is_local: node == "node-0",
-                        node_name: Some(node),
+                        node_name: Some(node.into()),
                         ..Endpoint::ready(Ipv4Addr::from(0x0AF4_0001 + k), PORT)
                     }
                 })

@@ -89,7 +89,7 @@ fn big_table(n: u32, eps: u32) -> ServiceTable {
                 Endpoint {
                     ip: Ipv4Addr::from(0x0AF4_0000 + k),
                     port: HTTP_PORT,
-                    node_name: Some(node_of(k)),
+                    node_name: Some(node_of(k).into()),
                     is_local: node_of(k) == BENCH_NODE,
                     ready: true,
                 }
@@ -397,7 +397,7 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
             let addrs: Vec<_> = e
                 .endpoints
                 .iter()
-                .map(|ep| serde_json::json!({"ip": ep.ip.to_string(), "nodeName": ep.node_name}))
+                .map(|ep| serde_json::json!({"ip": ep.ip.to_string(), "nodeName": ep.node_name.as_deref()}))
                 .collect();
             let eps = serde_json::json!({"apiVersion": "v1", "kind": "Endpoints",
                 "metadata": {"name": name.name, "namespace": name.namespace},
@@ -465,6 +465,11 @@ fn daemon_rss(table: &ServiceTable, weft_bin: &std::path::Path) -> Result<Rss> {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let _ = proxy.wait();
+        // What an operator sees: the daemon's own line for each completed first or full sync.
+        let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
+        for l in log.lines().filter(|l| l.contains("sync complete")) {
+            eprintln!("  proxy log: {l}");
+        }
         if r.is_err() {
             let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
             eprintln!("  proxy log tail:\n{}", log.lines().rev().take(10).collect::<Vec<_>>().join("\n"));

@@ -161,7 +161,15 @@ pub fn is_proxy_chain(name: &str) -> bool {
 
 /// Parses `iptables-save` output (all tables) for our chains and hooks.
 pub fn parse_save(text: &str) -> Existing {
-    let (chains, hooks) = scan_save(text, is_proxy_chain);
+    existing(scan_save(text, is_proxy_chain))
+}
+
+/// Our chains and hooks in the kernel, read from `iptables-save` as it prints (never held whole).
+pub fn read_existing(runner: &mut dyn Runner) -> Result<Existing> {
+    Ok(existing(restore::scan_saved(runner, is_proxy_chain)?))
+}
+
+fn existing((chains, hooks): (BTreeSet<ChainKey>, Vec<SavedHook>)) -> Existing {
     Existing { chains, hooks: hooks.into_iter().map(|(t, chain, _, target)| (t, chain, target)).collect() }
 }
 
@@ -244,13 +252,11 @@ struct Lists {
     filter_external: Chain,
 }
 
-/// Everything one sync wants, split by who owns it.
-struct Desired {
-    /// Chains owned by one service port.
-    services: BTreeMap<ServicePortName, Vec<Chain>>,
-    /// Chains that jump to no service chain: MARK-MASQ, POSTROUTING, the filter chains.
+/// The chains of a sync that no single service port owns.
+struct Shared {
+    /// Chains that jump to no service chain: MARK-MASQ, the hairpin tree, POSTROUTING, the filter chains.
     base: Vec<Chain>,
-    /// Chains that jump to service chains: WEFT-SERVICES, the dispatch tree, NODEPORTS.
+    /// Chains that jump to service chains: the dispatch tree, NODEPORTS, WEFT-SERVICES (children first).
     dispatch: Vec<Chain>,
 }
 
@@ -497,22 +503,28 @@ fn dispatch_tree(tree: Tree, chain: &mut Chain, vips: &[VipRule], leaf: usize, o
     }
 }
 
-fn desired(table: &ServiceTable, cfg: &Config, only: Option<&BTreeSet<ServicePortName>>) -> Desired {
-    let mut lists = Lists {
+fn new_lists() -> Lists {
+    Lists {
         vips: Vec::new(),
         hairpin: Vec::new(),
         nodeports: Chain::new(Table::Nat, NODEPORTS),
         filter_services: Chain::new(Table::Filter, SERVICES),
         filter_external: Chain::new(Table::Filter, EXTERNAL_SERVICES),
-    };
-    let mut services = BTreeMap::new();
+    }
+}
+
+/// The chains owned by one service port (its shared rules are rendered into a scratch list and dropped:
+/// `shared` renders those for every port).
+fn chains_of(spn: &ServicePortName, e: &ServiceEntry, cfg: &Config) -> Vec<Chain> {
+    render_service(spn, e, cfg, &mut new_lists(), true)
+}
+
+/// The chains every service port adds rules to, from the whole table. Built first and held through a sync
+/// (a few megabytes at 10,000 services); the per-port chains are rendered one port at a time (`chains_of`).
+fn shared(table: &ServiceTable, cfg: &Config) -> Shared {
+    let mut lists = new_lists();
     for (spn, e) in table {
-        // Shared lists need every service; per-service chains only those asked for.
-        let want = only.is_none_or(|o| o.contains(spn));
-        let chains = render_service(spn, e, cfg, &mut lists, want);
-        if want {
-            services.insert(spn.clone(), chains);
-        }
+        render_service(spn, e, cfg, &mut lists, false);
     }
     let Lists { mut vips, mut hairpin, nodeports, filter_services, filter_external } = lists;
     let mark = cfg.mark();
@@ -569,7 +581,7 @@ fn desired(table: &ServiceTable, cfg: &Config, only: Option<&BTreeSet<ServicePor
     // Children before parents (`dispatch_tree` pushes them that way), the root last.
     dispatch.push(nodeports);
     dispatch.push(root);
-    Desired { services, base, dispatch }
+    Shared { base, dispatch }
 }
 
 /// One `iptables-restore --noflush` input, per table.
@@ -582,7 +594,8 @@ struct Batch {
 }
 
 impl Batch {
-    fn text(&self, s: &mut String) {
+    fn text(&self) -> String {
+        let mut s = String::new();
         for t in [Table::Filter, Table::Nat] {
             let (d, r, x) = (self.decls.get(&t), self.rules.get(&t), self.deletes.get(&t));
             if d.is_none() && r.is_none() && x.is_none() {
@@ -595,33 +608,41 @@ impl Batch {
             }
             s.push_str("COMMIT\n");
         }
+        s
     }
 }
 
-/// The restore input being assembled, in dependency order: a chain is written in the same batch as,
-/// or a later batch than, every chain it jumps to.
-struct Restore {
-    batches: Vec<Batch>,
+/// The restore inputs being rendered, in dependency order (a chain is written in the same batch as, or a later
+/// batch than, every chain it jumps to), each handed to `sink` as soon as it is complete: a sync holds one
+/// batch of text at a time, never the whole ruleset.
+struct Restore<'a, E> {
+    cur: Batch,
     max_rules: usize,
     stats: SyncStats,
+    sink: &'a mut dyn FnMut(String) -> Result<(), E>,
 }
 
-impl Restore {
-    fn new(max_rules: usize) -> Self {
-        Restore { batches: vec![Batch::default()], max_rules: max_rules.max(1), stats: SyncStats::default() }
-    }
-    fn cur(&mut self) -> &mut Batch {
-        let last = self.batches.len() - 1;
-        &mut self.batches[last]
+impl<'a, E> Restore<'a, E> {
+    fn new(max_rules: usize, sink: &'a mut dyn FnMut(String) -> Result<(), E>) -> Self {
+        Restore { cur: Batch::default(), max_rules: max_rules.max(1), stats: SyncStats::default(), sink }
     }
     /// A safe point to start a new batch: everything written so far is self-contained.
-    fn boundary(&mut self) {
-        if self.cur().rule_count >= self.max_rules {
-            self.batches.push(Batch::default());
+    fn boundary(&mut self) -> Result<(), E> {
+        if self.cur.rule_count >= self.max_rules {
+            self.flush()?;
         }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), E> {
+        let text = std::mem::take(&mut self.cur).text();
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.stats.bytes += text.len();
+        (self.sink)(text)
     }
     fn write(&mut self, c: &Chain) {
-        let b = self.cur();
+        let b = &mut self.cur;
         b.decls.entry(c.table).or_default().push(format!(":{} - [0:0]", c.name));
         let rules = b.rules.entry(c.table).or_default();
         rules.extend(c.rules.iter().map(|r| format!("-A {} {r}", c.name)));
@@ -630,70 +651,88 @@ impl Restore {
         self.stats.rules_written += c.rules.len();
     }
     fn hook(&mut self, table: Table, builtin: &str, target: &str, matches: &str) {
-        self.cur().rules.entry(table).or_default().push(format!("-I {builtin} {matches} -j {target}"));
+        self.cur.rules.entry(table).or_default().push(format!("-I {builtin} {matches} -j {target}"));
     }
     fn delete(&mut self, (table, name): &ChainKey) {
         // Declaring flushes it, so references from other chains being deleted are gone first.
-        let b = self.cur();
+        let b = &mut self.cur;
         b.decls.entry(*table).or_default().push(format!(":{name} - [0:0]"));
         b.deletes.entry(*table).or_default().push(format!("-X {name}"));
         self.stats.chains_deleted += 1;
     }
-    fn finish(mut self, state: ChainState) -> Rendered {
-        let batches: Vec<String> = self
-            .batches
-            .iter()
-            .map(|b| {
-                let mut s = String::new();
-                b.text(&mut s);
-                s
-            })
-            .filter(|s| !s.is_empty())
-            .collect();
-        self.stats.bytes = batches.iter().map(String::len).sum();
-        Rendered { batches, state, stats: self.stats }
+    fn finish(mut self) -> Result<SyncStats, E> {
+        self.flush()?;
+        Ok(self.stats)
     }
 }
 
-/// A rendered sync: the `iptables-restore --noflush` input, the state it leaves, and its counts.
+/// A rendered sync held whole: the `iptables-restore --noflush` inputs, the state they leave, and their counts.
+/// For tests, golden files and benchmarks; the dataplane streams them (`stream_full`, `stream_partial`).
 #[derive(Debug, Clone)]
 pub struct Rendered {
-    /// The restore inputs the dataplane runs, in order (see `Config::restore_batch_rules`).
+    /// The restore inputs, in order (see `Config::restore_batch_rules`).
     pub batches: Vec<String>,
     pub state: ChainState,
     pub stats: SyncStats,
 }
 
 impl Rendered {
-    /// Everything as one restore input (what golden files hold). Built on demand: at 10,000 services the
-    /// ruleset is tens of megabytes, and the dataplane only needs the batches.
+    /// Everything as one restore input (what golden files hold).
     pub fn text(&self) -> String {
         self.batches.concat()
+    }
+
+    fn collect(
+        render: impl FnOnce(
+            &mut dyn FnMut(String) -> Result<(), std::convert::Infallible>,
+        ) -> Result<(ChainState, SyncStats), std::convert::Infallible>,
+    ) -> Rendered {
+        let mut batches = Vec::new();
+        let (state, stats) = match render(&mut |b| {
+            batches.push(b);
+            Ok(())
+        }) {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        Rendered { batches, state, stats }
     }
 }
 
 /// Full sync: every chain, the hooks `existing` lacks, and every `WEFT-` chain in `existing` that
 /// the table does not claim flushed and deleted.
 pub fn render_sync_full(table: &ServiceTable, cfg: &Config, existing: &Existing) -> Rendered {
-    let d = desired(table, cfg, None);
-    let mut r = Restore::new(cfg.restore_batch_rules);
+    Rendered::collect(|sink| stream_full(table, cfg, existing, sink))
+}
+
+/// `render_sync_full`, each restore input handed to `sink` as soon as it is rendered. The per-port chains are
+/// rendered one port at a time, so what is held is the shared chains, one batch and the chain state.
+pub fn stream_full<E>(
+    table: &ServiceTable,
+    cfg: &Config,
+    existing: &Existing,
+    sink: &mut dyn FnMut(String) -> Result<(), E>,
+) -> Result<(ChainState, SyncStats), E> {
+    let d = shared(table, cfg);
+    let mut r = Restore::new(cfg.restore_batch_rules, sink);
     let mut state = ChainState::default();
     for c in &d.base {
         // Base chains are written children first, so any chain boundary is safe.
-        r.boundary();
+        r.boundary()?;
         r.write(c);
         state.chains.insert(c.key(), c.hash());
     }
-    for (spn, chains) in &d.services {
-        r.boundary();
-        for c in chains {
+    for (spn, e) in table {
+        r.boundary()?;
+        let chains = chains_of(spn, e, cfg);
+        for c in &chains {
             r.write(c);
             state.chains.insert(c.key(), c.hash());
         }
         state.owners.insert(spn.clone(), chains.iter().map(Chain::key).collect());
     }
     for c in &d.dispatch {
-        r.boundary();
+        r.boundary()?;
         r.write(c);
         state.chains.insert(c.key(), c.hash());
     }
@@ -705,9 +744,9 @@ pub fn render_sync_full(table: &ServiceTable, cfg: &Config, existing: &Existing)
     for key in existing.chains.iter().filter(|k| !state.chains.contains_key(*k)) {
         r.delete(key);
     }
-    let mut out = r.finish(state);
-    out.stats.full = true;
-    out
+    let mut stats = r.finish()?;
+    stats.full = true;
+    Ok((state, stats))
 }
 
 /// Everything for a fresh node: all chains and hooks (what the golden files hold).
@@ -723,12 +762,23 @@ pub fn render_partial(
     cfg: &Config,
     previous: &ChainState,
 ) -> Rendered {
-    let d = desired(table, cfg, Some(changed));
-    let mut r = Restore::new(cfg.restore_batch_rules);
+    Rendered::collect(|sink| stream_partial(table, changed, cfg, previous, sink))
+}
+
+/// `render_partial`, each restore input handed to `sink` as soon as it is rendered.
+pub fn stream_partial<E>(
+    table: &ServiceTable,
+    changed: &BTreeSet<ServicePortName>,
+    cfg: &Config,
+    previous: &ChainState,
+    sink: &mut dyn FnMut(String) -> Result<(), E>,
+) -> Result<(ChainState, SyncStats), E> {
+    let d = shared(table, cfg);
+    let mut r = Restore::new(cfg.restore_batch_rules, sink);
     let mut state = previous.clone();
     // The trees' shapes may change: forget every old tree chain, then claim the current ones.
     state.chains.retain(|(t, n), _| !(*t == Table::Nat && Tree::owns(n)));
-    let emit = |c: &Chain, r: &mut Restore, state: &mut ChainState| {
+    let emit = |c: &Chain, r: &mut Restore<'_, E>, state: &mut ChainState| {
         let h = c.hash();
         if previous.chains.get(&c.key()) != Some(&h) {
             r.write(c);
@@ -736,31 +786,32 @@ pub fn render_partial(
         state.chains.insert(c.key(), h);
     };
     for c in &d.base {
-        r.boundary();
+        r.boundary()?;
         emit(c, &mut r, &mut state);
     }
     for spn in changed {
-        r.boundary();
+        r.boundary()?;
         let old = state.owners.remove(spn).unwrap_or_default();
         for k in &old {
             state.chains.remove(k);
         }
-        if let Some(chains) = d.services.get(spn) {
-            for c in chains {
+        if let Some(e) = table.get(spn) {
+            let chains = chains_of(spn, e, cfg);
+            for c in &chains {
                 emit(c, &mut r, &mut state);
             }
             state.owners.insert(spn.clone(), chains.iter().map(Chain::key).collect());
         }
     }
     for c in &d.dispatch {
-        r.boundary();
+        r.boundary()?;
         emit(c, &mut r, &mut state);
     }
     // Sweep: whatever we had written and nobody claims any more.
     for key in previous.chains.keys().filter(|k| !state.chains.contains_key(*k)) {
         r.delete(key);
     }
-    r.finish(state)
+    Ok((state, r.finish()?))
 }
 
 /// The iptables dataplane: one `iptables-restore --noflush` per sync.
@@ -802,16 +853,11 @@ impl<R: Runner> IptablesDataplane<R> {
             }
         }
     }
+}
 
-    fn apply(&mut self, r: Rendered) -> Result<SyncStats> {
-        let started = Instant::now();
-        self.state = None;
-        for batch in &r.batches {
-            restore::restore(&mut self.runner, batch.as_bytes())?;
-        }
-        self.state = Some(r.state);
-        Ok(SyncStats { duration: started.elapsed(), ..r.stats })
-    }
+/// Runs one `iptables-restore --noflush` per restore input handed to it, writing the input into the tool's stdin.
+fn applier<R: Runner>(runner: &mut R) -> impl FnMut(String) -> Result<()> + '_ {
+    move |batch| restore::restore_with(&mut *runner, &mut |w| w.write_all(batch.as_bytes()))
 }
 
 impl<R: Runner> Dataplane for IptablesDataplane<R> {
@@ -824,10 +870,13 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
     }
 
     /// A fresh full render as one `iptables-restore --test` input (batches are not self-contained when nothing
-    /// is committed between them); nothing reaches the kernel.
+    /// is committed between them), written as it is rendered; nothing reaches the kernel.
     fn check(&mut self, table: &ServiceTable) -> dataplane::Result<()> {
-        let r = render_sync_full(table, &self.cfg, &Existing::default());
-        Ok(restore::test_restore(&mut self.runner, r.text().as_bytes())?)
+        let cfg = &self.cfg;
+        let mut input = |w: &mut dyn std::io::Write| {
+            stream_full(table, cfg, &Existing::default(), &mut |batch| w.write_all(batch.as_bytes())).map(|_| ())
+        };
+        Ok(restore::test_restore_with(&mut self.runner, &mut input)?)
     }
 
     fn sync(
@@ -836,16 +885,19 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
         changed: Option<&BTreeSet<ServicePortName>>,
     ) -> dataplane::Result<SyncStats> {
         let started = Instant::now();
-        let rendered = match (changed, &self.state) {
-            (Some(changed), Some(prev)) => render_partial(table, changed, &self.cfg, prev),
+        // None from here until every restore succeeded: after a failure the next sync is full.
+        let previous = self.state.take();
+        // Each restore input is applied as soon as it is rendered.
+        let (state, mut stats) = match (changed, previous) {
+            (Some(changed), Some(prev)) => {
+                stream_partial(table, changed, &self.cfg, &prev, &mut applier(&mut self.runner))?
+            }
             _ => {
-                self.state = None;
-                let save = restore::save(&mut self.runner)?;
-                let existing = parse_save(&save);
-                render_sync_full(table, &self.cfg, &existing)
+                let existing = read_existing(&mut self.runner)?;
+                stream_full(table, &self.cfg, &existing, &mut applier(&mut self.runner))?
             }
         };
-        let mut stats = self.apply(rendered)?;
+        self.state = Some(state);
         self.clear_stale_udp(table);
         stats.duration = started.elapsed();
         tracing::debug!(
@@ -907,7 +959,7 @@ mod tests {
             ),
             ep("new", json!([{"ip": "10.244.1.9"}]), json!([{"port": 8443}])),
         ];
-        let (table, skipped) = crate::desired_table(&services, &endpoints, "node-1");
+        let (table, skipped) = crate::table::from_objects(services, endpoints, "node-1");
         assert!(skipped.is_empty(), "{skipped:?}");
         table
     }
@@ -1011,7 +1063,7 @@ mod tests {
                     ip: Ipv4Addr::from(0x0AF4_0000 + i * 10 + j),
                     port: 8080,
                     // Ten nodes; this one is node-0.
-                    node_name: Some(format!("node-{j}")),
+                    node_name: Some(format!("node-{j}").into()),
                     is_local: j == 0,
                     ready: true,
                 })
@@ -1056,7 +1108,7 @@ mod tests {
     }
 
     fn nat_chains(table: &ServiceTable, cfg: &Config) -> BTreeMap<String, Vec<String>> {
-        let d = desired(table, cfg, None);
+        let d = shared(table, cfg);
         d.dispatch.into_iter().chain(d.base).filter(|c| c.table == Table::Nat).map(|c| (c.name, c.rules)).collect()
     }
 

@@ -1,5 +1,6 @@
-//! weft proxy: the kube-proxy replacement. Services + Endpoints → one desired `ServiceTable` for this
-//! node (`table`, pure) → a `Dataplane` per mode that makes the kernel match it (`iptables`).
+//! weft proxy: the kube-proxy replacement. Services + Endpoints, summarized as they arrive (`summary`) → one
+//! desired `ServiceTable` for this node (`table`, pure) → a `Dataplane` per mode that makes the kernel match it
+//! (`iptables`, `ipvs`, `userspace`, `ebpf`).
 
 pub mod bounded;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod proxier;
 pub mod restore;
 pub mod run;
 pub mod status;
+pub mod summary;
 pub mod table;
 pub mod tracker;
 pub mod userspace;

@@ -1,9 +1,10 @@
 //! The proxy's model: one node's desired service table, independent of any dataplane.
-//! Built by `table::desired_table` from Services and Endpoints; read by every dataplane.
+//! Built by `table::desired_table` from the Service and Endpoints summaries (`summary`); read by every dataplane.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
@@ -119,7 +120,8 @@ impl ServicePort {
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub port: u16,
-    pub node_name: Option<String>,
+    /// Shared by every endpoint on the same node (`summary::NodeNames`).
+    pub node_name: Option<Arc<str>>,
     /// Runs on this node (its `nodeName` is ours).
     pub is_local: bool,
     pub ready: bool,

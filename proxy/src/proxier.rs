@@ -1,4 +1,4 @@
-//! The proxy's loop body without the loop: keeps the latest Services and Endpoints, their pending
+//! The proxy's loop body without the loop: keeps the latest Service and Endpoints summaries, their pending
 //! changes, and the table last synced; `sync` turns them into one `Dataplane::sync` — partial when
 //! it can, full when asked (periodic resync) or after a failure. Feeding it from an informer and
 //! calling `sync` from a `BoundedRunner` is the daemon's job.
@@ -6,10 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
-
 use crate::dataplane::{self, Dataplane, SyncStats};
 use crate::model::{ServicePortName, ServiceTable};
+use crate::summary::{EndpointsSummary, ServiceSummary};
 use crate::table::{desired_table, Skipped};
 use crate::tracker::{ChangeTracker, ObjectKey};
 
@@ -42,12 +41,11 @@ struct Refused {
 }
 
 pub struct Proxier<D> {
-    node_name: String,
-    // The informer's shared objects: the proxy holds no copies of its own.
-    services: BTreeMap<ObjectKey, Arc<Service>>,
-    endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
-    service_changes: ChangeTracker<Arc<Service>>,
-    endpoints_changes: ChangeTracker<Arc<Endpoints>>,
+    // The informers' shared summaries: the proxy holds no copies of its own.
+    services: BTreeMap<ObjectKey, Arc<ServiceSummary>>,
+    endpoints: BTreeMap<ObjectKey, Arc<EndpointsSummary>>,
+    service_changes: ChangeTracker<Arc<ServiceSummary>>,
+    endpoints_changes: ChangeTracker<Arc<EndpointsSummary>>,
     /// The table the dataplane was last synced to successfully.
     synced: Option<ServiceTable>,
     refused: BTreeMap<ServicePortName, Refused>,
@@ -55,9 +53,9 @@ pub struct Proxier<D> {
 }
 
 impl<D: Dataplane> Proxier<D> {
-    pub fn new(node_name: &str, dataplane: D) -> Self {
+    /// The node's name is not needed here: the Endpoints summaries already say which endpoints are local.
+    pub fn new(dataplane: D) -> Self {
         Proxier {
-            node_name: node_name.to_string(),
             services: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             service_changes: ChangeTracker::new(),
@@ -69,7 +67,7 @@ impl<D: Dataplane> Proxier<D> {
     }
 
     /// A Service was added or updated (`Some`) or deleted (`None`).
-    pub fn on_service(&mut self, key: ObjectKey, current: Option<Arc<Service>>) {
+    pub fn on_service(&mut self, key: ObjectKey, current: Option<Arc<ServiceSummary>>) {
         let previous = match &current {
             Some(s) => self.services.insert(key.clone(), s.clone()),
             None => self.services.remove(&key),
@@ -78,7 +76,7 @@ impl<D: Dataplane> Proxier<D> {
     }
 
     /// An Endpoints object was added or updated (`Some`) or deleted (`None`).
-    pub fn on_endpoints(&mut self, key: ObjectKey, current: Option<Arc<Endpoints>>) {
+    pub fn on_endpoints(&mut self, key: ObjectKey, current: Option<Arc<EndpointsSummary>>) {
         let previous = match &current {
             Some(e) => self.endpoints.insert(key.clone(), e.clone()),
             None => self.endpoints.remove(&key),
@@ -109,9 +107,7 @@ impl<D: Dataplane> Proxier<D> {
     pub fn sync(&mut self, full: bool) -> Result<SyncOutcome> {
         let mut touched = self.service_changes.take();
         touched.extend(self.endpoints_changes.take());
-        let services: Vec<&Service> = self.services.values().map(|s| &**s).collect();
-        let endpoints: Vec<&Endpoints> = self.endpoints.values().map(|e| &**e).collect();
-        let (mut table, skipped) = desired_table(&services, &endpoints, &self.node_name);
+        let (mut table, skipped) = desired_table(&self.services, &self.endpoints);
         // A port the kernel refused stays out while its entry is what was refused; a changed entry is tried again.
         self.refused.retain(|k, r| table.get(k) == Some(&r.entry));
         for k in self.refused.keys() {
@@ -221,7 +217,7 @@ mod tests {
 
     #[test]
     fn ports_the_kernel_refuses_are_left_out_and_the_rest_applied() {
-        let mut p = Proxier::new("node-1", Recorder::default());
+        let mut p = Proxier::new(Recorder::default());
         for i in 0..30 {
             p.on_service(k(&format!("s{i}")), Some(svc(&format!("s{i}"), &format!("10.96.0.{i}"), "x")));
         }
@@ -246,17 +242,16 @@ mod tests {
         assert_eq!(p.refused().count(), 2, "and refused again");
     }
 
-    fn svc(name: &str, ip: &str, annotation: &str) -> Arc<Service> {
-        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns", "annotations": {"a": annotation}},
-            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
-        .map(Arc::new)
-        .unwrap()
+    fn svc(name: &str, ip: &str, annotation: &str) -> Arc<ServiceSummary> {
+        let s = json!({"metadata": {"name": name, "namespace": "ns", "annotations": {"a": annotation}},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}});
+        Arc::new(crate::summary::service(serde_json::from_value(s).unwrap()).unwrap())
     }
-    fn eps(name: &str, ip: &str) -> Arc<Endpoints> {
-        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns"},
-            "subsets": [{"addresses": [{"ip": ip}], "ports": [{"port": 8080}]}]}))
-        .map(Arc::new)
-        .unwrap()
+    fn eps(name: &str, ip: &str) -> Arc<EndpointsSummary> {
+        let e = json!({"metadata": {"name": name, "namespace": "ns"},
+            "subsets": [{"addresses": [{"ip": ip}], "ports": [{"port": 8080}]}]});
+        let nodes = crate::summary::NodeNames::default();
+        Arc::new(crate::summary::endpoints(serde_json::from_value(e).unwrap(), "node-1", &nodes).unwrap())
     }
     fn k(name: &str) -> ObjectKey {
         ObjectKey::new("ns", name)
@@ -267,7 +262,7 @@ mod tests {
 
     #[test]
     fn first_sync_full_then_partial_then_full_after_failure() {
-        let mut p = Proxier::new("node-1", Recorder::default());
+        let mut p = Proxier::new(Recorder::default());
         p.on_service(k("a"), Some(svc("a", "10.96.0.1", "x")));
         p.on_service(k("b"), Some(svc("b", "10.96.0.2", "x")));
         p.sync(false).unwrap();

@@ -3,7 +3,7 @@
 //! a kernel tool (comments; later nft, ipset, IPVS and eBPF names). Runs only the programs it is asked to run.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader, BufWriter, Read, Write};
 use std::process::{Command, Stdio};
 
 #[derive(Debug, thiserror::Error)]
@@ -154,37 +154,91 @@ pub type SavedHook = (Table, String, String, String);
 /// built-in chain that jumps to one of them as (table, built-in chain, the rule after `-A <chain> `, target).
 /// Shared by the modes, which differ only in what they own.
 pub fn scan_save(text: &str, owns: impl Fn(&str) -> bool) -> (BTreeSet<ChainKey>, Vec<SavedHook>) {
-    let (mut chains, mut hooks) = (BTreeSet::new(), Vec::new());
-    let mut table = None;
-    for line in text.lines() {
+    let mut scan = SaveScan::new(owns);
+    text.lines().for_each(|l| scan.line(l));
+    scan.finish()
+}
+
+/// `scan_save` of the running `iptables-save`, line by line as the tool prints it: at 10,000 services its
+/// output is tens of megabytes, of which only our chain names and hooks are kept.
+pub fn scan_saved(
+    runner: &mut dyn Runner,
+    owns: impl Fn(&str) -> bool,
+) -> Result<(BTreeSet<ChainKey>, Vec<SavedHook>)> {
+    let mut scan = SaveScan::new(owns);
+    runner.run_reading("iptables-save", &[], &mut |l| scan.line(l))?;
+    Ok(scan.finish())
+}
+
+/// The state of a `scan_save` pass between lines.
+struct SaveScan<F> {
+    owns: F,
+    table: Option<Table>,
+    chains: BTreeSet<ChainKey>,
+    hooks: Vec<SavedHook>,
+}
+
+impl<F: Fn(&str) -> bool> SaveScan<F> {
+    fn new(owns: F) -> Self {
+        SaveScan { owns, table: None, chains: BTreeSet::new(), hooks: Vec::new() }
+    }
+
+    fn line(&mut self, line: &str) {
         if let Some(t) = line.strip_prefix('*') {
-            table = match t.trim() {
+            self.table = match t.trim() {
                 "nat" => Some(Table::Nat),
                 "filter" => Some(Table::Filter),
                 _ => None,
             };
-            continue;
+            return;
         }
-        let Some(t) = table else { continue };
+        let Some(t) = self.table else { return };
         if let Some(decl) = line.strip_prefix(':') {
-            if let Some(name) = decl.split_whitespace().next().filter(|n| owns(n)) {
-                chains.insert((t, name.to_string()));
+            if let Some(name) = decl.split_whitespace().next().filter(|n| (self.owns)(n)) {
+                self.chains.insert((t, name.to_string()));
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
-            let Some((chain, rest)) = rule.split_once(' ') else { continue };
-            let Some(target) = jump_target(rest) else { continue };
-            if !chain.starts_with("WEFT-") && owns(&target) {
-                hooks.push((t, chain.to_string(), rest.to_string(), target));
+            let Some((chain, rest)) = rule.split_once(' ') else { return };
+            // Only a built-in chain's rules can be our hooks: our own chains' rules (most of the output) are
+            // not split into arguments.
+            if chain.starts_with("WEFT-") {
+                return;
+            }
+            let Some(target) = jump_target(rest) else { return };
+            if (self.owns)(&target) {
+                self.hooks.push((t, chain.to_string(), rest.to_string(), target));
             }
         }
     }
-    (chains, hooks)
+
+    fn finish(self) -> (BTreeSet<ChainKey>, Vec<SavedHook>) {
+        (self.chains, self.hooks)
+    }
 }
+
+/// Writes a tool's input as the tool reads it.
+pub type Input<'a> = dyn FnMut(&mut dyn Write) -> std::io::Result<()> + 'a;
 
 /// Runs the iptables tools. The real one is `CommandRunner`; tests run it inside a namespace.
 pub trait Runner: Send {
     /// Runs `program args`, feeding `stdin`; returns stdout, or an error carrying stderr.
     fn run(&mut self, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>>;
+
+    /// Runs `program args` with its stdin written by `input` while the tool reads it, so a large input is never
+    /// held whole; returns stdout. The default (test runners) collects the input and calls `run`.
+    fn run_writing(&mut self, program: &str, args: &[&str], input: &mut Input<'_>) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        input(&mut buf).map_err(|source| Error::Spawn { program: program.to_string(), source })?;
+        self.run(program, args, Some(&buf))
+    }
+
+    /// Runs `program args` and hands each line of its stdout (without the line break) to `line` as it is
+    /// read. The default (test runners) splits what `run` returns.
+    fn run_reading(&mut self, program: &str, args: &[&str], line: &mut dyn FnMut(&str)) -> Result<()> {
+        let out = self.run(program, args, None)?;
+        String::from_utf8_lossy(&out).lines().for_each(line);
+        Ok(())
+    }
 }
 
 /// `iptables-save` output of every table, as text.
@@ -197,9 +251,19 @@ pub fn restore(runner: &mut dyn Runner, input: &[u8]) -> Result<()> {
     runner.run("iptables-restore", &["-w", "5", "--noflush"], Some(input)).map(|_| ())
 }
 
+/// One `iptables-restore --noflush` whose input `input` writes as the tool reads it.
+pub fn restore_with(runner: &mut dyn Runner, input: &mut Input<'_>) -> Result<()> {
+    runner.run_writing("iptables-restore", &["-w", "5", "--noflush"], input).map(|_| ())
+}
+
 /// Parses `input` as `iptables-restore --test` does, committing nothing: whether the tool would take it.
 pub fn test_restore(runner: &mut dyn Runner, input: &[u8]) -> Result<()> {
     runner.run("iptables-restore", &["-w", "5", "--noflush", "--test"], Some(input)).map(|_| ())
+}
+
+/// `test_restore` of what `input` writes as the tool reads it.
+pub fn test_restore_with(runner: &mut dyn Runner, input: &mut Input<'_>) -> Result<()> {
+    runner.run_writing("iptables-restore", &["-w", "5", "--noflush", "--test"], input).map(|_| ())
 }
 
 /// Runs programs directly, or behind a prefix such as `ip netns exec <ns>`.
@@ -218,8 +282,8 @@ impl CommandRunner {
     }
 }
 
-impl Runner for CommandRunner {
-    fn run(&mut self, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>> {
+impl CommandRunner {
+    fn command(&self, program: &str, args: &[&str], stdin: bool) -> Command {
         let mut cmd = match self.prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -228,8 +292,33 @@ impl Runner for CommandRunner {
             }
             None => Command::new(program),
         };
-        cmd.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.args(args).stdin(if stdin { Stdio::piped() } else { Stdio::null() });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    }
+}
+
+/// Everything a pipe delivers (drained on its own thread so the tool never blocks on it).
+fn drain(pipe: Option<impl Read>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(mut p) = pipe {
+        // A read error ends the output; the exit status says whether the tool succeeded.
+        let _ = p.read_to_end(&mut out);
+    }
+    out
+}
+
+fn failed(program: &str, status: std::process::ExitStatus, stderr: &[u8]) -> Error {
+    Error::Failed {
+        program: program.to_string(),
+        status: status.to_string(),
+        stderr: String::from_utf8_lossy(stderr).trim().to_string(),
+    }
+}
+
+impl Runner for CommandRunner {
+    fn run(&mut self, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>> {
+        let mut cmd = self.command(program, args, stdin.is_some());
         let spawn_err = |source| Error::Spawn { program: program.to_string(), source };
         let mut child = cmd.spawn().map_err(spawn_err)?;
         // Feed stdin from a thread so a tool that writes a lot before reading everything cannot deadlock us.
@@ -243,16 +332,63 @@ impl Runner for CommandRunner {
         let out = child.wait_with_output().map_err(spawn_err)?;
         let write_result = writer.map(|w| w.join());
         if !out.status.success() {
-            return Err(Error::Failed {
-                program: program.to_string(),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
+            return Err(failed(program, out.status, &out.stderr));
         }
         if let Some(Ok(Err(e))) = write_result {
             return Err(spawn_err(e));
         }
         Ok(out.stdout)
+    }
+
+    fn run_writing(&mut self, program: &str, args: &[&str], input: &mut Input<'_>) -> Result<Vec<u8>> {
+        let spawn_err = |source| Error::Spawn { program: program.to_string(), source };
+        let mut child = self.command(program, args, true).spawn().map_err(spawn_err)?;
+        let (stdout, stderr, stdin) = (child.stdout.take(), child.stderr.take(), child.stdin.take());
+        // Its output is read on other threads while this one writes, so neither side can fill a pipe and wait.
+        let (out, err, written) = std::thread::scope(|s| {
+            let out = s.spawn(|| drain(stdout));
+            let err = s.spawn(|| drain(stderr));
+            let written = stdin.map_or(Ok(()), |pipe| {
+                let mut w = BufWriter::with_capacity(1 << 16, pipe);
+                input(&mut w).and_then(|()| w.flush())
+                // Dropping the pipe here is the tool's end of input.
+            });
+            (out.join().unwrap_or_default(), err.join().unwrap_or_default(), written)
+        });
+        let status = child.wait().map_err(spawn_err)?;
+        // A tool that stops reading (a bad line) breaks our pipe: its own error says why.
+        if !status.success() {
+            return Err(failed(program, status, &err));
+        }
+        written.map_err(spawn_err)?;
+        Ok(out)
+    }
+
+    fn run_reading(&mut self, program: &str, args: &[&str], line: &mut dyn FnMut(&str)) -> Result<()> {
+        let spawn_err = |source| Error::Spawn { program: program.to_string(), source };
+        let mut child = self.command(program, args, false).spawn().map_err(spawn_err)?;
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let (err, read) = std::thread::scope(|s| {
+            let err = s.spawn(|| drain(stderr));
+            let read = stdout.map_or(Ok(()), |pipe| {
+                let mut r = BufReader::with_capacity(1 << 16, pipe);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    if r.read_until(b'\n', &mut buf)? == 0 {
+                        return Ok(());
+                    }
+                    let text = String::from_utf8_lossy(&buf);
+                    line(text.strip_suffix('\n').unwrap_or(&text));
+                }
+            });
+            (err.join().unwrap_or_default(), read)
+        });
+        let status = child.wait().map_err(spawn_err)?;
+        if !status.success() {
+            return Err(failed(program, status, &err));
+        }
+        read.map_err(spawn_err)
     }
 }
 
@@ -307,6 +443,29 @@ mod tests {
         for bad in ["", "-X", "!x", "a b", "a\"b", "a\nb", "é", &"x".repeat(MAX_CHAIN + 1)] {
             assert!(!is_kernel_name(bad, MAX_CHAIN), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn command_runner_streams_the_input_in_and_the_output_out_line_by_line() {
+        let mut r = CommandRunner::new();
+        // More than a pipe holds, written in pieces: `cat` echoes it while we are still writing.
+        let line = "x".repeat(999);
+        let mut input = |w: &mut dyn Write| (0..1000).try_for_each(|_| writeln!(w, "{line}"));
+        let out = r.run_writing("cat", &[], &mut input).unwrap();
+        assert_eq!(out.len(), 1_000_000);
+        let mut lines = Vec::new();
+        r.run_reading("printf", &["a\\nb b\\n\\nc"], &mut |l| lines.push(l.to_string())).unwrap();
+        assert_eq!(lines, ["a", "b b", "", "c"]);
+    }
+
+    #[test]
+    fn a_tool_that_fails_reports_its_own_error_even_when_it_stopped_reading_our_input() {
+        let mut r = CommandRunner::new();
+        let mut input = |w: &mut dyn Write| (0..10_000).try_for_each(|_| w.write_all(&[b'x'; 1000]));
+        let err = r.run_writing("sh", &["-c", "echo 'line 1: bad rule' >&2; exit 2"], &mut input).unwrap_err();
+        assert!(matches!(&err, Error::Failed { stderr, .. } if stderr == "line 1: bad rule"), "{err:?}");
+        let err = r.run_reading("sh", &["-c", "echo out; echo nope >&2; exit 1"], &mut |_| {}).unwrap_err();
+        assert!(matches!(&err, Error::Failed { stderr, .. } if stderr == "nope"), "{err:?}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `weft proxy`: informers on Services and Endpoints feed the `Proxier`; a bounded-frequency runner
+//! `weft proxy`: informers on Services and Endpoints, each keeping only its summary (`summary`: the ports and
+//! ready endpoints this node serves, not the objects), feed the `Proxier`; a bounded-frequency runner
 //! syncs the dataplane (partial on changes, full every `--sync-period` and after a failure); `/metrics`,
 //! `/healthz` and `/services` report on it. It touches etcd (read only) and this namespace's kernel.
 
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use tracing::{info, warn};
 use weft_api::http::{self, Response};
+use weft_api::informer::Backoff;
 use weft_api::{Informer, InformerEvent, Store};
 
 use crate::bounded::{BoundedRunner, Intervals};
@@ -16,6 +18,7 @@ use crate::dataplane::Dataplane;
 use crate::metrics::Metrics;
 use crate::proxier::Proxier;
 use crate::status::{self, ProxyStatus};
+use crate::summary::{self, EndpointsSummary, NodeNames, ServiceSummary};
 use crate::tracker::ObjectKey;
 
 /// Everything `weft proxy` is told on its command line, resolved.
@@ -65,15 +68,21 @@ pub async fn run(opts: ProxyOptions, dataplane: Box<dyn Dataplane + Send>) -> Re
 
     let client = weft_api::connect(&opts.etcd).await?;
     let store = Store::new(client);
-    let (services, mut svc_events, svc_run) = Informer::<Service>::new(store.clone(), None);
-    let (endpoints, mut ep_events, ep_run) = Informer::<Endpoints>::new(store, None);
+    // Each object is summarized as it arrives (the first list page by page): the caches never hold the objects.
+    let (services, mut svc_events, svc_run) =
+        Informer::<ServiceSummary>::transformed::<Service>(store.clone(), None, Backoff::default(), summary::service);
+    let (node, nodes) = (opts.node_name.clone(), NodeNames::default());
+    let (endpoints, mut ep_events, ep_run) =
+        Informer::<EndpointsSummary>::transformed::<Endpoints>(store, None, Backoff::default(), move |e| {
+            summary::endpoints(e, &node, &nodes)
+        });
     tokio::spawn(svc_run);
     tokio::spawn(ep_run);
     info!(mode, node = %opts.node_name, "proxy starting; waiting for the first list of Services and Endpoints");
     services.wait_synced().await;
     endpoints.wait_synced().await;
 
-    let proxier = Arc::new(Mutex::new(Proxier::new(&opts.node_name, dataplane)));
+    let proxier = Arc::new(Mutex::new(Proxier::new(dataplane)));
     // The first list is queued whole by now: feed all of it before any sync, so the first sync never sees
     // half of it (a restarted ipvs proxy would delete the other half's virtual servers and their connections).
     {
@@ -196,8 +205,9 @@ fn sync_once(
     }
 }
 
-/// A full sync builds the whole ruleset as text (tens of megabytes at 10,000 services) and frees it; glibc
-/// keeps freed memory in its arenas, so without this the process's RSS stays at that peak until the next one.
+/// glibc keeps freed memory in its arenas: the objects decoded by the first list (freed as soon as they were
+/// summarized) and a full sync's short-lived buffers would otherwise stay in the RSS. A full sync follows the
+/// first list, so trimming after each one returns both.
 fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live allocation.

@@ -1,17 +1,12 @@
-//! Services + Endpoints → this node's desired `ServiceTable`: a pure function, no I/O.
-//! Bad input is skipped with a reason (to be logged by the caller); every valid port is still served.
+//! The Service and Endpoints summaries (`summary`) → this node's desired `ServiceTable`: a pure join, no I/O.
+//! What the summaries left out is reported with a reason (to be logged by the caller); every valid port is served.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
-use weft_api::service::{is_dns1035_label, is_dns1123_label};
-
-use crate::model::{
-    Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable, DEFAULT_AFFINITY_TIMEOUT,
-};
+use crate::model::{ServiceEntry, ServiceTable};
+use crate::summary::{EndpointsSummary, ServiceSummary};
+use crate::tracker::ObjectKey;
 
 /// Something in the input that was not served, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,233 +16,60 @@ pub struct Skipped {
     pub reason: String,
 }
 
-fn skip(out: &mut Vec<Skipped>, object: String, reason: impl Into<String>) {
-    out.push(Skipped { object, reason: reason.into() });
-}
-
-/// A Service or Endpoints port's protocol and number, or a skip naming what is wrong with it.
-fn checked_port(
-    skipped: &mut Vec<Skipped>,
-    object: &str,
-    protocol: Option<&str>,
-    port: i32,
-) -> Option<(Protocol, u16)> {
-    let Some(protocol) = Protocol::from_api(protocol) else {
-        skip(skipped, object.to_string(), format!("unknown protocol {:?}", protocol.unwrap_or("")));
-        return None;
-    };
-    let Some(port) = port_u16(port) else {
-        skip(skipped, object.to_string(), format!("port {port} out of range"));
-        return None;
-    };
-    Some((protocol, port))
-}
-
-fn port_u16(p: i32) -> Option<u16> {
-    u16::try_from(p).ok().filter(|p| *p != 0)
-}
-
-/// Builds the desired table for `node_name`. Deterministic: the same input gives the same table.
-pub fn desired_table<S: Borrow<Service>, E: Borrow<Endpoints>>(
-    services: &[S],
-    endpoints: &[E],
-    node_name: &str,
+/// Builds the desired table from every Service and Endpoints summary, by object key. Deterministic: the
+/// same input gives the same table. An Endpoints object's skips are reported only when a Service uses it.
+pub fn desired_table<S: Borrow<ServiceSummary>, E: Borrow<EndpointsSummary>>(
+    services: &BTreeMap<ObjectKey, S>,
+    endpoints: &BTreeMap<ObjectKey, E>,
 ) -> (ServiceTable, Vec<Skipped>) {
     let mut skipped = Vec::new();
-    let mut by_name: BTreeMap<(&str, &str), &Endpoints> = BTreeMap::new();
-    for ep in endpoints.iter().map(Borrow::borrow) {
-        if let Some(name) = ep.metadata.name.as_deref() {
-            let ns = ep.metadata.namespace.as_deref().unwrap_or("default");
-            // Only a Service's (validated) name can match; anything else is never looked up or printed.
-            if is_dns1123_label(ns) && is_dns1035_label(name) {
-                by_name.insert((ns, name), ep);
-            }
-        }
-    }
     let mut table = ServiceTable::new();
-    for svc in services.iter().map(Borrow::borrow) {
-        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-        let Some(name) = svc.metadata.name.as_deref() else {
-            skip(&mut skipped, format!("Service {:?}/?", ns), "no metadata.name");
-            continue;
-        };
-        // Names end up in rule comments and chain hashes: only what the API server would have accepted.
-        if !is_dns1123_label(ns) || !is_dns1035_label(name) {
-            skip(&mut skipped, format!("Service {ns:?}/{name:?}"), "namespace or name is not a DNS label");
+    for (key, svc) in services {
+        let svc = svc.borrow();
+        skipped.extend(svc.skipped.iter().cloned());
+        if svc.ports.is_empty() {
             continue;
         }
-        let ports = service_ports(svc, ns, name, &mut skipped);
-        if ports.is_empty() {
-            continue;
+        let eps = endpoints.get(key).map(Borrow::borrow);
+        if let Some(e) = eps {
+            skipped.extend(e.skipped.iter().cloned());
         }
-        let mut eps =
-            by_name.get(&(ns, name)).map(|e| endpoint_ports(e, ns, name, node_name, &mut skipped)).unwrap_or_default();
-        for (spn, port) in ports {
-            let endpoints: Vec<Endpoint> =
-                eps.remove(&(spn.port.clone(), spn.protocol)).map(|set| set.into_iter().collect()).unwrap_or_default();
-            table.insert(spn, ServiceEntry { port, endpoints });
+        for (spn, port) in &svc.ports {
+            let endpoints = eps.and_then(|e| e.endpoints(&spn.port, spn.protocol)).map(<[_]>::to_vec);
+            table.insert(spn.clone(), ServiceEntry { port: port.clone(), endpoints: endpoints.unwrap_or_default() });
         }
     }
     (table, skipped)
 }
 
-/// The service's ports as served on this node; empty for headless, ExternalName and invalid services.
-fn service_ports(
-    svc: &Service,
-    ns: &str,
-    name: &str,
-    skipped: &mut Vec<Skipped>,
-) -> Vec<(ServicePortName, ServicePort)> {
-    let object = format!("Service {ns}/{name}");
-    let Some(spec) = svc.spec.as_ref() else {
-        skip(skipped, object, "no spec");
-        return vec![];
+/// What the daemon does, for tests: each object through its informer transform, then the join.
+#[cfg(test)]
+pub(crate) fn from_objects(
+    services: Vec<k8s_openapi::api::core::v1::Service>,
+    endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
+    node: &str,
+) -> (ServiceTable, Vec<Skipped>) {
+    use crate::summary;
+    let key_of = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        ObjectKey::new(m.namespace.as_deref().unwrap_or("default"), m.name.as_deref().unwrap_or(""))
     };
-    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let cluster_ip = match (type_, spec.cluster_ip.as_deref()) {
-        ("ExternalName", _) | (_, Some("None")) => return vec![],
-        (_, None | Some("")) => {
-            skip(skipped, object, "no clusterIP allocated");
-            return vec![];
-        }
-        (_, Some(ip)) => match ip.parse::<Ipv4Addr>() {
-            Ok(ip) => ip,
-            Err(_) => {
-                skip(skipped, object, format!("clusterIP {ip:?} is not an IPv4 address"));
-                return vec![];
-            }
-        },
-    };
-    let parse_ips = |ips: &mut dyn Iterator<Item = &str>, what: &str, skipped: &mut Vec<Skipped>| {
-        let mut out = Vec::new();
-        for ip in ips {
-            match ip.parse::<Ipv4Addr>() {
-                Ok(ip) if !out.contains(&ip) => out.push(ip),
-                Ok(_) => {}
-                Err(_) => {
-                    skip(skipped, format!("Service {ns}/{name}"), format!("{what} {ip:?} is not an IPv4 address"))
-                }
-            }
-        }
-        out
-    };
-    let external_ips = parse_ips(&mut spec.external_ips.iter().flatten().map(String::as_str), "externalIP", skipped);
-    let load_balancer_ips = if type_ == "LoadBalancer" {
-        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-        parse_ips(
-            &mut ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()),
-            "load balancer ingress IP",
-            skipped,
-        )
-    } else {
-        vec![]
-    };
-    let session_affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u64::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
-    let with_node_ports = matches!(type_, "NodePort" | "LoadBalancer");
-    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-
-    let mut out = Vec::new();
-    let mut seen = BTreeSet::new();
-    for p in spec.ports.iter().flatten() {
-        let port_name = p.name.clone().unwrap_or_default();
-        if !port_name.is_empty() && !is_dns1123_label(&port_name) {
-            skip(skipped, format!("Service {ns}/{name}:{port_name:?}"), "port name is not a DNS-1123 label");
-            continue;
-        }
-        let object = format!("Service {ns}/{name}:{port_name}");
-        let Some((protocol, port)) = checked_port(skipped, &object, p.protocol.as_deref(), p.port) else {
-            continue;
-        };
-        let node_port = match p.node_port.filter(|_| with_node_ports) {
-            None => None,
-            Some(np) => match port_u16(np) {
-                Some(np) => Some(np),
-                None => {
-                    skip(skipped, object, format!("nodePort {np} out of range"));
-                    continue;
-                }
-            },
-        };
-        let mut sp = ServicePort {
-            cluster_ip: Some(cluster_ip),
-            port,
-            node_port,
-            external_ips: external_ips.clone(),
-            load_balancer_ips: load_balancer_ips.clone(),
-            session_affinity,
-            external_policy_local: false,
-            internal_policy_local,
-        };
-        // As kube-proxy: the external policy only means something for externally reachable services.
-        sp.external_policy_local = external_local && sp.is_external();
-        let spn = ServicePortName::new(ns, name, &port_name, protocol);
-        if !seen.insert(spn.clone()) {
-            skip(skipped, object, "duplicate port name and protocol");
-            continue;
-        }
-        out.push((spn, sp));
-    }
-    out
-}
-
-type EndpointsByPort = BTreeMap<(String, Protocol), BTreeSet<Endpoint>>;
-
-/// Ready endpoints of an Endpoints object, keyed by (port name, protocol).
-fn endpoint_ports(
-    ep: &Endpoints,
-    ns: &str,
-    name: &str,
-    node_name: &str,
-    skipped: &mut Vec<Skipped>,
-) -> EndpointsByPort {
-    let mut out = EndpointsByPort::new();
-    for subset in ep.subsets.iter().flatten() {
-        let mut addrs = Vec::new();
-        for a in subset.addresses.iter().flatten() {
-            match a.ip.parse::<Ipv4Addr>() {
-                Ok(ip) => addrs.push((ip, a.node_name.clone())),
-                Err(_) => skip(
-                    skipped,
-                    format!("Endpoints {ns}/{name}"),
-                    format!("address {:?} is not an IPv4 address", a.ip),
-                ),
-            }
-        }
-        for p in subset.ports.iter().flatten() {
-            let port_name = p.name.clone().unwrap_or_default();
-            let object = format!("Endpoints {ns}/{name}:{port_name:?}");
-            let Some((protocol, port)) = checked_port(skipped, &object, p.protocol.as_deref(), p.port) else {
-                continue;
-            };
-            let set = out.entry((port_name, protocol)).or_default();
-            for (ip, node) in &addrs {
-                set.insert(Endpoint {
-                    ip: *ip,
-                    port,
-                    is_local: node.as_deref() == Some(node_name),
-                    node_name: node.clone(),
-                    ready: true,
-                });
-            }
-        }
-    }
-    out
+    let nodes = summary::NodeNames::default();
+    let s: BTreeMap<ObjectKey, ServiceSummary> =
+        services.into_iter().filter_map(|s| Some((key_of(&s.metadata), summary::service(s)?))).collect();
+    let e: BTreeMap<ObjectKey, EndpointsSummary> = endpoints
+        .into_iter()
+        .filter_map(|e| Some((key_of(&e.metadata), summary::endpoints(e, node, &nodes)?)))
+        .collect();
+    desired_table(&s, &e)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Endpoint, Protocol, ServicePort, ServicePortName, DEFAULT_AFFINITY_TIMEOUT};
+    use k8s_openapi::api::core::v1::{Endpoints, Service};
     use serde_json::json;
+    use std::time::Duration;
 
     fn svc(v: serde_json::Value) -> Service {
         serde_json::from_value(v).unwrap()
@@ -299,7 +121,7 @@ mod tests {
         services
             .push(svc(json!({"metadata": {"name": "dup", "namespace": "default"}, "spec": {"clusterIP": "10.96.1.1",
             "ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]}})));
-        let (table, skipped) = desired_table(&services, &[] as &[Endpoints], "node-1");
+        let (table, skipped) = from_objects(services, vec![], "node-1");
         let keys: Vec<String> = table.keys().map(ToString::to_string).collect();
         assert_eq!(keys, ["default/dup:a", "default/x"], "{skipped:?}");
         assert_eq!(skipped.len(), 4, "{skipped:?}");
@@ -472,7 +294,7 @@ mod tests {
             },
         ];
         for c in cases {
-            let (table, skipped) = desired_table(&[svc(c.service)], c.endpoints.as_slice(), "node-1");
+            let (table, skipped) = from_objects(vec![svc(c.service)], c.endpoints.into_iter().collect(), "node-1");
             let want: ServiceTable = c.want.into_iter().collect();
             assert_eq!(table, want, "{}", c.name);
             assert_eq!(skipped.len(), c.skipped, "{}: {skipped:?}", c.name);
@@ -485,7 +307,7 @@ mod tests {
                 "ports": [{"port": 80}]}}));
         let e = eps(json!({"metadata": {"name": "web", "namespace": "b"},
                 "subsets": [{"addresses": [{"ip": "10.244.0.2"}], "ports": [{"port": 80}]}]}));
-        let (table, _) = desired_table(&[s], &[e], "n");
+        let (table, _) = from_objects(vec![s], vec![e], "n");
         assert!(table.values().all(|e| e.endpoints.is_empty()));
     }
 }

@@ -1,12 +1,11 @@
 //! kube-proxy's change tracker: between two syncs, one `{previous, current}` pair per Service or
-//! Endpoints object; a change that ends where it began is dropped. `take` yields the service ports a
+//! Endpoints summary; a change that ends where it began is dropped. `take` yields the service ports a
 //! sync must rewrite, which is what makes a partial sync possible.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
-
-use crate::model::{Protocol, ServicePortName};
+use crate::model::ServicePortName;
+use crate::summary::{EndpointsSummary, ServiceSummary};
 
 /// `namespace/name` of a Service or Endpoints object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,36 +26,22 @@ pub trait Tracked: Clone + PartialEq {
     fn port_names(&self, key: &ObjectKey) -> Vec<ServicePortName>;
 }
 
-impl Tracked for Service {
-    fn port_names(&self, key: &ObjectKey) -> Vec<ServicePortName> {
-        let ports = self.spec.as_ref().and_then(|s| s.ports.as_ref());
-        ports
-            .into_iter()
-            .flatten()
-            .filter_map(|p| {
-                let proto = Protocol::from_api(p.protocol.as_deref())?;
-                Some(ServicePortName::new(&key.namespace, &key.name, p.name.as_deref().unwrap_or(""), proto))
-            })
-            .collect()
+impl Tracked for ServiceSummary {
+    fn port_names(&self, _: &ObjectKey) -> Vec<ServicePortName> {
+        self.ports.iter().map(|(spn, _)| spn.clone()).collect()
     }
 }
 
-// The proxy keeps the informer's shared objects rather than copies.
+impl Tracked for EndpointsSummary {
+    fn port_names(&self, key: &ObjectKey) -> Vec<ServicePortName> {
+        self.ports.iter().map(|p| ServicePortName::new(&key.namespace, &key.name, &p.name, p.protocol)).collect()
+    }
+}
+
+// The proxy keeps the informer's shared summaries rather than copies.
 impl<T: Tracked> Tracked for std::sync::Arc<T> {
     fn port_names(&self, key: &ObjectKey) -> Vec<ServicePortName> {
         (**self).port_names(key)
-    }
-}
-
-impl Tracked for Endpoints {
-    fn port_names(&self, key: &ObjectKey) -> Vec<ServicePortName> {
-        let ports = self.subsets.iter().flatten().flat_map(|s| s.ports.iter().flatten());
-        ports
-            .filter_map(|p| {
-                let proto = Protocol::from_api(p.protocol.as_deref())?;
-                Some(ServicePortName::new(&key.namespace, &key.name, p.name.as_deref().unwrap_or(""), proto))
-            })
-            .collect()
     }
 }
 
@@ -117,12 +102,16 @@ impl<V: Tracked> ChangeTracker<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
+    use crate::summary;
     use serde_json::json;
 
-    fn svc(port: i32) -> Service {
-        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "ns"},
+    fn service(v: serde_json::Value) -> ServiceSummary {
+        summary::service(serde_json::from_value(v).unwrap()).unwrap()
+    }
+    fn svc(port: i32) -> ServiceSummary {
+        service(json!({"metadata": {"name": "web", "namespace": "ns"},
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "http", "port": port}]}}))
-        .unwrap()
     }
     fn key() -> ObjectKey {
         ObjectKey::new("ns", "web")
@@ -143,9 +132,8 @@ mod tests {
     #[test]
     fn take_reports_ports_of_old_and_new_objects_once() {
         let mut t = ChangeTracker::new();
-        let renamed: Service = serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "ns"},
-            "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "web", "port": 80, "protocol": "UDP"}]}}))
-        .unwrap();
+        let renamed = service(json!({"metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "web", "port": 80, "protocol": "UDP"}]}}));
         t.update(key(), Some(svc(80)), Some(svc(81)));
         t.update(key(), Some(svc(81)), Some(renamed));
         let got = t.take();
@@ -161,9 +149,9 @@ mod tests {
     #[test]
     fn endpoints_changes_name_their_ports() {
         let mut t = ChangeTracker::new();
-        let e: Endpoints = serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "ns"},
-            "subsets": [{"addresses": [{"ip": "10.244.0.2"}], "ports": [{"port": 8080}]}]}))
-        .unwrap();
+        let e = json!({"metadata": {"name": "web", "namespace": "ns"},
+            "subsets": [{"addresses": [{"ip": "10.244.0.2"}], "ports": [{"port": 8080}]}]});
+        let e = summary::endpoints(serde_json::from_value(e).unwrap(), "node-1", &Default::default()).unwrap();
         t.update(key(), None, Some(e));
         assert_eq!(t.take(), [ServicePortName::new("ns", "web", "", Protocol::Tcp)].into());
     }
