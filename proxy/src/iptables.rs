@@ -47,9 +47,9 @@ use std::time::Instant;
 use ipnetwork::Ipv4Network;
 use sha2::{Digest, Sha256};
 
-use crate::conntrack::stale_udp;
+use crate::conntrack::StaleUdpFlows;
 use crate::dataplane::{self, Dataplane, SyncStats};
-use crate::model::{Endpoint, Protocol, ServiceEntry, ServicePortName, ServiceTable};
+use crate::model::{Endpoint, ServiceEntry, ServicePortName, ServiceTable};
 use crate::restore;
 
 // The restore/save machinery lives in `restore`; re-exported so `iptables::CommandRunner` & co. keep working.
@@ -821,37 +821,17 @@ pub struct IptablesDataplane<R: Runner = CommandRunner> {
     /// What we last wrote; None forces the next sync to be full (start, or after a failure).
     state: Option<ChainState>,
     /// The UDP ports of the table last synced, to find flows that went stale.
-    last_udp: Option<ServiceTable>,
+    stale_udp: StaleUdpFlows,
 }
 
 impl<R: Runner> IptablesDataplane<R> {
     pub fn new(runner: R, cfg: Config) -> Self {
-        IptablesDataplane { runner, cfg, state: None, last_udp: None }
+        IptablesDataplane { runner, cfg, state: None, stale_udp: StaleUdpFlows::default() }
     }
 
     /// The chains we believe the kernel holds (None before the first successful sync).
     pub fn state(&self) -> Option<&ChainState> {
         self.state.as_ref()
-    }
-
-    /// Deletes UDP flows to removed endpoints (kube-proxy does the same). Failures are logged, not fatal:
-    /// the rules are right, only old flows linger until they time out.
-    fn clear_stale_udp(&mut self, table: &ServiceTable) {
-        let udp: ServiceTable =
-            table.iter().filter(|(k, _)| k.protocol == Protocol::Udp).map(|(k, v)| (k.clone(), v.clone())).collect();
-        if let Some(old) = self.last_udp.replace(udp) {
-            let new = self.last_udp.as_ref().unwrap_or(&old);
-            for del in stale_udp(&old, new) {
-                let args = del.args();
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                match self.runner.run("conntrack", &args, None) {
-                    Ok(_) => {}
-                    // conntrack exits 1 when nothing matched.
-                    Err(Error::Failed { stderr, .. }) if stderr.contains("0 flow entries") => {}
-                    Err(e) => tracing::warn!(error = %e, ?del, "clearing stale UDP flows failed"),
-                }
-            }
-        }
     }
 }
 
@@ -898,7 +878,8 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
             }
         };
         self.state = Some(state);
-        self.clear_stale_udp(table);
+        // kube-proxy does the same: UDP flows to removed endpoints are deleted after the rules changed.
+        self.stale_udp.clear(&mut self.runner, table);
         stats.duration = started.elapsed();
         tracing::debug!(
             full = stats.full,
@@ -913,7 +894,7 @@ impl<R: Runner> Dataplane for IptablesDataplane<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ServicePort;
+    use crate::model::{Protocol, ServicePort};
     use serde_json::json;
 
     fn golden_table(variant: u8) -> ServiceTable {
