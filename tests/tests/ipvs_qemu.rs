@@ -8,6 +8,8 @@ use weft_lab::qemu::{GuestRun, KernelLab};
 const CHECKS: &[&str] = &[
     "pod to ClusterIP",
     "pod to a single-endpoint service",
+    "pod to ClusterIP across nodes",
+    "NodePort from an outside host, on the other node",
     "a pod reaches itself through its own service (hairpin)",
     "NodePort from an outside host",
     "externalIPs from an outside host",

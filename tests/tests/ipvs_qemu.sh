@@ -1,6 +1,7 @@
 # The service conformance table in ipvs mode, run inside the QEMU kernel lab's guest (busybox sh).
 # Namespaces play the node (node-1, 192.168.56.11, pods on cni0 10.244.1.0/24), a host outside (ext,
-# 192.168.56.10), a client pod on a routed link (10.244.2.2) and three backend pods s1-s3.
+# 192.168.56.10), a client pod on a routed link (10.244.2.2), three backend pods s1-s3, and a second node (node-2,
+# 192.168.57.12 behind ext, its own proxy) with one pod s4 (10.244.3.3).
 # Every check prints `WEFT-CHECK PASS|FAIL <name>: <detail>`; the test on the host reads them.
 
 ip() { /bin/ip "$@"; }
@@ -62,14 +63,30 @@ ip -n node link add veth-client type veth peer name eth0 netns client
 ip -n node addr add 10.244.2.1/24 dev veth-client; ip -n node link set veth-client up
 ip -n client addr add 10.244.2.2/24 dev eth0; ip -n client link set eth0 up; ip -n client route add default via 10.244.2.1
 nsx node sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'
+# A second node (node-2, 192.168.57.12, pods on 10.244.3.0/24) on another link of the outside host, which routes
+# between the two nodes as a fabric would; its one pod, s4.
+for n in node2 s4; do ip netns add $n; ip -n $n link set lo up; done
+ip -n node2 link add eth0 type veth peer name eth1 netns ext
+ip -n node2 addr add 192.168.57.12/24 dev eth0; ip -n node2 link set eth0 up
+ip -n ext addr add 192.168.57.10/24 dev eth1; ip -n ext link set eth1 up
+ip -n node2 link add cni0 type bridge; ip -n node2 addr add 10.244.3.1/24 dev cni0; ip -n node2 link set cni0 up
+ip -n node2 link add veth-s4 type veth peer name eth0 netns s4
+ip -n node2 link set veth-s4 master cni0 up
+ip -n s4 addr add 10.244.3.3/24 dev eth0; ip -n s4 link set eth0 up; ip -n s4 route add default via 10.244.3.1
+for n in ext node2; do nsx $n sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'; done
+ip -n ext route add 10.244.3.0/24 via 192.168.57.12
+ip -n ext route add 10.244.1.0/24 via 192.168.56.11; ip -n ext route add 10.244.2.0/24 via 192.168.56.11
+ip -n node route add 10.244.3.0/24 via 192.168.56.10; ip -n node route add 192.168.57.0/24 via 192.168.56.10
+ip -n node2 route add default via 192.168.57.10
 
 for s in s1 s2 s3; do
     nsx $s socat TCP-LISTEN:9376,fork,reuseaddr SYSTEM:"echo $s" &
     nsx $s socat UDP-RECVFROM:9377,fork SYSTEM:"echo $s" &
     nsx $s socat TCP-LISTEN:7000,fork,reuseaddr EXEC:cat &
 done
+nsx s4 socat TCP-LISTEN:9376,fork,reuseaddr SYSTEM:"echo s4" &
 
-nsx node etcd --data-dir /tmp/etcd --name default --listen-client-urls http://127.0.0.1:2379 \
+nsx node etcd --data-dir /tmp/etcd --name default --listen-client-urls http://127.0.0.1:2379,http://192.168.56.11:2379 \
     --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
     --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster default=http://127.0.0.1:2380 \
     > /tmp/etcd.log 2>&1 &
@@ -101,6 +118,8 @@ S1=10.244.1.3; S2=10.244.1.4; S3=10.244.1.5
     svc empty 10.96.100.9 80 9376 TCP "" ""; eps empty 9376 TCP
     svc echo 10.96.100.11 7000 7000 TCP "" ""; eps echo 7000 TCP $S3
     svc hairpin 10.96.100.12 80 9376 TCP "" ""; eps hairpin 9376 TCP $S1
+    svc remote 10.96.100.14 80 9376 TCP "" ""
+    printf 'apiVersion: v1\nkind: Endpoints\nmetadata: {name: remote, namespace: default}\nsubsets: [{addresses: [{ip: 10.244.3.3, nodeName: node-2}], ports: [{name: p, port: 9376, protocol: TCP}]}]\n---\n'
     printf 'apiVersion: v1\nkind: Service\nmetadata: {name: headless, namespace: default}\nspec: {clusterIP: None, ports: [{port: 80}]}\n'
 } > /tmp/services.yaml
 apply() { nsx node weft apply -f "$1" > /tmp/apply.log 2>&1 || { echo "apply failed:"; cat /tmp/apply.log; }; }
@@ -108,6 +127,10 @@ apply /tmp/services.yaml
 
 start_proxy ipvs --ipvs-tcp-timeout 900s --ipvs-tcpfin-timeout 120s --ipvs-udp-timeout 300s \
     --ipvs-graceful-termination-period 3s
+# node-2's proxy, against node-1's etcd over the fabric.
+WEFT_LOG=info /bin/ip netns exec node2 weft proxy --proxy-mode ipvs --hostname-override node-2 --cluster-cidr 10.244.0.0/16 \
+    --etcd-endpoints http://192.168.56.11:2379 --min-sync-period 100ms --sync-period 2s >> /tmp/proxy-node2.log 2>&1 &
+echo $! > /tmp/proxy-node2.pid
 has_vs() { nsx node ipvsadm -Ln | grep -q "$1"; }
 until_ok 20 has_vs "10.96.100.12:80" || { echo "no virtual servers"; nsx node ipvsadm -Ln; tail -n 30 /tmp/proxy-ipvs.log; }
 
@@ -117,6 +140,13 @@ if is_one_of "$out" s2 s3; then pass "pod to ClusterIP" "$out"; else fail "pod t
 
 out=$(fetch client 10.96.100.2:80)
 if [ "$out" = s1 ]; then pass "pod to a single-endpoint service" "$out"; else fail "pod to a single-endpoint service" "$out"; fi
+
+out=$(fetch client 10.96.100.14:80)
+if [ "$out" = s4 ]; then pass "pod to ClusterIP across nodes" "$out"; else fail "pod to ClusterIP across nodes" "$out"; fi
+
+np2() { is_one_of "$(fetch ext 192.168.57.12:30080)" s1 s2 s3; }
+if until_ok 30 np2; then pass "NodePort from an outside host, on the other node" "$(fetch ext 192.168.57.12:30080)"
+else fail "NodePort from an outside host, on the other node" "$(fetch ext 192.168.57.12:30080); $(tail -n 5 /tmp/proxy-node2.log | tr '\n' ' ')"; fi
 
 out=$(fetch s1 10.96.100.12:80)
 if [ "$out" = s1 ]; then pass "a pod reaches itself through its own service (hairpin)" "$out"
@@ -276,6 +306,7 @@ if [ -z "$left" ] && until_ok 10 served; then pass "iptables -> ipvs leaves noth
 else fail "iptables -> ipvs leaves nothing of iptables mode" "left:$left; $(nsx node iptables-save | grep WEFT)"; fi
 if has_vs "10.96.100.1:80 mh"; then pass "--ipvs-scheduler mh" ""; else fail "--ipvs-scheduler mh" "$(nsx node ipvsadm -Ln)"; fi
 
+kill "$(cat /tmp/proxy-node2.pid)"
 echo "--- ipvsadm -Ln"; nsx node ipvsadm -Ln
 echo "--- proxy log (ipvs)"; grep -v DEBUG /tmp/proxy-ipvs.log | tail -n 40
 stop_proxy
