@@ -1,7 +1,9 @@
 //! eBPF mode benchmark (issue 12), everything inside namespaces, a cgroup and a bpffs it creates:
 //! 1. New connections (wrk, `Connection: close`) from a client namespace to a server namespace, through a
-//!    Service VIP (socket LB: the client runs in the cgroup the programs are attached to) and directly to
-//!    the server's address, alternating, at 10 and BENCH_SERVICES (10,000) services × 10 endpoints.
+//!    Service VIP (socket LB: the client runs in the cgroup the programs are attached to), directly to the
+//!    server's address, and through the same VIP in iptables mode (the same table synced by
+//!    `IptablesDataplane` into the client namespace, whose OUTPUT chain DNATs it; wrk outside the cgroup, so
+//!    no program sees it), alternating, at 10 and BENCH_SERVICES (10,000) services × 10 endpoints.
 //! 2. Sync: a full sync of 10,000 × 10 into empty maps, a full resync with nothing to change, and
 //!    BENCH_CHANGES (200) one-endpoint changes (partial syncs, p50/p99); the same table's full sync in
 //!    iptables mode (real iptables-restore in a fresh namespace) in the same run, for the ratio.
@@ -52,12 +54,14 @@ fn table(n: u32, eps: u32) -> ServiceTable {
     t
 }
 
-/// wrk from the client namespace, inside the cgroup.
-fn wrk(client: &Netns, cgroup: &Cgroup, url: &str, secs: u64, conns: u32) -> Result<Wrk> {
+/// wrk from the client namespace, inside the cgroup (socket LB) or not (iptables mode).
+fn wrk(client: &Netns, cgroup: Option<&Cgroup>, url: &str, secs: u64, conns: u32) -> Result<Wrk> {
     let mut cmd = client.command("wrk");
     cmd.args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "-H", "Connection: close", url]);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cgroup.enter(&mut cmd)?;
+    if let Some(cgroup) = cgroup {
+        cgroup.enter(&mut cmd)?;
+    }
     let out = cmd.output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     parse_wrk(&text)
@@ -118,9 +122,14 @@ fn main() -> Result<()> {
     let cfg = Config { cgroup: cgroup.path().into(), pin_base: bpffs.path().join("weft"), ..Config::default() };
 
     println!("## eBPF mode (socket LB): new connections through a VIP vs direct, sync cost, map memory\n");
-    println!("wrk -t1 -c{conns} -d{secs}s `Connection: close`, {rounds} alternating rounds; client and server in two namespaces joined by a veth.\n");
-    println!("| services × endpoints | direct, conn/s (median; min–max) | via VIP, conn/s | VIP / direct (median of rounds) | wrk errors |");
-    println!("|---|---|---|---|---|");
+    println!("wrk -t1 -c{conns} -d{secs}s `Connection: close`, {rounds} rounds, the three sides' order reversed every other round; client and server in two namespaces joined by a veth.\n");
+    println!("| services × endpoints | direct, conn/s (median; min–max) | via VIP (eBPF), conn/s | eBPF VIP / direct (median of rounds) | via VIP (iptables mode), conn/s | iptables VIP / direct | wrk errors |");
+    println!("|---|---|---|---|---|---|---|");
+    // iptables mode in the client namespace itself (OUTPUT chain), for the same connections outside the cgroup.
+    let mut client_ipt = IptablesDataplane::new(
+        CommandRunner::with_prefix(["ip", "netns", "exec", client.name()]),
+        weft_proxy::iptables::Config::default(),
+    );
     let mut full_empty = Duration::ZERO;
     let mut noop = Duration::ZERO;
     let mut partial = Vec::new();
@@ -132,35 +141,46 @@ fn main() -> Result<()> {
         let started = Instant::now();
         dp.sync(&t, None)?;
         let took = started.elapsed();
+        client_ipt.sync(&t, None)?;
         let urls = [format!("http://{SERVER}:{HTTP_PORT}/"), format!("http://{MEASURED_VIP}:80/")];
-        let mut samples: [Vec<Sample>; 2] = [vec![], vec![]];
+        // (url, inside the cgroup): direct, VIP through socket LB, VIP through iptables mode.
+        let sides = [(&urls[0], true), (&urls[1], true), (&urls[1], false)];
+        let mut samples: [Vec<Sample>; 3] = [vec![], vec![], vec![]];
         for round in 0..rounds {
-            // direct and VIP swap who runs first every round.
-            for k in rounds::order(round, 2) {
-                let w = wrk(&client, &cgroup, &urls[k], secs, conns).unwrap_or_else(|e| {
-                    eprintln!("round {}: {}: {e:#}", round + 1, urls[k]);
+            // The sides take turns at running first.
+            for k in rounds::order(round, 3) {
+                let (url, in_cgroup) = sides[k];
+                let w = wrk(&client, in_cgroup.then_some(&cgroup), url, secs, conns).unwrap_or_else(|e| {
+                    eprintln!("round {}: {url} (cgroup: {in_cgroup}): {e:#}", round + 1);
                     Wrk { rps: f64::NAN, errors: 1, ..Wrk::default() }
                 });
                 samples[k].push(w.sample());
             }
         }
         let errors: u64 = samples.iter().flatten().map(|s| s.errors).sum();
-        let valid = rounds::valid_rounds(&[("direct", &samples[0]), ("VIP", &samples[1])]);
+        let valid =
+            rounds::valid_rounds(&[("direct", &samples[0]), ("eBPF VIP", &samples[1]), ("iptables VIP", &samples[2])]);
         let direct = rounds::valid_rates(&samples[0], &valid);
         let vip = rounds::valid_rates(&samples[1], &valid);
+        let ipt_vip = rounds::valid_rates(&samples[2], &valid);
         if direct.is_empty() {
             bail!("{n} services: no valid round ({})", rounds::summary(&valid));
         }
         let ratio: Vec<f64> = vip.iter().zip(&direct).map(|(v, d)| v / d).collect();
+        let ipt_ratio: Vec<f64> = ipt_vip.iter().zip(&direct).map(|(v, d)| v / d).collect();
         println!(
-            "| {n} × 10 | {:.0} ({}) | {:.0} ({}) | **{:.3}** ({}; {}) | {errors} |",
+            "| {n} × 10 | {:.0} ({}) | {:.0} ({}) | **{:.3}** ({}; {}) | {:.0} ({}) | {:.3} ({}) | {errors} |",
             median(direct.clone()),
             spread(&direct),
             median(vip.clone()),
             spread(&vip),
             median(ratio.clone()),
             spread(&ratio),
-            rounds::summary(&valid)
+            rounds::summary(&valid),
+            median(ipt_vip.clone()),
+            spread(&ipt_vip),
+            median(ipt_ratio.clone()),
+            spread(&ipt_ratio),
         );
         if n == big {
             full_empty = took;
