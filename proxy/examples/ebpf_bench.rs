@@ -114,6 +114,8 @@ fn main() -> Result<()> {
     client.ip(&["link", "set", "eth0", "up"])?;
     server.ip(&["addr", "add", "192.168.180.1/24", "dev", "eth0"])?;
     server.ip(&["link", "set", "eth0", "up"])?;
+    // A route for the VIPs, as a node has: iptables mode DNATs after connect() has found one.
+    client.ip(&["route", "add", "default", "via", "192.168.180.1"])?;
     tw_sysctls(&client)?;
     tw_sysctls(&server)?;
     let http = HttpServer::start(&server)?;
