@@ -426,6 +426,14 @@ fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
 }
 
 /// Kills a daemon from a pid file written by an earlier process, if it is still the program we started.
+/// Stops a daemon: the child this process started, or (a lab opened from its state) the one its pid file names.
+fn stop_daemon(child: Option<Child>, pid_file: &Path, what: &str, sig: i32, grace: Duration) {
+    match child {
+        Some(mut child) => stop_child(&mut child, sig, grace),
+        None => kill_pid_file(pid_file, what),
+    }
+}
+
 fn kill_pid_file(pid_file: &Path, expect: &str) {
     let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
         return;
@@ -896,10 +904,7 @@ impl Lab {
     /// SIGTERM node `i`'s kubelet and wait for it to exit (its containers keep running in containerd).
     pub fn stop_kubelet(&mut self, i: usize) -> Result<()> {
         let node = self.node_mut(i)?;
-        match node.kubelet.take() {
-            Some(mut child) => stop_child(&mut child, libc::SIGTERM, Duration::from_secs(10)),
-            None => kill_pid_file(&node.kubelet_pid_path(), "kubelet"),
-        }
+        stop_daemon(node.kubelet.take(), &node.kubelet_pid_path(), "kubelet", libc::SIGTERM, Duration::from_secs(10));
         Ok(())
     }
 
@@ -965,10 +970,7 @@ impl Lab {
 
     /// Stops the lab's etcd (SIGKILL, as a crash or partition would), keeping its data.
     pub fn stop_etcd(&mut self) -> Result<()> {
-        match self.etcd.take() {
-            Some(mut child) => stop_child(&mut child, libc::SIGKILL, Duration::from_secs(5)),
-            None => kill_pid_file(&self.dir.join("etcd.pid"), "etcd"),
-        }
+        stop_daemon(self.etcd.take(), &self.dir.join("etcd.pid"), "etcd", libc::SIGKILL, Duration::from_secs(5));
         Ok(())
     }
 
@@ -1199,31 +1201,21 @@ impl Lab {
     /// SIGTERM the proxy and wait for it to exit (its rules stay in the kernel).
     pub fn stop_proxy(&mut self, i: usize) -> Result<()> {
         let node = self.node_mut(i)?;
-        match node.proxy.take() {
-            Some(mut child) => stop_child(&mut child, libc::SIGTERM, Duration::from_secs(10)),
-            None => kill_pid_file(&node.proxy_pid_path(), "proxy"),
-        }
+        stop_daemon(node.proxy.take(), &node.proxy_pid_path(), "proxy", libc::SIGTERM, Duration::from_secs(10));
         Ok(())
     }
 
     /// SIGTERM and wait for it to exit (SIGKILL after 10 s).
     pub fn stop_agent(&mut self, i: usize) -> Result<()> {
         let node = self.node_mut(i)?;
-        if let Some(mut child) = node.agent.take() {
-            stop_child(&mut child, libc::SIGTERM, Duration::from_secs(10));
-        } else {
-            kill_pid_file(&node.agent_pid_path(), "agent");
-        }
+        stop_daemon(node.agent.take(), &node.agent_pid_path(), "agent", libc::SIGTERM, Duration::from_secs(10));
         Ok(())
     }
 
     /// SIGKILL, as a crash would.
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         let node = self.node_mut(i)?;
-        match node.agent.take() {
-            Some(mut child) => stop_child(&mut child, libc::SIGKILL, Duration::from_secs(5)),
-            None => kill_pid_file(&node.agent_pid_path(), "agent"),
-        }
+        stop_daemon(node.agent.take(), &node.agent_pid_path(), "agent", libc::SIGKILL, Duration::from_secs(5));
         Ok(())
     }
 
