@@ -3,12 +3,12 @@
 
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use weft_ebpf::maps::{IPPROTO_TCP, IPPROTO_UDP, LB_FLAG_AFFINITY, LB_SCOPE_SOCKET};
 use weft_ebpf::{Backend, BackendKey, Config, MapOp, SockLb, SvcKey, SvcVal};
 use weft_lab::bpf::{Bpffs, Cgroup};
+use weft_lab::lab::until;
 use weft_lab::Netns;
 
 struct Fixture {
@@ -64,17 +64,6 @@ impl Fixture {
     }
 }
 
-fn until<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within 10s"))),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 fn vip(port: u16, proto: u8) -> SvcKey {
     SvcKey::new(Ipv4Addr::new(10, 96, 0, 1), port, proto, LB_SCOPE_SOCKET)
 }
@@ -103,11 +92,11 @@ fn tcp_and_udp_to_a_vip_reach_a_backend_inside_the_cgroup_only() -> Result<()> {
     let mut lb = SockLb::load(&fx.config(1024))?;
     service(&mut lb, vip(80, IPPROTO_TCP), 1, &[[127, 0, 0, 1]], 9376, 0)?;
     service(&mut lb, vip(53, IPPROTO_UDP), 2, &[[127, 0, 0, 2]], 9377, 0)?;
-    ensure!(until("TCP via the VIP", || fx.client("TCP:10.96.0.1:80"))? == "a");
+    ensure!(until("TCP via the VIP", 10, || fx.client("TCP:10.96.0.1:80"))? == "a");
     // Unconnected UDP: sendmsg4 translates the destination, recvmsg4 rewrites the reply's source to the VIP.
-    ensure!(until("UDP sendto via the VIP", || fx.client("UDP-SENDTO:10.96.0.1:53"))? == "b");
+    ensure!(until("UDP sendto via the VIP", 10, || fx.client("UDP-SENDTO:10.96.0.1:53"))? == "b");
     // Connected UDP: connect4 translates, getpeername4 answers with the VIP.
-    ensure!(until("connected UDP via the VIP", || fx.client("UDP:10.96.0.1:53"))? == "b");
+    ensure!(until("connected UDP via the VIP", 10, || fx.client("UDP:10.96.0.1:53"))? == "b");
     // A process outside the cgroup is not translated: nothing answers on the VIP.
     let mut outside = fx.ns.command("socat");
     outside.args(["-T", "1", "-", "TCP:10.96.0.1:80,connect-timeout=1"]).stdin(Stdio::null()).stderr(Stdio::null());
@@ -169,7 +158,7 @@ fn a_reload_reuses_pinned_maps_and_replaces_the_links_and_remove_detaches_everyt
     let removed = weft_ebpf::remove(&cfg.pin_dir)?;
     ensure!(removed.links.len() == 4 && removed.maps.len() == 4, "{removed:?}");
     ensure!(!cfg.pin_dir.exists(), "the pin directory is gone");
-    until("the programs detach", || {
+    until("the programs detach", 10, || {
         let hooks = attached(fx.cgroup.path())?;
         ensure!(hooks.is_empty(), "still attached: {hooks:?}");
         Ok(())

@@ -7,26 +7,15 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use weft_ebpf::loader::{attach_nodeport, NodePort};
 use weft_ebpf::maps::{IPPROTO_TCP, LB_FLAG_LOCAL_ONLY, LB_SCOPE_NODEPORT, LB_SCOPE_SOCKET};
 use weft_ebpf::{Backend, BackendKey, Config, MapOp, SockLb, SvcKey, SvcVal};
 use weft_lab::bpf::{Bpffs, Cgroup};
+use weft_lab::lab::until;
 use weft_lab::netns::run;
 use weft_lab::Netns;
-
-fn until<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within 10s"))),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
 
 #[test]
 fn node_ports_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
@@ -100,7 +89,7 @@ fn node_ports_and_external_ips_reach_local_and_remote_backends() -> Result<()> {
         }
         Ok(s)
     };
-    until("node port 30080", || fetch("192.168.77.1:30080"))?;
+    until("node port 30080", 10, || fetch("192.168.77.1:30080"))?;
     let both: BTreeSet<String> = ["local".to_string(), "remote".to_string()].into();
     ensure!(seen("192.168.77.1:30080")? == both, "node port reaches the local and the remote backend");
     ensure!(seen("203.0.113.10:80")? == both, "external IP reaches both");

@@ -7,10 +7,10 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use weft_lab::bpf::{Bpffs, Cgroup};
+use weft_lab::lab::until;
 use weft_lab::Netns;
 use weft_proxy::ebpf::{self, Config, EbpfDataplane};
 use weft_proxy::{Dataplane, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
@@ -70,23 +70,12 @@ fn table(backends: &[u8]) -> ServiceTable {
     [(web(), ServiceEntry { port: ServicePort::cluster_ip(Ipv4Addr::new(10, 96, 0, 1), 80), endpoints })].into()
 }
 
-fn until<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: not within 10s"))),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 #[test]
 fn a_racing_client_never_sees_a_half_written_service() -> Result<()> {
     let fx = fixture("race")?;
     let mut dp = EbpfDataplane::load(&fx.config(), "node-1")?;
     dp.sync(&table(&[1, 2, 3]), None)?;
-    ensure!(until("the VIP answers", || fx.fetch("10.96.0.1:80"))?.starts_with('b'));
+    ensure!(until("the VIP answers", 10, || fx.fetch("10.96.0.1:80"))?.starts_with('b'));
 
     // Flip between three backends and one (counts and slots both change) as fast as syncs go, while
     // the client connects in a loop. A count written before its slots, or a slot removed before the
@@ -161,7 +150,7 @@ fn switching_to_another_mode_leaves_no_program_attached_and_no_pin() -> Result<(
     ensure!(fx.fetch("10.96.0.1:80")? == "b1");
     ebpf::remove_leftovers(&cfg.pin_base, "node-1")?;
     ensure!(!cfg.pin_base.join("node-1").exists(), "pins left");
-    until("the programs detach", || {
+    until("the programs detach", 10, || {
         let out = Command::new("bpftool").args(["cgroup", "show"]).arg(fx.cgroup.path()).output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if text.lines().skip(1).any(|l| !l.trim().is_empty()) {
