@@ -679,6 +679,23 @@ pub(crate) fn send_batch(sock: &Socket, requests: &[(u32, Vec<u8>)]) -> std::io:
 /// The receive buffer the batching sockets ask for.
 pub(crate) const RCVBUF: usize = 1 << 20;
 
+/// One request on the wire: `msg` under a netlink header with `flags` and sequence number `seq` (both sockets,
+/// generic and route, send their requests this way).
+pub(crate) fn request_bytes<I: netlink_packet_core::NetlinkSerializable + std::fmt::Debug>(
+    msg: I,
+    flags: u16,
+    seq: u32,
+) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
+    buf
+}
+
 /// Serialises `payload` as one request with `flags` and sequence number `seq`.
 pub(crate) fn serialize<M: netlink_packet_core::NetlinkSerializable + std::fmt::Debug>(
     payload: M,
@@ -742,13 +759,7 @@ impl IpvsSocket {
     {
         msg.set_resolved_family_id(self.family);
         self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        header.sequence_number = self.seq;
-        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        nl.finalize();
-        let mut buf = vec![0u8; nl.buffer_len()];
-        nl.serialize(&mut buf);
+        let buf = request_bytes(msg, flags, self.seq);
         let fail = |source| Error::Call { call, source };
         self.sock.send(&buf, 0).map_err(fail)?;
         let mut out = Vec::new();
