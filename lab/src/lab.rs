@@ -1115,6 +1115,32 @@ impl Lab {
         }
     }
 
+    /// The service conformance table's pods: `client` on node 1, and servers s1 (node 1), s2 and s3 (node 2), each
+    /// answering its name on 9376/TCP and 9377/UDP and echoing on 7000/TCP (socat).
+    pub fn add_service_table_pods(&self) -> Result<(Pod, std::collections::BTreeMap<String, Pod>)> {
+        let client = self.add_pod(1, "client")?;
+        let mut servers = std::collections::BTreeMap::new();
+        for (name, node) in [("s1", 1), ("s2", 2), ("s3", 2)] {
+            let pod = self.add_pod(node, name)?;
+            for args in [
+                vec!["TCP-LISTEN:9376,reuseaddr,fork".to_string(), format!("SYSTEM:echo {name}")],
+                // It reads the datagram first: an echo exiting before socat writes to it loses the reply.
+                vec!["UDP-RECVFROM:9377,fork".to_string(), format!("SYSTEM:read x; echo {name}")],
+                vec!["TCP-LISTEN:7000,reuseaddr,fork".to_string(), "EXEC:cat".to_string()],
+            ] {
+                pod.ns()
+                    .command("socat")
+                    .args(&args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+            }
+            servers.insert(name.to_string(), pod);
+        }
+        Ok((client, servers))
+    }
+
     /// The service table's bad-input row: garbage where a Service should be (`BAD_SERVICE_KEY`), and an Endpoints
     /// object (`BAD_ENDPOINTS_KEY`) with `BAD_ADDRESS` beside the good address `good`, written straight into etcd
     /// as no API server would store them. Readers skip both whole (issue 10), with a warning naming each.

@@ -111,26 +111,7 @@ const EBPF_KERNEL: (u32, u32, &str) = (6, 6, "tcx links (the NodePort tc program
 fn setup() -> Result<Env> {
     weft_lab::require_kernel(EBPF_KERNEL.0, EBPF_KERNEL.1, EBPF_KERNEL.2);
     let lab = Lab::up(LabOptions { nodes: 2, ..LabOptions::default() }, &mut |_| {})?;
-    let client = lab.add_pod(1, "client")?;
-    let mut servers = BTreeMap::new();
-    for (name, node) in [("s1", 1), ("s2", 2), ("s3", 2)] {
-        let pod = lab.add_pod(node, name)?;
-        for args in [
-            vec!["TCP-LISTEN:9376,reuseaddr,fork".to_string(), format!("SYSTEM:echo {name}")],
-            // It reads the datagram first: an echo exiting before socat writes to it loses the reply.
-            vec!["UDP-RECVFROM:9377,fork".to_string(), format!("SYSTEM:read x; echo {name}")],
-            vec!["TCP-LISTEN:7000,reuseaddr,fork".to_string(), "EXEC:cat".to_string()],
-        ] {
-            pod.ns()
-                .command("socat")
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-        }
-        servers.insert(name.to_string(), pod);
-    }
+    let (client, servers) = lab.add_service_table_pods()?;
     let cgroups = vec![Cgroup::create("node-1-pods")?, Cgroup::create("node-2-pods")?];
     let env = Env { lab, client, servers, cgroups, bpffs: Bpffs::mount()? };
     let mut yaml = String::new();

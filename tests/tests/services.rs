@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
@@ -52,25 +51,7 @@ fn sa(s: &str) -> SocketAddr {
 
 fn setup(mode: &'static str) -> Result<Env> {
     let lab = Lab::up(LabOptions { nodes: 2, ..LabOptions::default() }, &mut |_| {})?;
-    let client = lab.add_pod(1, "client")?;
-    let mut servers = BTreeMap::new();
-    for (name, node) in [("s1", 1), ("s2", 2), ("s3", 2)] {
-        let pod = lab.add_pod(node, name)?;
-        for args in [
-            vec!["TCP-LISTEN:9376,reuseaddr,fork".to_string(), format!("SYSTEM:echo {name}")],
-            vec!["UDP-RECVFROM:9377,fork".to_string(), format!("SYSTEM:echo {name}")],
-            vec!["TCP-LISTEN:7000,reuseaddr,fork".to_string(), "EXEC:cat".to_string()],
-        ] {
-            pod.ns()
-                .command("socat")
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-        }
-        servers.insert(name.to_string(), pod);
-    }
+    let (client, servers) = lab.add_service_table_pods()?;
     // A route for the externalIP through node-1, from the outside host (the fabric) only.
     lab.fabric().ip(&["route", "add", "203.0.113.10/32", "via", "192.168.56.11"])?;
     let env = Env { lab, mode, client, servers };
