@@ -708,32 +708,9 @@ impl Tabular for DaemonSet {
     }
 }
 
-pub fn services(items: &[Service], cols: Columns, now: Timestamp) -> String {
-    Service::table(items, cols, now).render()
-}
-pub fn endpoints(items: &[Endpoints], cols: Columns, now: Timestamp) -> String {
-    Endpoints::table(items, cols, now).render()
-}
-pub fn pods(items: &[Pod], cols: Columns, now: Timestamp) -> String {
-    Pod::table(items, cols, now).render()
-}
-pub fn nodes(items: &[Node], cols: Columns, now: Timestamp) -> String {
-    Node::table(items, cols, now).render()
-}
-pub fn namespaces(items: &[Namespace], cols: Columns, now: Timestamp) -> String {
-    Namespace::table(items, cols, now).render()
-}
-pub fn deployments(items: &[Deployment], cols: Columns, now: Timestamp) -> String {
-    Deployment::table(items, cols, now).render()
-}
-pub fn replicasets(items: &[ReplicaSet], cols: Columns, now: Timestamp) -> String {
-    ReplicaSet::table(items, cols, now).render()
-}
-pub fn replicationcontrollers(items: &[ReplicationController], cols: Columns, now: Timestamp) -> String {
-    ReplicationController::table(items, cols, now).render()
-}
-pub fn daemonsets(items: &[DaemonSet], cols: Columns, now: Timestamp) -> String {
-    DaemonSet::table(items, cols, now).render()
+/// `kubectl get`'s table of `items`, rendered.
+pub fn get_table<K: Tabular>(items: &[K], cols: Columns, now: Timestamp) -> String {
+    K::table(items, cols, now).render()
 }
 
 #[cfg(test)]

@@ -77,23 +77,23 @@ fn tables_match_golden_files() {
     let plain = Columns::default();
     let wide = Columns { wide: true, ..Default::default() };
     let all = Columns { namespace: true, ..Default::default() };
-    check("get-svc.golden", &table::services(&default_svcs, plain, now));
-    check("get-svc-wide.golden", &table::services(&default_svcs, wide, now));
-    check("get-svc-all-namespaces.golden", &table::services(&o.svcs, all, now));
-    check("get-ep.golden", &table::endpoints(&o.eps, plain, now));
-    check("get-po.golden", &table::pods(&o.pods, plain, now));
-    check("get-po-wide.golden", &table::pods(&o.pods, wide, now));
-    check("get-no.golden", &table::nodes(&o.nodes, plain, now));
-    check("get-no-wide.golden", &table::nodes(&o.nodes, wide, now));
-    check("get-ns.golden", &table::namespaces(&o.nss, plain, now));
-    check("get-deploy.golden", &table::deployments(&o.deploys, plain, now));
-    check("get-deploy-wide.golden", &table::deployments(&o.deploys, wide, now));
-    check("get-rs.golden", &table::replicasets(&o.rss, plain, now));
-    check("get-rs-wide.golden", &table::replicasets(&o.rss, wide, now));
-    check("get-ds.golden", &table::daemonsets(&o.dss, plain, now));
-    check("get-ds-wide.golden", &table::daemonsets(&o.dss, wide, now));
-    check("get-rc.golden", &table::replicationcontrollers(&o.rcs, plain, now));
-    check("get-rc-wide.golden", &table::replicationcontrollers(&o.rcs, wide, now));
+    check("get-svc.golden", &table::get_table(&default_svcs, plain, now));
+    check("get-svc-wide.golden", &table::get_table(&default_svcs, wide, now));
+    check("get-svc-all-namespaces.golden", &table::get_table(&o.svcs, all, now));
+    check("get-ep.golden", &table::get_table(&o.eps, plain, now));
+    check("get-po.golden", &table::get_table(&o.pods, plain, now));
+    check("get-po-wide.golden", &table::get_table(&o.pods, wide, now));
+    check("get-no.golden", &table::get_table(&o.nodes, plain, now));
+    check("get-no-wide.golden", &table::get_table(&o.nodes, wide, now));
+    check("get-ns.golden", &table::get_table(&o.nss, plain, now));
+    check("get-deploy.golden", &table::get_table(&o.deploys, plain, now));
+    check("get-deploy-wide.golden", &table::get_table(&o.deploys, wide, now));
+    check("get-rs.golden", &table::get_table(&o.rss, plain, now));
+    check("get-rs-wide.golden", &table::get_table(&o.rss, wide, now));
+    check("get-ds.golden", &table::get_table(&o.dss, plain, now));
+    check("get-ds-wide.golden", &table::get_table(&o.dss, wide, now));
+    check("get-rc.golden", &table::get_table(&o.rcs, plain, now));
+    check("get-rc-wide.golden", &table::get_table(&o.rcs, wide, now));
     check("get-lease-all-namespaces.golden", &Lease::table(&o.leases, all, now).render());
 
     // `weft get svc,ep`: one table per kind, names prefixed with the kind, a blank line between.
@@ -105,7 +105,7 @@ fn tables_match_golden_files() {
     // `-l` with a set-based selector picks the rows.
     let sel = Selector::parse("app in (nginx,guestbook),!pod-template-hash").unwrap();
     let picked: Vec<_> = o.rss.iter().filter(|r| sel.matches(r.metadata.labels.as_ref())).cloned().collect();
-    check("get-rs-selector.golden", &table::replicasets(&picked, plain, now));
+    check("get-rs-selector.golden", &table::get_table(&picked, plain, now));
 }
 
 fn named<'a, T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
