@@ -18,6 +18,7 @@ use crate::dataplane::Dataplane;
 use crate::metrics::Metrics;
 use crate::proxier::Proxier;
 use crate::status::{self, ProxyStatus};
+
 use crate::summary::{self, EndpointsSummary, NodeNames, ServiceSummary};
 use crate::tracker::ObjectKey;
 
@@ -43,7 +44,8 @@ pub enum Error {
 #[derive(Default)]
 struct Shared {
     metrics: Metrics,
-    status: ProxyStatus,
+    /// The `/services` answer (JSON of a `ProxyStatus`), written after each sync.
+    status: String,
     last_ok: Option<Instant>,
     /// The skipped inputs already warned about (what the last successful sync skipped).
     warned: std::collections::HashSet<(String, String)>,
@@ -63,7 +65,8 @@ pub fn healthy(last_ok: Option<Instant>, now: Instant, sync: Duration) -> bool {
 pub async fn run(opts: ProxyOptions, dataplane: Box<dyn Dataplane + Send>) -> Result<(), Error> {
     let mode = dataplane.mode();
     let shared = Arc::new(Mutex::new(Shared::default()));
-    shared.lock().unwrap_or_else(|p| p.into_inner()).status.mode = mode.to_string();
+    let waiting = ProxyStatus { mode: mode.to_string(), ..ProxyStatus::default() };
+    shared.lock().unwrap_or_else(|p| p.into_inner()).status = serde_json::to_string(&waiting).unwrap_or_default();
     serve_endpoints(&opts, shared.clone(), mode).await?;
 
     let client = weft_api::connect(&opts.etcd).await?;
@@ -164,13 +167,12 @@ fn sync_once(
                 warn!(service = %port, reason = ?reason, "the kernel refused this service port's rules; left out, the rest applied");
             }
             if let Some(table) = p.table() {
-                s.status = status::build(table, p.dataplane(), node);
-                s.status.refused = p.refused().map(|(k, r)| (k.to_string(), r.to_string())).collect();
+                s.status = status::to_json(table, p.dataplane(), node, p.refused());
                 s.metrics.service_ports = table.len();
                 s.metrics.endpoints = table.values().map(|e| e.endpoints.len()).sum();
             }
             s.metrics.skipped = outcome.skipped.len();
-            s.metrics.refused = s.status.refused.len();
+            s.metrics.refused = p.refused().count();
             s.metrics.observe_sync(took, &outcome.stats, SystemTime::now());
             let first = s.last_ok.is_none();
             s.last_ok = Some(Instant::now());
@@ -228,7 +230,7 @@ async fn serve_endpoints(opts: &ProxyOptions, shared: Arc<Mutex<Shared>>, mode: 
                     m.invalid_objects = weft_api::store::rejected_total();
                     Response { status: 200, content_type: weft_api::metrics::CONTENT_TYPE, body: m.render(mode) }
                 }
-                "/services" if full => Response::json(serde_json::to_string(&s.status).unwrap_or_default()),
+                "/services" if full => Response::json(s.status.clone()),
                 "/healthz" | "/livez" => {
                     if healthy(s.last_ok, Instant::now(), sync) {
                         Response::text(200, "ok\n")
