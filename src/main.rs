@@ -1,6 +1,7 @@
 //! The `weft` binary: parses flags and hands over to the libraries. No logic lives here.
 
 use clap::{Parser, Subcommand};
+use weft::{daemons, exec_daemon, exit_with, init_logging, runtime};
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "A Kubernetes node data plane: overlay agent, lab and inspection tools")]
@@ -11,7 +12,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the overlay agent on this node (flanneld's job)
+    #[command(about = daemons::AGENT)]
     Agent(weft_agent::cli::AgentArgs),
     /// The pod network's config in etcd
     #[command(subcommand)]
@@ -21,11 +22,11 @@ enum Command {
     /// Show this node's subnet and, for every other node, whether its route, neighbour and FDB entry are programmed
     /// (asks the local agent; the flags are for when it does not answer)
     Routes(weft_agent::cli::RoutesArgs),
-    /// Run the service proxy on this node (kube-proxy's job)
+    #[command(about = daemons::PROXY)]
     Proxy(weft_proxy::cli::ProxyArgs),
     /// Every service port the proxy on this node serves, its endpoints and what is programmed
     Services(weft_proxy::cli::ServicesArgs),
-    /// Run the cluster DNS server (CoreDNS's job): the cluster zone from etcd, other names forwarded
+    #[command(about = daemons::DNS)]
     Dns(weft_dns::cli::DnsArgs),
     /// A multi-node lab of network namespaces on this machine
     #[command(subcommand)]
@@ -46,9 +47,9 @@ enum Command {
     /// Manage the rollout of a deployment (kubectl rollout)
     #[command(subcommand)]
     Rollout(weft_cli::rollout::RolloutCommand),
-    /// Run the scheduler and controllers (kube-controller-manager's and kube-scheduler's job)
+    #[command(about = daemons::CONTROLLER)]
     Controller(weft_control::cli::ControllerArgs),
-    /// Run the pods bound to this node on containerd through CRI (the kubelet's job)
+    #[command(about = daemons::KUBELET)]
     Kubelet(Box<weft_control::kubelet::cli::KubeletArgs>),
     /// Print a container's logs, through its node's kubelet (kubectl logs)
     Logs(weft_control::kubelet::client::LogsArgs),
@@ -68,56 +69,33 @@ fn invoked_as_cni() -> bool {
         .unwrap_or(false)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
-}
-
-/// The error and its causes on one line, skipping a cause the message before it already quotes.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut msg = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !msg.contains(&c) {
-            msg = format!("{msg}: {c}");
-        }
-    }
-    msg
-}
-
 fn main() {
     // Called by a container runtime as a CNI plugin (through a `weft-cni` symlink).
     if invoked_as_cni() {
         std::process::exit(weft_agent::cni::main());
     }
     let cli = Cli::parse();
+    // A daemon runs from its own binary when that is installed beside this one (see `weft::exec_daemon`).
+    let daemon = match &cli.command {
+        Command::Agent(_) => Some("agent"),
+        Command::Proxy(_) => Some("proxy"),
+        Command::Dns(_) => Some("dns"),
+        Command::Controller(_) => Some("controller"),
+        Command::Kubelet(_) => Some("kubelet"),
+        _ => None,
+    };
+    if let Some(name) = daemon {
+        exec_daemon(name);
+    }
     init_logging();
-    let result: anyhow::Result<i32> = match cli.command {
-        Command::Agent(args) => {
-            args.options().and_then(|o| Ok(runtime()?.block_on(weft_agent::run::run(o)).map(|_| 0)?))
-        }
+    exit_with(match cli.command {
+        Command::Agent(args) => daemons::agent(args),
         Command::Network(cmd) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::network(cmd))).map(|_| 0),
         Command::Leases(c) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::leases(c))).map(|_| 0),
         Command::Routes(a) => runtime().and_then(|rt| rt.block_on(weft_agent::cli::routes(a))).map(|_| 0),
         Command::Lab(cmd) => weft_lab::cli::run(cmd),
-        Command::Proxy(args) => (|| {
-            let opts = args.options()?;
-            // Worker threads on every core: the userspace mode relays every connection in this process.
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(async {
-                let dataplane = args.dataplane()?;
-                weft_proxy::run::run(opts, dataplane).await?;
-                Ok::<_, anyhow::Error>(0)
-            })
-        })(),
-        Command::Dns(args) => args.options().and_then(|o| Ok(runtime()?.block_on(weft_dns::run::run(o)).map(|_| 0)?)),
+        Command::Proxy(args) => daemons::proxy(args),
+        Command::Dns(args) => daemons::dns(args),
         Command::Services(a) => runtime().and_then(|rt| rt.block_on(weft_proxy::cli::services(a))),
         Command::Apply(a) => runtime().and_then(|rt| rt.block_on(weft_cli::verbs::apply(a))).map(|_| 0),
         Command::Get(a) => runtime().and_then(|rt| rt.block_on(weft_cli::verbs::get(a))),
@@ -126,18 +104,11 @@ fn main() {
         Command::Scale(a) => runtime().and_then(|rt| rt.block_on(weft_cli::scale::scale(a))),
         Command::Set(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::scale::set(cmd))),
         Command::Rollout(cmd) => runtime().and_then(|rt| rt.block_on(weft_cli::rollout::run(cmd))),
-        Command::Controller(a) => runtime().and_then(|rt| rt.block_on(weft_control::cli::run(a))).map(|_| 0),
-        Command::Kubelet(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::cli::kubelet(*a))),
+        Command::Controller(a) => daemons::controller(a),
+        Command::Kubelet(a) => daemons::kubelet(*a),
         Command::Logs(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::client::logs(a))),
         Command::Exec(a) => runtime().and_then(|rt| rt.block_on(weft_control::kubelet::client::exec(a))),
         Command::Image(cmd) => weft_control::kubelet::cli::image(cmd),
         Command::ContainerdConfig(a) => weft_control::kubelet::cli::containerd_config(a),
-    };
-    match result {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("weft: {}", error_chain(&e));
-            std::process::exit(1);
-        }
-    }
+    })
 }

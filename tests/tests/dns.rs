@@ -825,3 +825,29 @@ fn lab_pods_resolve_services_by_name_and_connect_through_the_proxy() -> Result<(
     println!("socat TCP:web:80 → {}", hello.trim());
     Ok(())
 }
+
+/// `weft dns` hands over to `weft-dns` (built beside `weft`) by exec: the process it started is the server (same
+/// pid, same command line), running the daemon's own binary, and it answers.
+#[test]
+fn weft_dns_runs_from_its_own_binary_under_the_same_pid_and_command_line() -> Result<()> {
+    let etcd = EtcdFixture::start()?;
+    let up = upstream();
+    let dns = Dns::start(etcd.endpoint(), up.addr, &[])?;
+    dns.wait_synced()?;
+    let pid = dns.child.id();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    ensure!(
+        exe.file_name() == Some(std::ffi::OsStr::new("weft-dns")),
+        "the server runs {}, not weft-dns",
+        exe.display()
+    );
+    let weft = std::fs::canonicalize(weft_lab::weft_bin())?;
+    ensure!(exe.parent() == weft.parent(), "{} is not beside {}", exe.display(), weft.display());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).take(2).collect();
+    ensure!(args.get(1) == Some(&&b"dns"[..]), "command line {:?}", String::from_utf8_lossy(&cmdline));
+    // No Services in etcd: an authoritative NXDOMAIN for a cluster name.
+    let d = dig(dns.addr, "web.default.svc.cluster.local", "A", &["+notcp"])?;
+    ensure!(d.status == "NXDOMAIN" && d.flags.iter().any(|f| f == "aa"), "{} {:?}", d.status, d.flags);
+    Ok(())
+}
