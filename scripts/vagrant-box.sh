@@ -30,7 +30,8 @@ if [ "$force" = 1 ]; then rm -rf "$rootfs" "$box" "$out/stage"; fi
 
 packages=(linux-image-amd64 systemd-sysv udev dbus openssh-server sudo rsync ifupdown isc-dhcp-client iproute2 kmod
   ca-certificates curl procps less
-  containerd runc containernetworking-plugins iptables ipset ipvsadm conntrack dnsutils openssl etcd-server etcd-client)
+  containerd runc containernetworking-plugins iptables ipset ipvsadm conntrack dnsutils openssl etcd-server etcd-client
+  iperf3) # iperf3: test-vm.sh's overlay benchmark
 # The stamp holds the package list: a changed list means a fresh debootstrap.
 if [ "$(cat "$rootfs/.weft-debootstrap-done" 2>/dev/null)" != "${packages[*]}" ]; then
   rm -rf "$rootfs" "$box"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stages what every node needs into one directory (the Vagrantfile syncs it to /opt/weft/share; on real hosts
-# copy it yourself): bin/weft (the host's release build), images/{pause,busybox}.tar (scripts/images.sh),
+# copy it yourself): bin/weft and the daemons' own binaries beside it, bin/weft-{agent,proxy,dns,controller,kubelet}
+# (the host's release build), images/{pause,busybox}.tar (scripts/images.sh),
 # pki/ (a cluster CA and one kubelet serving certificate per node, made with openssl; the CA key stays here),
 # provision/ (these scripts). Idempotent: existing PKI files are kept.
 # Usage: host-prepare.sh SHARE_DIR node-1=192.168.56.11,node-2=192.168.56.12,...
@@ -18,6 +19,12 @@ if [ ! -x "$bin" ]; then
 fi
 mkdir -p "$share/bin" "$share/images" "$share/pki" "$share/provision"
 install -m 0755 "$bin" "$share/bin/weft"
+# The daemons' own binaries, when built beside weft (`weft agent` runs weft-agent from its directory); a stale one
+# from an earlier staging must not outlive its weft.
+for d in agent proxy dns controller kubelet; do
+  rm -f "$share/bin/weft-$d"
+  [ -x "$(dirname "$bin")/weft-$d" ] && install -m 0755 "$(dirname "$bin")/weft-$d" "$share/bin/weft-$d"
+done
 install -m 0755 "$here"/*.sh "$share/provision/"
 
 images="$(WEFT_IMAGES_DIR="$repo/target/images" bash "$repo/scripts/images.sh" | tail -n1)"

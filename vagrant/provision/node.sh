@@ -7,7 +7,7 @@
 #
 # Usage: node.sh --name NAME --address IPv4 --etcd URL [--proxy-mode MODE] [--share DIR]
 #                [--network CIDR] [--backend TYPE] [--etcd-server] [--control-plane]
-#   --share: a directory holding bin/weft, images/*.tar, pki/{ca.crt,kubelet-NAME.crt,kubelet-NAME.key}
+#   --share: a directory holding bin/weft (and bin/weft-<daemon>, optional), images/*.tar, pki/{ca.crt,kubelet-NAME.crt,kubelet-NAME.key}
 #            (vagrant/provision/host-prepare.sh makes it)
 set -euo pipefail
 
@@ -90,6 +90,10 @@ sysctl -q --system >/dev/null
 
 echo "node.sh: weft binary, CNI"
 install -m 0755 "$share/bin/weft" /usr/local/bin/weft
+# The daemons' own binaries (smaller: each maps only its own code); `weft agent` runs weft-agent when it is beside it.
+for d in agent proxy dns controller kubelet; do
+  if [ -x "$share/bin/weft-$d" ]; then install -m 0755 "$share/bin/weft-$d" "/usr/local/bin/weft-$d"; else rm -f "/usr/local/bin/weft-$d"; fi
+done
 mkdir -p /opt/cni/bin /etc/cni/net.d /etc/weft /var/lib/weft /run/flannel
 ln -sf /usr/local/bin/weft /opt/cni/bin/weft-cni # weft acts as the CNI plugin when called weft-cni
 for p in bridge host-local loopback portmap; do
