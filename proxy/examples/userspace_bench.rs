@@ -6,7 +6,11 @@
 //!   runtime with one worker per CPU as the daemon uses; BENCH_WORKERS overrides) serving one Service VIP 10.96.0.1:80 → 10 endpoints, reached through its
 //!   `REDIRECT` portal rule;
 //! - HAProxy (`mode tcp`, `balance roundrobin`, the same 10 servers, its default threads: one per CPU)
-//!   listening on the node's address, port 8081.
+//!   listening on the node's address, port 8081, and reached through VIP 10.96.0.2:80 by one `REDIRECT` rule
+//!   of the same kind as weft's portal.
+//!
+//! Two pairs are compared: both relays through a VIP (the userspace mode's job: the target), and both straight
+//! on their own port at the node's address (no NAT: the relays alone).
 //!
 //! Plus "direct": the client to one endpoint, routed through the node (no proxy). wrk with `Connection:
 //! close` (new connection, one small request/response, close), rounds alternating the order (weft and HAProxy
@@ -33,6 +37,8 @@ use weft_proxy::userspace::{Config, UserspaceDataplane};
 use weft_proxy::{Dataplane, Endpoint, Protocol, ServiceEntry, ServicePort, ServicePortName, ServiceTable};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// A second VIP, REDIRECTed to HAProxy by one rule of the same kind as weft's portal: HAProxy doing the same job.
+const HAPROXY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
 const NODE_CLIENT_SIDE: &str = "192.168.150.1";
 const HAPROXY_PORT: u16 = 8081;
 const ENDPOINTS: u32 = 10;
@@ -174,10 +180,22 @@ fn main() -> Result<()> {
             .context("starting haproxy (scripts/setup.sh installs it)")?,
     );
 
-    let targets: [(&str, String); 3] = [
+    // The same REDIRECT for HAProxy as weft's portal rule does for weft (nat PREROUTING, in the node).
+    let redirect = format!("-d {HAPROXY_VIP}/32 -p tcp --dport 80 -j REDIRECT --to-ports {HAPROXY_PORT}");
+    node.exec(
+        "iptables",
+        &["-w", "-t", "nat", "-I", "PREROUTING"].iter().copied().chain(redirect.split(' ')).collect::<Vec<_>>(),
+    )
+    .context("the REDIRECT rule for HAProxy's VIP")?;
+    let proxy_port = dp.sockets().next().map(|(_, p)| p).context("the userspace proxy socket's port")?;
+    // Two pairs: through a VIP (each relay behind one REDIRECT rule: the userspace mode's job) and straight to each
+    // relay's own port on the node's address (no NAT: the relays alone).
+    let targets: [(&str, String); 5] = [
         ("direct (no proxy)", format!("http://{}:{HTTP_PORT}/", endpoint(0))),
-        ("weft userspace", format!("http://{VIP}:80/")),
-        ("HAProxy", format!("http://{NODE_CLIENT_SIDE}:{HAPROXY_PORT}/")),
+        ("weft userspace, VIP", format!("http://{VIP}:80/")),
+        ("HAProxy, VIP", format!("http://{HAPROXY_VIP}:80/")),
+        ("weft userspace, its port", format!("http://{NODE_CLIENT_SIDE}:{proxy_port}/")),
+        ("HAProxy, its port", format!("http://{NODE_CLIENT_SIDE}:{HAPROXY_PORT}/")),
     ];
     for (what, url) in &targets {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -237,7 +255,10 @@ fn main() -> Result<()> {
     }
     let n_valid = valid.iter().filter(|v| v.is_ok()).count();
     // Per valid round: weft / HAProxy, so a noisy round shows as spread, not as a shifted median.
-    let ratios: Vec<f64> = kept(1, |w| w.rps).iter().zip(kept(2, |w| w.rps)).map(|(a, b)| a / b).collect();
+    let ratio = |a: usize, b: usize| -> Vec<f64> {
+        kept(a, |w| w.rps).iter().zip(kept(b, |w| w.rps)).map(|(x, y)| x / y).collect()
+    };
+    let (ratios, port_ratios, old_ratios) = (ratio(1, 2), ratio(3, 4), ratio(1, 4));
     println!("| path | new connections/s (median of {n_valid} valid rounds) | latency avg, ms | p99, ms | wrk errors (all rounds) |");
     println!("|---|---|---|---|---|");
     for (k, (what, _)) in targets.iter().enumerate() {
@@ -245,11 +266,17 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "weft userspace / HAProxy, connection rate: **{:.2}** (per valid round {}; target ≥ 1.0); p99 latency ratio {:.2}; \
-         HAProxy / direct {:.2}, weft / direct {:.2}; weft on {workers} runtime workers; {report}. Took {:.0} s.",
+        "weft userspace / HAProxy, both through a VIP, connection rate: **{:.2}** (per valid round {}; target ≥ 1.0); \
+         p99 latency ratio {:.2}; both on their own port (no NAT): **{:.2}** ({}); weft through its VIP / HAProxy on its \
+         port (what runs before 2026-12-06 compared): {:.2} ({}); HAProxy / direct {:.2}, weft / direct {:.2}; \
+         weft on {workers} runtime workers; {report}. Took {:.0} s.",
         median(ratios.clone()),
         spread(&ratios),
         p99(1) / p99(2),
+        median(port_ratios.clone()),
+        spread(&port_ratios),
+        median(old_ratios.clone()),
+        spread(&old_ratios),
         rate(2) / rate(0),
         rate(1) / rate(0),
         started.elapsed().as_secs_f64()
