@@ -4,7 +4,7 @@
 #   pod ADDR VIP TARGET...   from the network namespace of the pod with address ADDR: each TARGET pod over HTTP,
 #                            the Service VIP over HTTP, the cluster DNS (10.96.0.10) resolving web to VIP
 #   node NAME VIP ETCD PEER_ADDR...   from the VM itself: the VIP, the cluster DNS, `weft routes` naming every peer
-#   pod-ns ADDR              the name of the network namespace holding ADDR (for the benchmark)
+#   pod-ns ADDR              the network namespace file of the pod holding ADDR (for the benchmark)
 set -uo pipefail
 mode="${1:?mode}"
 shift
@@ -20,10 +20,13 @@ check() { # WHAT CMD...
     echo "FAIL $what: $(echo "$out" | tr '\n' ' ' | head -c 300)"
   fi
 }
+# The network namespace file of the pod holding address $1: weft's containerd keeps them in its state directory
+# (CRI's netns/), `ip netns` in /run/netns.
 pod_ns() {
   local n
-  for n in $(ip netns list | cut -d' ' -f1); do
-    ip -n "$n" -4 -o addr | grep -q " $1/" && { echo "$n"; return 0; }
+  for n in /var/lib/weft/containerd/state/io.containerd.grpc.v1.cri/netns/* /run/netns/*; do
+    [ -e "$n" ] || continue
+    nsenter --net="$n" ip -4 -o addr | grep -q " $1/" && { echo "$n"; return 0; }
   done
   return 1
 }
@@ -38,7 +41,7 @@ pod)
   addr="$1" vip="$2"
   shift 2
   ns="$(pod_ns "$addr")" || { echo "FAIL no network namespace on $(hostname) holds $addr"; exit 0; }
-  in_pod() { ip netns exec "$ns" "$@"; }
+  in_pod() { nsenter --net="$ns" "$@"; }
   for t in "$@"; do
     check "pod $addr on $(hostname) reaches pod $t" in_pod curl -sf --max-time 10 "http://$t/"
   done
