@@ -74,10 +74,7 @@ pub fn daemon_main<A: Args + FromArgMatches>(
     about: &'static str,
     run: impl FnOnce(A) -> anyhow::Result<i32>,
 ) -> ! {
-    let mut argv: Vec<OsString> = std::env::args_os().collect();
-    if argv.get(1).is_some_and(|a| a == name) {
-        argv.remove(1);
-    }
+    let argv = own_arguments(name, std::env::args_os().collect());
     // Named as `weft` names it, in help and errors (built once per process: leaking it is free).
     let title: &'static str = Box::leak(format!("weft {name}").into_boxed_str());
     let cmd =
@@ -89,6 +86,15 @@ pub fn daemon_main<A: Args + FromArgMatches>(
     };
     init_logging();
     exit_with(run(args))
+}
+
+/// The daemon's flags from its command line: `weft <name> FLAGS…` (handed over by `weft`, which keeps its command
+/// line) and `weft-<name> FLAGS…` (run directly) give the same.
+fn own_arguments(name: &str, mut argv: Vec<OsString>) -> Vec<OsString> {
+    if argv.get(1).is_some_and(|a| a == name) {
+        argv.remove(1);
+    }
+    argv
 }
 
 /// The daemons, as `weft <name>` and `weft-<name>` both run them; `about` is their `--help` line.
@@ -133,5 +139,31 @@ pub mod daemons {
 
     pub fn kubelet(args: weft_control::kubelet::cli::KubeletArgs) -> anyhow::Result<i32> {
         runtime()?.block_on(weft_control::kubelet::cli::kubelet(args))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_reads_the_same_flags_handed_over_by_weft_or_run_directly() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let cases: &[(&[&str], &[&str])] = &[
+            (
+                &["/usr/local/bin/weft", "dns", "--listen", "0.0.0.0:53"],
+                &["/usr/local/bin/weft", "--listen", "0.0.0.0:53"],
+            ),
+            (
+                &["/usr/local/bin/weft-dns", "--listen", "0.0.0.0:53"],
+                &["/usr/local/bin/weft-dns", "--listen", "0.0.0.0:53"],
+            ),
+            (&["weft", "dns"], &["weft"]),
+            // Only the first argument is the daemon's name: a flag value `dns` stays.
+            (&["weft-dns", "--zone", "dns"], &["weft-dns", "--zone", "dns"]),
+        ];
+        for (argv, want) in cases {
+            assert_eq!(own_arguments("dns", os(argv)), os(want), "{argv:?}");
+        }
     }
 }
