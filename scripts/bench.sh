@@ -3,7 +3,9 @@
 #
 # 1. Overlay throughput: a 2-node lab per backend (vxlan, then host-gw), iperf3 pod-on-node-1 → pod-on-node-2
 #    (the overlay) and node-1 → node-2 (the underlay, the same veths and bridge without weft), alternating,
-#    BENCH_ROUNDS rounds (3) of BENCH_SECS seconds (5) each. Everything runs inside the lab's namespaces.
+#    BENCH_ROUNDS rounds (3) of BENCH_SECS seconds (5) each; for vxlan also the path split (BENCH_SPLIT=0 skips):
+#    node-1 → pod b, node-1 → node-2's flannel.1, pod a → node-1's cni0, each against the underlay. Everything runs
+#    inside the lab's namespaces.
 #
 # Every step rejects a round in which its load generator saw errors (wrk socket errors or non-2xx, dnsperf
 # lost queries beyond 0.5 %, an iperf3 error) or a side's rate collapsed below a third of its median, and
@@ -146,7 +148,36 @@ throughput() {
   read -r _ sr_min sr_max sr_med <<<"$(stats "${ratios[@]}")"
   THROUGHPUT_ROWS+=("| $label | $so_mean ($so_min–$so_max) | $su_mean ($su_min–$su_max) | $sr_med ($sr_min–$sr_max; ${#ratios[@]} of $ROUNDS rounds valid) | ≥ 0.8 | $(python3 -c "print('%.2f' % ($sr_med / 0.8))") |")
   for x in "${rejected[@]}"; do THROUGHPUT_NOTES+=("$label: $x"); done
+  [ "$backend" = vxlan ] && [ -z "$variant" ] && [ "${BENCH_SPLIT:-1}" = 1 ] && split_path "$lab" "$pod_b"
   "$WEFT" lab down --name "$lab" >/dev/null 2>&1 || fail "$backend: lab down"
+}
+
+# split_path <lab> <pod b>: where the overlay's cost lies. Each part of the path against the underlay measured right
+# after it, BENCH_ROUNDS rounds: node-1 → pod b (VXLAN and node-2's cni0 + pod veth, no pod hop on node-1), node-1 →
+# node-2's flannel.1 address (VXLAN alone), pod a → node-1's cni0 address (pod veth and cni0 alone).
+SPLIT_ROWS=()
+split_path() {
+  local lab=$1 pod_b=$2 f2 c1 r part src dst o u
+  x() { "$WEFT" lab exec --name "$lab" "$@"; }
+  f2=$(x node-2 -- ip -4 -o addr show flannel.1 | awk '{split($4, p, "/"); print p[1]}')
+  c1=$(x node-1 -- ip -4 -o addr show cni0 | awk '{split($4, p, "/"); print p[1]}')
+  x node-1 -- iperf3 -s -D >/dev/null 2>&1 || { fail "split: iperf3 server on node-1"; return; }
+  for part in "node-1 → pod b (VXLAN + remote cni0/pod veth)|node-1|$pod_b" \
+    "node-1 → node-2 flannel.1 (VXLAN alone)|node-1|$f2" "pod a → node-1 cni0 (local pod veth + cni0)|node-1-a|$c1"; do
+    IFS='|' read -r what src dst <<<"$part"
+    local rs=()
+    for r in $(seq 1 "$ROUNDS"); do
+      x "$src" -- iperf3 -c "$dst" -t "$SECS" -J >"$OUT/$lab.s$r.json" 2>&1
+      x node-1 -- iperf3 -c 192.168.56.12 -t "$SECS" -J >"$OUT/$lab.su$r.json" 2>&1
+      o=$(gbps "$OUT/$lab.s$r.json") && u=$(gbps "$OUT/$lab.su$r.json") || { echo "   split $what round $r: iperf3 failed" >&2; continue; }
+      rs+=("$(python3 -c "print('%.3f' % ($o / $u))")")
+      echo "   split $what round $r: $o Gbit/s, underlay $u" >&2
+    done
+    [ "${#rs[@]}" -gt 0 ] || { fail "split: $what: no round"; continue; }
+    local mn mx md
+    read -r _ mn mx md <<<"$(stats "${rs[@]}")"
+    SPLIT_ROWS+=("| $what | $md ($mn–$mx; ${#rs[@]} rounds) |")
+  done
 }
 
 throughput vxlan
@@ -178,6 +209,14 @@ echo "| backend | pod→pod across nodes, Gbit/s (mean; min–max) | node→node
 echo "|---|---|---|---|---|---|"
 for row in "${THROUGHPUT_ROWS[@]}"; do echo "$row"; done
 for note in "${THROUGHPUT_NOTES[@]}"; do echo; echo "- $note"; done
+if [ "${#SPLIT_ROWS[@]}" -gt 0 ]; then
+  echo
+  echo "VXLAN path split (each part / the underlay measured right after it, median; min–max):"
+  echo
+  echo "| part of the path | part / underlay |"
+  echo "|---|---|"
+  for row in "${SPLIT_ROWS[@]}"; do echo "$row"; done
+fi
 echo
 cat "$OUT/converge.md"
 [ -s "$OUT/proxy.md" ] && { echo; cat "$OUT/proxy.md"; }
