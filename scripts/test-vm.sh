@@ -61,9 +61,9 @@ cleanup() {
   in_ns timeout 600 vagrant destroy -f >"$logs/destroy.log" 2>&1 || echo "vagrant destroy failed: $logs/destroy.log" >&2
   local left
   left="$( (in_ns virsh -c qemu:///system list --all --name; in_ns virsh -c qemu:///system vol-list default) 2>/dev/null | grep -c "$prefix" || true)"
-  nets="$(in_ns virsh -c qemu:///system net-list --all --name 2>/dev/null | grep -cv '^$' || true)"
-  echo "left behind: $left domains/volumes named $prefix*, $nets libvirt networks"
-  [ "$left" = 0 ] || rc=1
+  nets="$(in_ns virsh -c qemu:///system net-list --all --name 2>/dev/null | grep -v -e "^$" -e "^default$" | grep -c . || true)"
+  echo "left behind: $left domains/volumes named $prefix*, $nets libvirt networks besides the package's inactive \"default\""
+  [ "$left" = 0 ] && [ "$nets" = 0 ] || rc=1
   for p in "${libvirt_pids[@]}"; do kill "$p" 2>/dev/null; done
   ip netns del "$ns" 2>/dev/null
   exit "$rc"
