@@ -5,7 +5,8 @@
 #    (the overlay) and node-1 → node-2 (the underlay, the same veths and bridge without weft), alternating,
 #    BENCH_ROUNDS rounds (3) of BENCH_SECS seconds (5) each; for vxlan also the path split (BENCH_SPLIT=0 skips):
 #    node-1 → pod b, node-1 → node-2's flannel.1, pod a → node-1's cni0, each against the underlay. Everything runs
-#    inside the lab's namespaces.
+#    inside the lab's namespaces. Then both backends again with one CPU per node (BENCH_PINNED=0 skips: clients on
+#    CPU 0, servers on CPU 1, each node's eth0 receive processing on its node's CPU by RPS).
 #
 # Every step rejects a round in which its load generator saw errors (wrk socket errors or non-2xx, dnsperf
 # lost queries beyond 0.5 %, an iperf3 error) or a side's rate collapsed below a third of its median, and
@@ -85,10 +86,17 @@ THROUGHPUT_NOTES=()
 # workaround for NATed hosts on old kernels, to show what it costs.
 throughput() {
   local backend=$1 variant=${2:-}
-  local lab="bench$$${backend//-/}${variant//-/}" label=$backend extra=()
+  local lab="bench$$${backend//-/}${variant//-/}" label=$backend extra=() cpin=() spin=()
   if [ "$variant" = csum-off ]; then
     label="$backend, --vxlan-tx-checksum-offload=off"
     extra=(--agent-arg=--vxlan-tx-checksum-offload=off)
+  fi
+  # pinned: one CPU per node, as two hosts would have — iperf3 clients on CPU 0, servers on CPU 1, and each node's
+  # eth0 receive processing (RPS) on its node's CPU. Without it, the sender's CPU runs node-2's receive path too
+  # (a veth hands a packet on in the sender's softirq), which no pair of real hosts does.
+  if [ "$variant" = pinned ]; then
+    label="$backend, one CPU per node"
+    cpin=(taskset -c 0) spin=(taskset -c 1)
   fi
   LABS+=("$lab")
   echo "== throughput, $label: lab $lab (2 nodes), $ROUNDS rounds x ${SECS}s, overlay and underlay alternating" >&2
@@ -102,8 +110,12 @@ throughput() {
   local pod_b underlay_b=192.168.56.12
   pod_b=$(sed -n 's/^pod b on node-2: \([0-9.]*\) .*/\1/p' <<<"$b")
   [ -n "$pod_b" ] || { fail "$backend: no address for pod b in: $b"; return; }
-  "$WEFT" lab exec --name "$lab" node-2-b -- iperf3 -s -D >/dev/null 2>&1 || { fail "$backend: iperf3 server in pod"; return; }
-  "$WEFT" lab exec --name "$lab" node-2 -- iperf3 -s -D >/dev/null 2>&1 || { fail "$backend: iperf3 server on node"; return; }
+  if [ "$variant" = pinned ]; then
+    "$WEFT" lab exec --name "$lab" node-1 -- sh -c 'echo 1 >/sys/class/net/eth0/queues/rx-0/rps_cpus' &&
+      "$WEFT" lab exec --name "$lab" node-2 -- sh -c 'echo 2 >/sys/class/net/eth0/queues/rx-0/rps_cpus' || { fail "$label: RPS"; return; }
+  fi
+  "$WEFT" lab exec --name "$lab" node-2-b -- "${spin[@]}" iperf3 -s -D >/dev/null 2>&1 || { fail "$backend: iperf3 server in pod"; return; }
+  "$WEFT" lab exec --name "$lab" node-2 -- "${spin[@]}" iperf3 -s -D >/dev/null 2>&1 || { fail "$backend: iperf3 server on node"; return; }
   local ok=0
   for _ in $(seq 1 40); do
     if "$WEFT" lab exec --name "$lab" node-1-a -- ping -c1 -W1 "$pod_b" >/dev/null 2>&1; then ok=1; break; fi
@@ -114,11 +126,11 @@ throughput() {
   for r in $(seq 1 "$ROUNDS"); do
     # Overlay and underlay swap who runs first every round.
     if [ $((r % 2)) = 1 ]; then
-      "$WEFT" lab exec --name "$lab" node-1-a -- iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
-      "$WEFT" lab exec --name "$lab" node-1 -- iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
+      "$WEFT" lab exec --name "$lab" node-1-a -- "${cpin[@]}" iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
+      "$WEFT" lab exec --name "$lab" node-1 -- "${cpin[@]}" iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
     else
-      "$WEFT" lab exec --name "$lab" node-1 -- iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
-      "$WEFT" lab exec --name "$lab" node-1-a -- iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
+      "$WEFT" lab exec --name "$lab" node-1 -- "${cpin[@]}" iperf3 -c "$underlay_b" -t "$SECS" -J >"$OUT/$lab.u$r.json" 2>&1
+      "$WEFT" lab exec --name "$lab" node-1-a -- "${cpin[@]}" iperf3 -c "$pod_b" -t "$SECS" -J >"$OUT/$lab.o$r.json" 2>&1
     fi
     # An iperf3 that failed is a rejected round (rate nan, 1 error), not the end of the step.
     local oe=0 ue=0
@@ -182,6 +194,10 @@ split_path() {
 
 throughput vxlan
 throughput host-gw
+if [ "${BENCH_PINNED:-1}" = 1 ] && [ "$(nproc)" -ge 2 ]; then
+  throughput vxlan pinned
+  throughput host-gw pinned
+fi
 [ "${BENCH_CSUM_AB:-1}" = 1 ] && throughput vxlan csum-off
 
 echo "== convergence: cargo run --release -p weft-tests --example overlay_bench (WEFT_BIN=$WEFT)" >&2
