@@ -195,7 +195,7 @@ if grep -q '^FAIL' "$logs/checks.txt"; then
 fi
 
 if [ "${WEFT_VM_BENCH:-1}" = 1 ] && [ "$nodes" -ge 2 ]; then
-  say "benchmark: iperf3 pod web-1 (node-1) -> pod web-2 (node-2) over VXLAN vs node-1 -> node-2, alternating"
+  say "benchmark: iperf3 pod web-1 (node-1) -> pod web-2 (node-2), backend ${WEFT_BACKEND:-vxlan}, vs node-1 -> node-2, alternating"
   ns1="$(checks node-1 pod-ns "${pod_ips[0]}")" ns2="$(checks node-2 pod-ns "${pod_ips[1]}")"
   [ -n "$ns1" ] && [ -n "$ns2" ] || { echo "test-vm: the pods' network namespaces were not found" >&2; exit 1; }
   vm node-2 "sudo iperf3 -s -D -p 5201 && sudo nsenter --net=$ns2 iperf3 -s -D -p 5202" >/dev/null
@@ -205,7 +205,7 @@ if [ "${WEFT_VM_BENCH:-1}" = 1 ] && [ "$nodes" -ge 2 ]; then
     under() { vm node-1 "iperf3 -c 192.168.56.12 -p 5201 -t $secs -J" | gbps; }
     over() { vm node-1 "sudo nsenter --net=$ns1 iperf3 -c ${pod_ips[1]} -p 5202 -t $secs -J" | gbps; }
     if [ $((r % 2)) = 1 ]; then o="$(over)" u="$(under)"; else u="$(under)" o="$(over)"; fi
-    echo "round $r: pod->pod $o Gbit/s, node->node $u Gbit/s, ratio $(python3 -c "print('%.2f' % ($o / $u))")" | tee -a "$logs/bench.txt"
+    echo "round $r (${WEFT_BACKEND:-vxlan}): pod->pod $o Gbit/s, node->node $u Gbit/s, ratio $(python3 -c "print('%.2f' % ($o / $u))")" | tee -a "$logs/bench.txt"
   done
   cat "$logs/bringup.txt" >>"$logs/bench.txt"
 fi
