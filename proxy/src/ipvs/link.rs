@@ -174,7 +174,7 @@ impl RtSocket {
                 } else {
                     (RouteNetlinkMessage::DelAddress(msg), NLM_F_REQUEST | NLM_F_ACK)
                 };
-                (self.seq, super::netlink::serialize(msg, flags, self.seq))
+                (self.seq, super::netlink::request_bytes(msg, flags, self.seq))
             })
             .collect();
         let verb = if add { "add" } else { "del" };

@@ -696,22 +696,6 @@ pub(crate) fn request_bytes<I: netlink_packet_core::NetlinkSerializable + std::f
     buf
 }
 
-/// Serialises `payload` as one request with `flags` and sequence number `seq`.
-pub(crate) fn serialize<M: netlink_packet_core::NetlinkSerializable + std::fmt::Debug>(
-    payload: M,
-    flags: u16,
-    seq: u32,
-) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = seq;
-    let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-    nl.finalize();
-    let mut buf = vec![0u8; nl.buffer_len()];
-    nl.serialize(&mut buf);
-    buf
-}
-
 /// A blocking generic netlink socket bound to the IPVS family of this network namespace.
 pub struct IpvsSocket {
     sock: Socket,
@@ -811,7 +795,7 @@ impl IpvsSocket {
                 self.seq = self.seq.wrapping_add(1);
                 let mut g = GenlMessage::from_payload(m.clone());
                 g.set_resolved_family_id(self.family);
-                (self.seq, serialize(g, NLM_F_REQUEST | NLM_F_ACK, self.seq))
+                (self.seq, request_bytes(g, NLM_F_REQUEST | NLM_F_ACK, self.seq))
             })
             .collect();
         let codes = send_batch(&self.sock, &requests).map_err(|source| Error::Call { call: "IPVS batch", source })?;
