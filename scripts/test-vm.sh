@@ -149,7 +149,7 @@ for i in $(seq "$nodes"); do pod_ips+=("$(pod_ip "web-$i")"); done
 checks() { # NODE MODE ARGS...
   local node="$1"
   shift
-  in_ns timeout 300 vagrant ssh "$node" -c "sudo bash -s -- $*" -- -o LogLevel=ERROR <"$repo/scripts/vm-checks.sh" | tr -d '\r'
+  vm "$node" "sudo bash -s -- $*" <"$repo/scripts/vm-checks.sh" | tr -d '\r'
 }
 say "checks: from web-1's network namespace on node-1 (pods on the other VMs, the VIP, DNS), then on every VM"
 checks node-1 pod "${pod_ips[0]}" "$vip" "${pod_ips[@]:1}" | tee -a "$logs/checks.txt"
